@@ -1,0 +1,240 @@
+"""Decoder-only transformer (GPT-2 and Llama families) as Flax NNX modules, plus its functional core.
+
+The modules are only ever driven functionally: `init` splits a model once into a graphdef and a params
+pytree, and `apply` / `hidden` / `decode_step` merge them inside pure functions, so `jax.grad`,
+`jax.jit` and `lax.scan` see nothing but arrays.
+
+Shapes: B batch, L query length, S key length (cache size), D d_model, H query heads, K kv heads,
+G = H // K query heads per kv head, E head dim, F MLP width, V vocabulary.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from camels_jax.models.config import ModelConfig
+
+Params = nnx.State
+_MASKED = -1e30  # finite, so a query with no visible key gets a uniform (not NaN) softmax
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer, written in place at `index` as decoding proceeds."""
+
+  k_NxBxSxKxE: jax.Array  # N = n_layers
+  v_NxBxSxKxE: jax.Array
+  mask_BxS: jax.Array  # 1 where the slot holds a real (non-padding) token
+  index: jax.Array  # scalar int32: the next slot to write
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(d_in, d_out, use_bias=cfg.arch == "gpt2", dtype=cfg.compute_dtype,
+                    param_dtype=cfg.storage_dtype, rngs=rngs)
+
+
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+  if cfg.arch == "gpt2":
+    return nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
+                         param_dtype=cfg.storage_dtype, rngs=rngs)
+  return nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.storage_dtype, rngs=rngs)
+
+
+def rope(x_BxLxHxE: jax.Array, pos_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding in the "rotate half" layout used by Hugging Face Llama checkpoints."""
+  e = x_BxLxHxE.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+  ang_BxLxE2 = pos_BxL.astype(jnp.float32)[..., None] * inv_freq
+  ang_BxLx1xE = jnp.concatenate([ang_BxLxE2, ang_BxLxE2], axis=-1)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxHxE.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  out = x_BxLxHxE.astype(jnp.float32) * jnp.cos(ang_BxLx1xE) + rotated * jnp.sin(ang_BxLx1xE)
+  return out.astype(x_BxLxHxE.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head attention with grouped-query heads and an optional KV cache."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    e = cfg.head_dim
+    self.q = _linear(cfg, cfg.d_model, cfg.n_heads * e, rngs)
+    self.k = _linear(cfg, cfg.d_model, cfg.n_kv_heads * e, rngs)
+    self.v = _linear(cfg, cfg.d_model, cfg.n_kv_heads * e, rngs)
+    self.o = _linear(cfg, cfg.n_heads * e, cfg.d_model, rngs)
+
+  def __call__(self, x_BxLxD, pos_BxL, kvmask_BxS, kv_cache=None, index=None):
+    cfg = self.cfg
+    b, l, _ = x_BxLxD.shape
+    k_heads, e = cfg.n_kv_heads, cfg.head_dim
+    g = cfg.n_heads // k_heads
+    q_BxLxHxE = self.q(x_BxLxD).reshape(b, l, cfg.n_heads, e)
+    k_BxLxKxE = self.k(x_BxLxD).reshape(b, l, k_heads, e)
+    v_BxLxKxE = self.v(x_BxLxD).reshape(b, l, k_heads, e)
+    if cfg.arch == "llama":
+      q_BxLxHxE = rope(q_BxLxHxE, pos_BxL, cfg.rope_theta)
+      k_BxLxKxE = rope(k_BxLxKxE, pos_BxL, cfg.rope_theta)
+
+    if kv_cache is None:
+      keys, values, new_cache = k_BxLxKxE, v_BxLxKxE, None
+      q_idx_L = jnp.arange(l)
+    else:
+      k_cache, v_cache = kv_cache
+      keys = jax.lax.dynamic_update_slice(k_cache, k_BxLxKxE.astype(k_cache.dtype), (0, index, 0, 0))
+      values = jax.lax.dynamic_update_slice(v_cache, v_BxLxKxE.astype(v_cache.dtype), (0, index, 0, 0))
+      new_cache = (keys, values)
+      q_idx_L = index + jnp.arange(l)
+    s = keys.shape[1]
+    visible_BxLxS = (jnp.arange(s)[None, None, :] <= q_idx_L[None, :, None]) & (
+        kvmask_BxS[:, None, :] > 0)
+
+    q_BxLxKxGxE = q_BxLxHxE.reshape(b, l, k_heads, g, e)
+    scores_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, keys.astype(q_BxLxKxGxE.dtype))
+    scores_BxKxGxLxS = scores_BxKxGxLxS.astype(jnp.float32) / jnp.sqrt(jnp.float32(e))
+    scores_BxKxGxLxS = jnp.where(visible_BxLxS[:, None, None], scores_BxKxGxLxS, _MASKED)
+    probs = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(cfg.compute_dtype)
+    out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs, values.astype(cfg.compute_dtype))
+    return self.o(out_BxLxKxGxE.reshape(b, l, cfg.n_heads * e)), new_cache
+
+
+class MLP(nnx.Module):
+  """tanh-GELU MLP (GPT-2) or SwiGLU (Llama)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.arch = cfg.arch
+    if cfg.arch == "gpt2":
+      self.fc = _linear(cfg, cfg.d_model, cfg.d_ff, rngs)
+      self.proj = _linear(cfg, cfg.d_ff, cfg.d_model, rngs)
+    else:
+      self.gate = _linear(cfg, cfg.d_model, cfg.d_ff, rngs)
+      self.up = _linear(cfg, cfg.d_model, cfg.d_ff, rngs)
+      self.down = _linear(cfg, cfg.d_ff, cfg.d_model, rngs)
+
+  def __call__(self, x_BxLxD):
+    if self.arch == "gpt2":
+      return self.proj(jax.nn.gelu(self.fc(x_BxLxD), approximate=True))
+    return self.down(jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD))
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.ln1 = _norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.ln2 = _norm(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x_BxLxD, pos_BxL, kvmask_BxS, kv_cache=None, index=None):
+    h_BxLxD, kv_cache = self.attn(self.ln1(x_BxLxD), pos_BxL, kvmask_BxS, kv_cache, index)
+    x_BxLxD = x_BxLxD + h_BxLxD
+    return x_BxLxD + self.mlp(self.ln2(x_BxLxD)), kv_cache
+
+
+def _run_block(block, *args):
+  return block(*args)
+
+
+class Decoder(nnx.Module):
+  """Token embedding, `n_layers` blocks, final norm and the (tied or untied) output projection."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                           param_dtype=cfg.storage_dtype, rngs=rngs)
+    if cfg.arch == "gpt2":
+      self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
+                                 param_dtype=cfg.storage_dtype, rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    self.ln_f = _norm(cfg, rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                                param_dtype=cfg.storage_dtype, rngs=rngs)
+
+  def features(self, tokens_BxL, pos_BxL, kvmask_BxS, cache: KVCache | None = None):
+    """Final-norm hidden states, and the updated cache when one is given."""
+    x_BxLxD = self.embed(tokens_BxL)
+    if self.cfg.arch == "gpt2":
+      x_BxLxD = x_BxLxD + self.pos_embed(pos_BxL)
+    run = nnx.remat(_run_block) if self.cfg.remat else _run_block
+    ks, vs = [], []
+    for i, block in enumerate(self.blocks):
+      layer_cache = None if cache is None else (cache.k_NxBxSxKxE[i], cache.v_NxBxSxKxE[i])
+      index = None if cache is None else cache.index
+      x_BxLxD, layer_cache = run(block, x_BxLxD, pos_BxL, kvmask_BxS, layer_cache, index)
+      if cache is not None:
+        ks.append(layer_cache[0])
+        vs.append(layer_cache[1])
+    h_BxLxD = self.ln_f(x_BxLxD)
+    if cache is None:
+      return h_BxLxD, None
+    new_cache = KVCache(jnp.stack(ks), jnp.stack(vs), cache.mask_BxS,
+                        cache.index + tokens_BxL.shape[1])
+    return h_BxLxD, new_cache
+
+  def unembed(self, h_BxLxD):
+    if self.cfg.tie_embeddings:
+      return self.embed.attend(h_BxLxD).astype(jnp.float32)
+    return self.lm_head(h_BxLxD).astype(jnp.float32)
+
+  def __call__(self, tokens_BxL, mask_BxL=None):
+    if mask_BxL is None:
+      mask_BxL = jnp.ones_like(tokens_BxL)
+    h_BxLxD, _ = self.features(tokens_BxL, positions(mask_BxL), mask_BxL)
+    return self.unembed(h_BxLxD)
+
+
+def positions(mask_BxL: jax.Array) -> jax.Array:
+  """Position of each token counting real tokens only, so left padding does not shift positions."""
+  return jnp.maximum(jnp.cumsum(mask_BxL.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Functional core: every function below is pure in (graphdef, params, arrays).
+
+
+def init(cfg: ModelConfig, seed: int = 0) -> tuple[nnx.GraphDef, Params]:
+  """Randomly initialised model, split into its static graphdef and its params pytree."""
+  return nnx.split(Decoder(cfg, rngs=nnx.Rngs(seed)))
+
+
+def abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params]:
+  """graphdef and a params pytree of ShapeDtypeStructs, with no memory allocated."""
+  return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+
+
+def apply(graphdef: nnx.GraphDef, params: Params, tokens_BxL: jax.Array,
+          mask_BxL: jax.Array | None = None) -> jax.Array:
+  """Next-token logits (float32) of right- or left-padded sequences: logits_BxLxV."""
+  return nnx.merge(graphdef, params)(tokens_BxL, mask_BxL)
+
+
+def hidden(graphdef: nnx.GraphDef, params: Params, tokens_BxL: jax.Array,
+           mask_BxL: jax.Array) -> jax.Array:
+  """Final hidden states h_BxLxD (the weighting model's features)."""
+  h_BxLxD, _ = nnx.merge(graphdef, params).features(tokens_BxL, positions(mask_BxL), mask_BxL)
+  return h_BxLxD
+
+
+def empty_cache(cfg: ModelConfig, batch: int, size: int) -> KVCache:
+  shape = (cfg.n_layers, batch, size, cfg.n_kv_heads, cfg.head_dim)
+  return KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
+                 jnp.zeros((batch, size), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def decode_step(graphdef: nnx.GraphDef, params: Params, tokens_BxL: jax.Array, pos_BxL: jax.Array,
+                mask_BxL: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+  """Feeds L new tokens (a prefill when L > 1) at cache.index; returns their logits and the cache."""
+  cache = cache._replace(mask_BxS=jax.lax.dynamic_update_slice(
+      cache.mask_BxS, mask_BxL.astype(jnp.int32), (0, cache.index)))
+  model = nnx.merge(graphdef, params)
+  h_BxLxD, cache = model.features(tokens_BxL, pos_BxL, cache.mask_BxS, cache)
+  return model.unembed(h_BxLxD), cache
+
+
+def cast(params: Params, dtype: Any) -> Params:
+  """Params with every floating leaf in `dtype`."""
+  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p,
+                      params)
