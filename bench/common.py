@@ -1,0 +1,34 @@
+"""What every benchmark measures against: this machine's own f32 matmul rate, timed in the same run."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def best_time(fn, *args, repeats: int = 3) -> float:
+  """Seconds of the fastest of `repeats` calls, after one warm-up (compilation) call."""
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def matmul_flops_per_s(n: int = 2048, dtype=jnp.float32) -> float:
+  """FLOP/s of one jitted n x n x n matmul: the peak a dense model step can hope for here."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  return 2 * n**3 / best_time(jax.jit(jnp.matmul), a, b, repeats=5)
+
+
+def decoder_flops(cfg, batch: int, seq_len: int) -> float:
+  """Forward FLOPs of a decoder: 2 per multiply-add of every matmul, attention as computed (full L x L)."""
+  d, e, f = cfg.d_model, cfg.head_dim, cfg.d_ff
+  proj = d * e * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+  mlp = (3 if cfg.arch == "llama" else 2) * d * f
+  attn = 2 * seq_len * cfg.n_heads * e  # q.k and p.v, per query token
+  per_token = cfg.n_layers * (proj + mlp + attn) + d * cfg.vocab_size
+  return 2.0 * per_token * batch * seq_len
