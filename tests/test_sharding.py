@@ -1,0 +1,170 @@
+"""Data parallelism on 8 simulated CPU devices, and restoring a checkpoint onto that mesh.
+
+The pytest process has already started JAX with one CPU device, and the device count cannot change
+after start-up, so the 8-device checks run in one child process started with
+XLA_FLAGS=--xla_force_host_platform_device_count=8; it prints its measurements as JSON and the
+assertions are made here.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from camels_jax import sharding
+from camels_jax.checkpoint import Checkpointer
+
+N_DEVICES = 8
+
+_CHILD = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from camels_jax import sharding
+    from camels_jax.checkpoint import Checkpointer
+    from camels_jax.models import transformer
+    from camels_jax.models.config import ModelConfig
+
+    ckpt_dir = sys.argv[1]
+    out = {"device_count": jax.device_count()}
+    cfg = ModelConfig(arch="llama", vocab_size=32, d_model=16, n_layers=1, n_heads=4, n_kv_heads=2,
+                      d_ff=24, max_len=16, tie_embeddings=False)
+    # Random values on the real param structure; transformer.init would compile its initialisers
+    # op by op, which costs seconds and tests nothing here.
+    rng = np.random.default_rng(0)
+    graphdef, abstract_params = transformer.abstract(cfg)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.5, s.shape).astype(s.dtype)),
+                          abstract_params)
+
+    def loss_fn(params, batch):
+      # Mean next-token NLL over the real tokens of the whole (global) batch.
+      logits_BxLxV = transformer.apply(graphdef, params, batch["tokens"], batch["mask"])
+      logp_BxLxV = jax.nn.log_softmax(logits_BxLxV[:, :-1])
+      nll_BxL = -jnp.take_along_axis(logp_BxLxV, batch["tokens"][:, 1:, None], -1)[..., 0]
+      weight_BxL = batch["mask"][:, 1:].astype(jnp.float32)
+      return (nll_BxL * weight_BxL).sum() / weight_BxL.sum()
+
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    batch = {"tokens": rng.integers(0, cfg.vocab_size, (16, 12)).astype(np.int32),
+             "mask": (rng.random((16, 12)) < 0.8).astype(np.int32)}
+    batch["mask"][:, 0] = 1
+
+    # Reference: everything on the default (first) device.
+    loss_1, grads_1 = step(params, batch)
+
+    mesh = sharding.make_mesh()
+    with jax.set_mesh(mesh):
+      sharded = sharding.shard_batch(batch, mesh)
+      loss_8, grads_8 = step(sharding.replicate(params, mesh), sharded)
+    out["grad_specs"] = sorted({str(g.sharding.spec) for g in jax.tree.leaves(grads_8)})
+    out["loss"] = [float(loss_1), float(loss_8)]
+    # In numpy: eager jnp ops would each compile, for seconds in total.
+    grads_1, grads_8 = ([np.asarray(g) for g in jax.tree.leaves(t)] for t in (grads_1, grads_8))
+    out["grad_max_abs_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(grads_1, grads_8))
+    out["grad_max_abs"] = max(float(np.abs(g).max()) for g in grads_1)
+    shards = sharded["tokens"].addressable_shards
+    out["batch_shards"] = sorted({tuple(s.data.shape) for s in shards})
+    out["batch_devices"] = len({s.device for s in shards})
+    try:
+      sharding.shard_batch({"tokens": np.zeros((12, 3))}, mesh)
+    except ValueError as e:
+      out["indivisible_error"] = str(e)
+
+    # Restore the single-device checkpoint written by the test onto the 8-device mesh: w replicated,
+    # rows_BxD split over the batch axis.
+    target = {"w": jax.ShapeDtypeStruct((4, 3), jnp.float32, sharding=sharding.replicated(mesh)),
+              "rows_BxD": jax.ShapeDtypeStruct((16, 2), jnp.float32,
+                                               sharding=sharding.batch_sharded(mesh))}
+    with Checkpointer(ckpt_dir) as ckpt:
+      restored = ckpt.restore(None, target)
+    out["restored"] = {
+        name: {"spec": str(x.sharding.spec), "mesh_devices": x.sharding.mesh.size,
+               "same_sharding": x.sharding == target[name].sharding,
+               "n_shards": len(x.addressable_shards),
+               "shard_shape": list(x.addressable_shards[0].data.shape),
+               "value": np.asarray(x).tolist()}
+        for name, x in restored.state.items()}
+    out["restored_meta"] = restored.meta
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+  """The child's measurements; the checkpoint it restores is saved here, by a 1-device process."""
+  ckpt_dir = tmp_path_factory.mktemp("ckpt")
+  saved = {"w": np.arange(12, dtype=np.float32).reshape(4, 3),
+           "rows_BxD": np.arange(32, dtype=np.float32).reshape(16, 2)}
+  with Checkpointer(str(ckpt_dir)) as ckpt:
+    ckpt.save(5, saved, meta={"data": {"index": 80}})
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _CHILD, str(ckpt_dir)], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1]), saved
+
+
+def test_data_parallel_loss_and_grad_match_single_device(eight_devices):
+  out, _ = eight_devices
+  assert out["device_count"] == N_DEVICES
+  # Each device holds 2 of the 16 rows; the gradients come back replicated.
+  assert out["batch_devices"] == N_DEVICES and out["batch_shards"] == [[2, 12]]
+  assert out["grad_specs"] == ["P()"]
+  loss_1, loss_8 = out["loss"]
+  np.testing.assert_allclose(loss_8, loss_1, rtol=1e-6, atol=1e-6)
+  assert out["grad_max_abs"] > 1e-3  # the comparison below is not vacuous
+  assert out["grad_max_abs_diff"] <= 1e-6
+  assert out["indivisible_error"] == (
+      "shard_batch: batch['tokens'] has batch size 12 (shape (12, 3)), which does not divide over "
+      "the 8 devices of mesh axis 'data'")
+
+
+def test_restore_onto_mesh_gives_requested_shardings(eight_devices):
+  out, saved = eight_devices
+  w, rows = out["restored"]["w"], out["restored"]["rows_BxD"]
+  assert w["same_sharding"] and w["spec"] == "P()" and w["mesh_devices"] == N_DEVICES
+  assert w["n_shards"] == N_DEVICES and w["shard_shape"] == [4, 3]  # a full copy per device
+  assert rows["same_sharding"] and rows["spec"] == "P('data',)"
+  assert rows["n_shards"] == N_DEVICES and rows["shard_shape"] == [2, 2]
+  np.testing.assert_array_equal(w["value"], saved["w"])
+  np.testing.assert_array_equal(rows["value"], saved["rows_BxD"])
+  assert out["restored_meta"] == {"data": {"index": 80}}
+
+
+def test_helpers_on_one_device():
+  mesh = sharding.make_mesh("batch")
+  assert mesh.axis_names == ("batch",) and mesh.size == jax.device_count()
+  assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+  out = sharding.shard_batch({"x": np.ones((4, 2), np.float32)}, mesh)
+  assert out["x"].sharding == sharding.batch_sharded(mesh)
+  tree = sharding.replicate({"a": jnp.ones(3), "b": np.zeros((2, 2))}, mesh)
+  assert all(x.sharding == sharding.replicated(mesh) for x in jax.tree.leaves(tree))
+  with pytest.raises(ValueError, match=r"batch\['step'\] is a scalar"):
+    sharding.shard_batch({"step": np.int32(3)}, mesh)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, False),
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, False),
+    ({"SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2"}, True),
+    ({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "4"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),
+    ({"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+])
+def test_multiprocess_detection(env, expected):
+  assert sharding._multiprocess_env(env) is expected
+
+
+def test_initialize_distributed_is_a_no_op_locally(monkeypatch):
+  for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_STEP_NODELIST", "OMPI_MCA_orte_hnp_uri",
+              "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(var, raising=False)
+  assert sharding.initialize_distributed() is False
+  assert not jax.distributed.is_initialized()
