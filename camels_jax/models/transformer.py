@@ -10,6 +10,8 @@ G = H // K query heads per kv head, E head dim, F MLP width, V vocabulary.
 
 from typing import Any, NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -42,15 +44,21 @@ def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
                      param_dtype=cfg.storage_dtype, rngs=rngs)
 
 
+def upcast(x: jax.Array) -> jax.Array:
+  """At least float32: softmaxes and norms of bfloat16 models run in float32, float64 stays float64."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def rope(x_BxLxHxE: jax.Array, pos_BxL: jax.Array, theta: float) -> jax.Array:
   """Rotary embedding in the "rotate half" layout used by Hugging Face Llama checkpoints."""
   e = x_BxLxHxE.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
-  ang_BxLxE2 = pos_BxL.astype(jnp.float32)[..., None] * inv_freq
+  x_up = upcast(x_BxLxHxE)
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=x_up.dtype) / e))
+  ang_BxLxE2 = pos_BxL.astype(x_up.dtype)[..., None] * inv_freq
   ang_BxLx1xE = jnp.concatenate([ang_BxLxE2, ang_BxLxE2], axis=-1)[:, :, None, :]
-  x1, x2 = jnp.split(x_BxLxHxE.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x_up, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  out = x_BxLxHxE.astype(jnp.float32) * jnp.cos(ang_BxLx1xE) + rotated * jnp.sin(ang_BxLx1xE)
+  out = x_up * jnp.cos(ang_BxLx1xE) + rotated * jnp.sin(ang_BxLx1xE)
   return out.astype(x_BxLxHxE.dtype)
 
 
@@ -92,7 +100,7 @@ class Attention(nnx.Module):
 
     q_BxLxKxGxE = q_BxLxHxE.reshape(b, l, k_heads, g, e)
     scores_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, keys.astype(q_BxLxKxGxE.dtype))
-    scores_BxKxGxLxS = scores_BxKxGxLxS.astype(jnp.float32) / jnp.sqrt(jnp.float32(e))
+    scores_BxKxGxLxS = upcast(scores_BxKxGxLxS) / math.sqrt(e)
     scores_BxKxGxLxS = jnp.where(visible_BxLxS[:, None, None], scores_BxKxGxLxS, _MASKED)
     probs = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(cfg.compute_dtype)
     out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs, values.astype(cfg.compute_dtype))
@@ -176,8 +184,8 @@ class Decoder(nnx.Module):
 
   def unembed(self, h_BxLxD):
     if self.cfg.tie_embeddings:
-      return self.embed.attend(h_BxLxD).astype(jnp.float32)
-    return self.lm_head(h_BxLxD).astype(jnp.float32)
+      return upcast(self.embed.attend(h_BxLxD))
+    return upcast(self.lm_head(h_BxLxD))
 
   def __call__(self, tokens_BxL, mask_BxL=None):
     if mask_BxL is None:
@@ -207,7 +215,7 @@ def abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params]:
 
 def apply(graphdef: nnx.GraphDef, params: Params, tokens_BxL: jax.Array,
           mask_BxL: jax.Array | None = None) -> jax.Array:
-  """Next-token logits (float32) of right- or left-padded sequences: logits_BxLxV."""
+  """Next-token logits (at least float32) of right- or left-padded sequences: logits_BxLxV."""
   return nnx.merge(graphdef, params)(tokens_BxL, mask_BxL)
 
 

@@ -1,0 +1,35 @@
+"""The embedded default: QA-tune SmolLM2-135M, then meta-train a CaMeLS weighting model, on the
+generated dataset (fictional people, organisations and towns; no files, no network).
+
+  python -m camels_jax.train --config configs/default.py
+
+On 2 CPU cores the whole job takes about 20 minutes. What it reaches is printed at the end and kept in
+runs/default/train_results.json; the meta-val loss falls below its value at initialisation.
+"""
+
+import ml_collections
+
+from camels_jax.data import get_data_config
+from camels_jax.methods.camels import camels_config
+from camels_jax.models.loading import model_config
+from camels_jax.qa_tune import qa_tune_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/default"  # checkpoints, TensorBoard events (tb/), results
+  c.jobs = "qa_tune,camels"  # comma-separated, run in order: "qa_tune", "camels"
+  c.model = model_config("smollm2")  # base model (camels_jax/models/loading.py)
+  c.data = get_data_config("generated")  # dataset, splits, lengths (camels_jax/data/config.py)
+  c.data.doc_buckets = (256,)  # one bucket: one compilation of the meta step
+  c.qa_tune = qa_tune_config()  # QA-tuning of the base model (camels_jax/qa_tune.py)
+  c.qa_tune.max_steps = 30  # CPU budget: ~5 min
+  c.qa_tune.val_every = 10
+  c.qa_tune.lr = 1e-4  # higher than the reference's 2.5e-5: 30 steps, not thousands
+  c.camels = camels_config()  # meta-training (camels_jax/methods/camels.py)
+  c.camels.weighting.base_layers = 2  # a 2-block weighting model from SmolLM2's first blocks
+  c.camels.steps = 16  # CPU budget: ~12 min
+  c.camels.val_every = 8
+  c.camels.val_batches = 2
+  c.camels.outer_lr = 1e-4  # higher than the reference's 1e-5: 16 batches, not tens of thousands
+  return c

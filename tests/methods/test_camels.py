@@ -1,0 +1,121 @@
+"""CaMeLS: exact meta-gradients (float64 finite differences), remat, first-order, init weights."""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from camels_jax.adapt import inner
+from camels_jax.methods import camels
+from tests.methods import camels_fixtures as fx
+
+
+def _loss_fn(base, wm_graphdef, mcfg, batch):
+  return functools.partial(
+      lambda meta, base_params: camels.meta_loss(meta, base_params, batch, graphdef=base.graphdef,
+                                                 wm_graphdef=wm_graphdef, mcfg=mcfg)[0],
+      base_params=base.params)
+
+
+def _directional_fd(f, params, direction, eps=1e-5):
+  shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, direction)
+  return (f(shift(eps)) - f(shift(-eps))) / (2 * eps)
+
+
+@pytest.mark.parametrize("n_docs,steps,learn_lr,mixing", [
+    (1, 1, False, False),
+    (3, 1, True, False),
+    (3, 2, False, True),
+], ids=["k1", "k3-learned-lr", "k3-2steps-mixing"])
+def test_meta_gradient_matches_central_finite_differences(n_docs, steps, learn_lr, mixing):
+  with jax.enable_x64(True):
+    base, wm_graphdef, wm_params = fx.tiny("float64")
+    mcfg = camels.MetaConfig(inner=inner.InnerConfig(steps=steps), inner_lr=0.5, learn_inner_lr=learn_lr,
+                             mixing=mixing)
+    meta = camels.init_meta_params(wm_params, mcfg)
+    f = jax.jit(_loss_fn(base, wm_graphdef, mcfg, fx.batch(n_docs)))
+    grads = jax.grad(f)(meta)
+    leaves, treedef = jax.tree.flatten(meta)
+    keys = jax.random.split(jax.random.key(7), 2 * len(leaves))
+    for trial in range(2):
+      direction = jax.tree.unflatten(treedef, [
+          jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys[trial::2], leaves)])
+      analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+      numeric = _directional_fd(f, meta, direction)
+      rel = abs(analytic - numeric) / max(abs(numeric), 1e-12)
+      assert rel < 1e-4, (trial, float(analytic), float(numeric))
+    # Each part of the meta-parameters gets a gradient through the inner update (not just the head).
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+      assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
+
+
+def _meta_grad(icfg, n_docs=3):
+  base, wm_graphdef, wm_params = fx.tiny("float64")
+  mcfg = camels.MetaConfig(inner=icfg, inner_lr=0.5)
+  f = _loss_fn(base, wm_graphdef, mcfg, fx.batch(n_docs))
+  meta = camels.init_meta_params(wm_params, mcfg)
+  return jax.jit(jax.grad(f))(meta), f, meta
+
+
+@pytest.fixture(scope="module")
+def exact_3docs():
+  # float64 throughout, so that XLA's different fusion of two programs cannot hide a real difference.
+  with jax.enable_x64(True):
+    yield _meta_grad(inner.InnerConfig())[0]
+
+
+def test_remat_gives_identical_meta_gradient_and_really_rematerialises(exact_3docs):
+  with jax.enable_x64(True):
+    remat, f, meta = _meta_grad(inner.InnerConfig(remat=True))
+    for a, b in zip(jax.tree.leaves(exact_3docs), jax.tree.leaves(remat)):
+      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    jaxpr = str(jax.make_jaxpr(jax.grad(f))(meta))
+  assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+
+def _cat(tree):
+  return jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
+
+
+def test_first_order_differs_from_exact_over_several_documents(exact_3docs):
+  with jax.enable_x64(True):
+    e, f = _cat(exact_3docs), _cat(_meta_grad(inner.InnerConfig(first_order=True))[0])
+    assert float(jnp.linalg.norm(e - f) / jnp.linalg.norm(e)) > 1e-3
+    # ...yet still an approximation of it.
+    assert float(jnp.vdot(e, f) / (jnp.linalg.norm(e) * jnp.linalg.norm(f))) > 0.5
+
+
+def test_first_order_equals_exact_for_one_step_on_one_document():
+  # The inner gradient is taken at the (constant) base params, so nothing is dropped.
+  with jax.enable_x64(True):
+    e = _cat(_meta_grad(inner.InnerConfig(), n_docs=1)[0])
+    f = _cat(_meta_grad(inner.InnerConfig(first_order=True), n_docs=1)[0])
+    np.testing.assert_allclose(e, f, rtol=1e-10, atol=1e-14)
+
+
+def test_weights_at_init_are_ln2_over_3_on_real_tokens_and_0_on_padding():
+  base, wm_graphdef, _ = fx.tiny()
+  wcfg = camels.weighting_config()
+  wcfg.base_layers = 1
+  wm_graphdef, wm_params = camels.build_weighting_model(wcfg, base)
+  b = fx.batch(2)
+  w = camels.token_weights(wm_graphdef, wm_params, b["doc_tokens_BxL"], b["doc_mask_BxL"])
+  np.testing.assert_allclose(w[b["doc_mask_BxL"]], math.log(2) / 3, rtol=1e-6)
+  assert float(jnp.abs(w[~b["doc_mask_BxL"]]).max()) == 0.0
+  assert camels.INIT_WEIGHT == pytest.approx(0.23104906)
+
+
+def test_base_backbone_is_initialised_from_the_base_model():
+  base, _, _ = fx.tiny()
+  wcfg = camels.weighting_config()
+  wcfg.base_layers = 1
+  _, wm_params = camels.build_weighting_model(wcfg, base)
+  np.testing.assert_array_equal(wm_params["backbone"]["blocks"][0]["attn"]["q"]["kernel"][...],
+                                base.params["blocks"][0]["attn"]["q"]["kernel"][...])
+  np.testing.assert_array_equal(wm_params["backbone"]["embed"]["embedding"][...],
+                                base.params["embed"]["embedding"][...])
+  assert 1 not in wm_params["backbone"]["blocks"]

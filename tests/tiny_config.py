@@ -1,0 +1,39 @@
+"""The default job config shrunk to a tiny random model and a few steps (what the tests run)."""
+
+import importlib.util
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_default():
+  c = load_config("default")
+  c.model.source = "random"
+  c.model.tokenizer = "gpt2"
+  c.model.random.update(vocab_size=50257, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64,
+                        max_len=256)
+  c.data.split_sizes.update(qa_train=12, qa_val=4, meta_train=12, meta_val=6, test=6)
+  c.data.generated.loc_docs = 4
+  c.data.doc_buckets = (256,)
+  c.data.qa_len = 48
+  c.data.loc_len = 64
+  c.data.meta_batch_docs = 3
+  c.data.qa_batch_size = 8
+  c.qa_tune.max_steps = 4
+  c.qa_tune.val_every = 2
+  c.camels.weighting.base_layers = 1
+  c.camels.weighting.hidden = 16
+  c.camels.steps = 8
+  c.camels.reset_every = 2
+  c.camels.grad_accum = 2
+  c.camels.val_every = 4
+  c.camels.inner_lr = 0.3
+  c.camels.outer_lr = 3e-3
+  return c
