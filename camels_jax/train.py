@@ -20,6 +20,8 @@ from camels_jax.models import loading
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Job config (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, results (default: config.workdir).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None, "Join a multi-process run (jax.distributed); default: detect from the environment.")
 JOBS = ("qa_tune", "camels")
 
 
@@ -35,13 +37,14 @@ def qa_tuned_params(config, model: loading.Loaded, data, workdir: str, writer, p
   return params, history
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
+        distributed: bool | None = None) -> dict:
   """Runs the configured jobs in order; returns (and writes to train_results.json) their results."""
   jobs = [j.strip() for j in config.jobs.split(",") if j.strip()]
   unknown = sorted(set(jobs) - set(JOBS))
   if unknown:
     raise ValueError(f"config.jobs: unknown job(s) {unknown}; expected a comma-separated subset of {JOBS}")
-  sharding.initialize_distributed()
+  sharding.initialize_distributed(distributed)
   model = loading.load(config.model)
   data = data_lib.load(config.data, model.tokenizer, workdir)
   writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)
@@ -61,7 +64,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
-  results = run(config, workdir)
+  results = run(config, workdir, distributed=_DISTRIBUTED.value)
   if "qa_tune" in results:
     b = results["qa_tune"]["best"]
     print(f"qa_tune: best QA-val NLL {b['nll']:.4f} at step {b['step']}")
