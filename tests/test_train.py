@@ -58,3 +58,11 @@ def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, uninterrupted):
     for k in a:
       assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), (a["step"], k)
   assert got["best_step"] == want["best_step"]
+
+
+def test_non_finite_meta_loss_aborts_naming_the_step(tmp_path):
+  c = tiny_default()
+  c.jobs = "camels"
+  c.camels.inner_lr = 1e30  # the first inner step overflows
+  with pytest.raises(FloatingPointError, match=r"step 0: non-finite"):
+    train.run(c, str(tmp_path), progress=False)

@@ -316,6 +316,7 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
     logging.info("camels: resumed from step %d of %s", step, ckpt.directory)
 
   def checkpoint_now(step, val):
+    checkpoint.check_finite(step, validation_loss=jnp.asarray(val["val_loss"]))
     history.append({"step": step} | val)
     writer.write_scalars(step, val)
     ckpt.save(step, {"meta": meta, "opt": opt_state}, meta={"data": loader.state, "history": history},

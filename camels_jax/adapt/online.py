@@ -1,0 +1,85 @@
+"""Online adaptation over a document stream: the evaluation protocol every weighting method shares.
+
+The base model reads the stream's documents in order, one Adam step (batch 1, gradient clipping) per
+document on the weighted LM loss (`inner.doc_loss`, the same loss the CaMeLS inner loop uses). Methods
+differ only in the weights they give the tokens.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+
+from camels_jax.adapt import inner
+
+
+def online_config() -> ml_collections.ConfigDict:
+  """The `online` section of an evaluation config (reference values in comments)."""
+  return ml_collections.ConfigDict(dict(
+      lr=1e-4,  # Adam lr (reference default 1e-4; its README sweeps 1e-4, 2.5e-5, 6.25e-6, 1.5625e-6)
+      grad_clip=750.0,  # global-norm gradient clip (reference: 750)
+      normalization="padded",  # per-document loss / (padded_len - 1) (reference) or / real tokens
+      padded_len=0,  # length "padded" divides by; 0 = the longest document bucket (reference: 1024)
+  ))
+
+
+@functools.lru_cache
+def adam_direction(grad_clip: float) -> optax.GradientTransformation:
+  """Clipped Adam without its learning rate, which `adapt_step` takes as a traced argument so that a
+  learning-rate sweep compiles once. torch.optim.Adam defaults (b1 0.9, b2 0.999, eps 1e-8, no weight
+  decay), as in the reference."""
+  return optax.chain(optax.clip_by_global_norm(grad_clip), optax.scale_by_adam())
+
+
+def inner_config(c: ml_collections.ConfigDict, doc_buckets: Sequence[int]) -> inner.InnerConfig:
+  return inner.InnerConfig(normalization=c.normalization, padded_len=c.padded_len or max(doc_buckets))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "direction", "icfg"), donate_argnums=(1, 2))
+def adapt_step(graphdef: nnx.GraphDef, params, opt_state, tokens_BxL, mask_BxL, w_BxL, lr, *,
+               direction: optax.GradientTransformation, icfg: inner.InnerConfig):
+  """One Adam step (lr * `direction`) on the weighted LM loss of a batch of documents; also the loss."""
+  loss, grads = jax.value_and_grad(inner.doc_loss, argnums=1)(graphdef, params, tokens_BxL, mask_BxL,
+                                                              w_BxL, icfg)
+  updates, opt_state = direction.update(grads, opt_state, params)
+  params = jax.tree.map(lambda p, u: p - (lr * u).astype(p.dtype), params, updates)
+  return params, opt_state, loss
+
+
+def adapt_stream(graphdef: nnx.GraphDef, params, doc_batches: Sequence[dict[str, np.ndarray]],
+                 weights: Callable[[int, dict[str, np.ndarray]], np.ndarray], c: ml_collections.ConfigDict,
+                 icfg: inner.InnerConfig,
+                 on_doc: Callable[[int, object], None] | None = None, progress: bool = True,
+                 desc: str = "adapt"):
+  """Adapts `params` on the stream's documents in order.
+
+  Args:
+    graphdef, params: the model to adapt (params are not modified in place: a copy is donated).
+    doc_batches: the stream's documents, each a batch of one (doc_tokens_BxL, doc_mask_BxL).
+    weights: weights(i, batch) -> w_BxL, the method's token weights for document i.
+    c: an `online_config()` section; `icfg` its inner loss settings (`inner_config`).
+    on_doc: called as on_doc(i, params) after document i (e.g. evaluation points along the stream).
+    progress: show a progress bar.
+    desc: the progress bar's label.
+
+  Returns:
+    (adapted params, per-document losses).
+  """
+  direction = adam_direction(float(c.grad_clip))
+  params = jax.tree.map(lambda x: x.copy(), params)  # adapt_step donates its inputs
+  opt_state = direction.init(params)
+  losses = []
+  for i, batch in enumerate(tqdm.tqdm(doc_batches, desc=desc, disable=not progress)):
+    w_BxL = weights(i, batch)
+    params, opt_state, loss = adapt_step(graphdef, params, opt_state, batch["doc_tokens_BxL"],
+                                         batch["doc_mask_BxL"], w_BxL, c.lr, direction=direction,
+                                         icfg=icfg)
+    losses.append(float(loss))
+    if on_doc is not None:
+      on_doc(i, params)
+  return params, losses

@@ -1,0 +1,307 @@
+"""QA tuning of the base LM: the "out-of-date base QA model" every method starts from.
+
+The reference (`subroutines.qa_light_tune_early_stop`, notes/reference.md §5) trains on QA sequences only,
+with Adam (lr 2.5e-5), gradient clipping at 100 and the mean answer+EOS cross-entropy; it validates on
+the QA-val split every `val_steps` updates starting at step 0, stops early when the best of the last
+`stop_k` validations is worse than the best before them, and returns the best model by the stopping
+metric. This module does the same with a pure, jitted `train_step` and an in-memory best copy.
+
+Deviations: the transformer has no dropout (the reference trains GPT-2 in train mode, dropout 0.1); a step
+here is one optimizer update (the reference counts micro-batches); a final validation runs at max_steps
+so the last params can be chosen.
+"""
+
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+
+from camels_jax import qa
+from camels_jax.adapt import loss
+from camels_jax.data import pipeline
+from camels_jax.models import transformer
+
+STOP_METRICS = {"nll": "min", "f1": "max", "em": "max", "prefix_em": "max"}
+_TRAIN_KEYS = qa.LIKELIHOOD_KEYS
+
+
+def qa_tune_config() -> ml_collections.ConfigDict:
+  """The `qa_tune` section of a job config (defaults sized for the generated dataset on 2 CPU cores)."""
+  c = ml_collections.ConfigDict()
+  c.lr = 2.5e-5  # learning rate (reference: 2.5e-5)
+  c.optimizer = "adam"  # "adam" (reference; torch defaults b1 0.9, b2 0.999, eps 1e-8), "adamw" or "sgd"
+  c.weight_decay = 0.0  # decoupled weight decay, "adamw" only (reference: none)
+  c.grad_clip = 100.0  # global gradient-norm clip (reference: 100); <= 0 disables it
+  c.grad_accum = 1  # micro-batches (of data.qa_batch_size) per update (reference: 2 x 32)
+  c.max_steps = 60  # updates at most: 5 epochs of the default generated QA-train (reference: unlimited)
+  c.val_every = 6  # updates between validations; step 0 is validated too (reference: 512)
+  c.patience = 3  # stop when the last `patience` validations are all worse than an earlier one (ref: 10)
+  c.stop_metric = "nll"  # "nll" (reference) or "f1" / "em" / "prefix_em" (need val_decoding)
+  c.val_decoding = ""  # "" = NLL only; "greedy" (reference light-tune) or "beam" adds EM / F1
+  c.max_new_tokens = 16  # answer budget of the validation decoding (reference: 16)
+  c.log_every = 10  # updates between train-metric scalars (means over the interval)
+  c.train_split = "qa_train"  # data split trained on
+  c.val_split = "qa_val"  # data split validated on
+  return c
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Gradient clipping followed by the configured optimizer.
+
+  Equal settings give the same (cached) object: `train_step` takes the optimizer as a static argument, so
+  a new but equal optimizer would otherwise compile the step again.
+  """
+  return _optimizer(config.optimizer, float(config.lr), float(config.weight_decay), float(config.grad_clip))
+
+
+@functools.lru_cache(maxsize=None)
+def _optimizer(name: str, lr: float, weight_decay: float, grad_clip: float) -> optax.GradientTransformation:
+  if name == "adam":
+    opt = optax.adam(lr)
+  elif name == "adamw":
+    opt = optax.adamw(lr, weight_decay=weight_decay)
+  elif name == "sgd":
+    opt = optax.sgd(lr)
+  else:
+    raise ValueError(f"qa_tune.optimizer={name!r} is not one of adam, adamw, sgd")
+  if grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
+  return opt
+
+
+def _qa_loss(graphdef, params, batch):
+  logits_BxSxV = transformer.apply(graphdef, params, batch["qa_tokens_BxS"], batch["qa_mask_BxS"])
+  loss_mask_BxS = batch["qa_loss_mask_BxS"] & batch["qa_valid_B"][:, None]
+  return loss.answer_nll_mean(logits_BxSxV, batch["qa_tokens_BxS"], loss_mask_BxS)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def train_step(graphdef: nnx.GraphDef, opt: optax.GradientTransformation, params: transformer.Params,
+               opt_state: optax.OptState, batch: Mapping[str, jax.Array]):
+  """One optimizer update on the mean answer(+EOS) NLL.
+
+  Args:
+    graphdef: the model's static graph.
+    opt: the optimizer (static; build it once, e.g. with `make_optimizer`).
+    params, opt_state: the current state.
+    batch: a QA batch (qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, qa_valid_B), or A such batches
+      stacked on a new leading axis (`stack`) for gradient accumulation: the gradient is then the mean of
+      the A micro-batch gradients, as the reference's loss / grad_acc_steps.
+
+  Returns:
+    (params, opt_state, metrics) with metrics {"loss": mean micro-batch loss, "grad_norm": global norm
+    of the (unclipped) gradient}.
+  """
+  grad_fn = jax.value_and_grad(functools.partial(_qa_loss, graphdef))
+  if batch["qa_tokens_BxS"].ndim == 2:
+    loss_value, grads = grad_fn(params, batch)
+  else:
+    def accumulate(carry, micro):
+      loss_sum, grad_sum = carry
+      l, g = grad_fn(params, micro)
+      return (loss_sum + l, jax.tree.map(jnp.add, grad_sum, g)), None
+
+    a = batch["qa_tokens_BxS"].shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), batch)
+    loss_value, grads = loss_sum / a, jax.tree.map(lambda g: g / a, grad_sum)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = opt.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return params, opt_state, {"loss": loss_value, "grad_norm": grad_norm}
+
+
+def stack(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Micro-batches stacked on a leading axis (the training keys only), for `train_step`."""
+  return {k: np.stack([b[k] for b in batches]) for k in _TRAIN_KEYS}
+
+
+# ------------------------------------------------------------------------------------------------
+# Early stopping.
+
+
+def should_stop(history: Sequence[float], patience: int, mode: str = "min") -> bool:
+  """The reference's early-stopping rule on one metric's validation history.
+
+  With more than `patience` values: stop if the best of all but the last `patience` is strictly better
+  than the best of the last `patience`. A tie is not worse, so an exactly flat history never stops
+  (as in the reference); `stop_rule` adds the reference's fallback for flat "max" metrics.
+
+  Args:
+    history: the metric at each validation, oldest first.
+    patience: number of trailing validations that must all fail to beat the earlier best.
+    mode: "min" (lower is better, e.g. NLL) or "max" (e.g. F1).
+
+  Returns:
+    Whether to stop training.
+  """
+  if mode not in ("min", "max"):
+    raise ValueError(f"mode={mode!r} is not 'min' or 'max'")
+  if len(history) <= patience:
+    return False
+  earlier, recent = history[:-patience], history[-patience:]
+  if mode == "min":
+    return min(earlier) < min(recent)
+  return max(earlier) > max(recent)
+
+
+def stop_rule(history: Sequence[Mapping[str, float]], metric: str, patience: int) -> bool:
+  """`should_stop` on `metric` of validation records; a "max" metric that never changed falls back to NLL
+  (the reference's rule for, e.g., an F1 stuck at 0)."""
+  values = [h[metric] for h in history]
+  mode = STOP_METRICS[metric]
+  if mode == "max" and values and max(values) == min(values):
+    return should_stop([h["nll"] for h in history], patience, "min")
+  return should_stop(values, patience, mode)
+
+
+def _improves(value: float, best: float | None, mode: str) -> bool:
+  if best is None:
+    return True
+  return value < best if mode == "min" else value > best
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+
+class TuneState(NamedTuple):
+  """Everything needed to resume `qa_tune` right after the validation at `step`."""
+
+  step: int
+  params: transformer.Params
+  opt_state: optax.OptState
+  loader_state: dict[str, int]
+  history: list[dict[str, Any]]  # the validation records so far, oldest first
+  best_params: transformer.Params
+
+
+class Checkpointer(Protocol):
+  """What `qa_tune` asks of a checkpointer (the orbax one is to come; `InMemoryCheckpointer` below)."""
+
+  def restore(self) -> TuneState | None:
+    """The state to resume from, or None to start afresh."""
+
+  def on_validate(self, step: int, params, opt_state, loader_state: dict[str, int],
+                  metrics: dict[str, Any]) -> None:
+    """Called after every validation. `metrics` is the validation record (with "step", "is_best" and
+    "stop"); saving params as the best ones when metrics["is_best"] makes the run resumable."""
+
+
+class InMemoryCheckpointer:
+  """A `Checkpointer` that keeps the latest state in memory (the contract, and a test double)."""
+
+  def __init__(self):
+    self.state: TuneState | None = None
+
+  def restore(self) -> TuneState | None:
+    return self.state
+
+  def on_validate(self, step, params, opt_state, loader_state, metrics):
+    history = (list(self.state.history) if self.state else []) + [dict(metrics)]
+    best = params if metrics["is_best"] or self.state is None else self.state.best_params
+    self.state = TuneState(step, params, opt_state, dict(loader_state), history, best)
+
+
+def validate(model, data, config: ml_collections.ConfigDict, params,
+             progress: bool = False) -> dict[str, Any]:
+  """QA-val metrics of `params`: NLL, plus EM / prefix EM / F1 when config.val_decoding is set."""
+  split = config.val_split
+  return qa.evaluate_qa(model.graphdef, params, model.cfg, model.tokenizer, list(data.qa_eval_batches(split)),
+                        pipeline.questions(data.splits[split]), config.val_decoding or None,
+                        progress=progress, desc="qa val", max_new_tokens=config.max_new_tokens)
+
+
+def _check(config: ml_collections.ConfigDict) -> None:
+  if config.stop_metric not in STOP_METRICS:
+    raise ValueError(f"qa_tune.stop_metric={config.stop_metric!r} is not one of {list(STOP_METRICS)}")
+  if config.stop_metric != "nll" and not config.val_decoding:
+    raise ValueError(f"qa_tune.stop_metric={config.stop_metric!r} needs qa_tune.val_decoding "
+                     f"('greedy' or 'beam')")
+  if config.val_decoding and config.val_decoding not in qa.DECODINGS:
+    raise ValueError(f"qa_tune.val_decoding={config.val_decoding!r} is not '', 'greedy' or 'beam'")
+  for name in ("grad_accum", "val_every", "patience", "log_every"):
+    if config[name] < 1:
+      raise ValueError(f"qa_tune.{name}={config[name]} must be >= 1")
+
+
+def qa_tune(model, data, config: ml_collections.ConfigDict, writer, progress: bool = True,
+            checkpointer: Checkpointer | None = None,
+            on_validate: Callable[..., None] | None = None
+            ) -> tuple[transformer.Params, list[dict[str, Any]]]:
+  """QA-tunes `model` on data's QA-train split with early stopping on QA-val.
+
+  Args:
+    model: a `loading.Loaded` (graphdef, params, cfg, tokenizer); its params are not modified.
+    data: a `data.Data` (qa_loader / qa_eval_batches / splits).
+    config: a `qa_tune_config()` section.
+    writer: has write_scalars(step, dict) (`metrics.MetricWriter`); gets "qa_tune/train_*" every
+      log_every updates and "qa_tune/val_*" at every validation.
+    progress: show tqdm bars.
+    checkpointer: resumes from `restore()` and receives every validation (see `Checkpointer`).
+    on_validate: extra callback on_validate(step, params, opt_state, loader_state, metrics) after every
+      validation (e.g. a plain save hook).
+
+  Returns:
+    (best_params, history): the params of the best validation by config.stop_metric, and the validation
+    records (step, nll, em, prefix_em, f1, n, tokens, is_best, stop), oldest first.
+  """
+  _check(config)
+  mode = STOP_METRICS[config.stop_metric]
+  graphdef = model.graphdef
+  opt = make_optimizer(config)
+  loader = data.qa_loader(config.train_split)
+  resumed = checkpointer.restore() if checkpointer is not None else None
+  if resumed is not None:
+    step, params, opt_state, history, best_params = (resumed.step, resumed.params, resumed.opt_state,
+                                                     list(resumed.history), resumed.best_params)
+    loader.restore(resumed.loader_state)
+  else:
+    step, params, opt_state, history, best_params = 0, model.params, opt.init(model.params), [], model.params
+  best = min((h[config.stop_metric] for h in history if h["is_best"]), default=None,
+             key=lambda v: v if mode == "min" else -v)
+
+  def run_validation() -> bool:
+    nonlocal best, best_params
+    record = dict(step=step, **validate(model, data, config, params, progress))
+    record["is_best"] = _improves(record[config.stop_metric], best, mode)
+    if record["is_best"]:
+      best, best_params = record[config.stop_metric], params
+    history.append(record)
+    record["stop"] = stop_rule(history, config.stop_metric, config.patience)
+    writer.write_scalars(step, {f"qa_tune/val_{k}": v for k, v in record.items()
+                                if k in ("nll", "em", "prefix_em", "f1") and not math.isnan(v)})
+    for hook in (checkpointer.on_validate if checkpointer else None, on_validate):
+      if hook is not None:
+        hook(step, params, opt_state, loader.state, dict(record))
+    return record["stop"]
+
+  stopped = stop_rule(history, config.stop_metric, config.patience) if resumed else run_validation()
+  bar = tqdm.tqdm(total=config.max_steps, initial=step, desc="qa tune", disable=not progress)
+  sums, n_logged = {}, 0
+  while not stopped and step < config.max_steps:
+    micro = [next(loader) for _ in range(config.grad_accum)]
+    batch = stack(micro) if config.grad_accum > 1 else {k: micro[0][k] for k in _TRAIN_KEYS}
+    params, opt_state, metrics = train_step(graphdef, opt, params, opt_state, batch)
+    step += 1
+    bar.update(1)
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    n_logged += 1
+    if step % config.log_every == 0 or step == config.max_steps:
+      means = {k: v / n_logged for k, v in sums.items()}
+      writer.write_scalars(step, {f"qa_tune/train_{k}": v for k, v in means.items()})
+      bar.set_postfix(loss=f"{means['loss']:.3f}", val_nll=f"{history[-1]['nll']:.3f}")
+      sums, n_logged = {}, 0
+    if step % config.val_every == 0 or step == config.max_steps:
+      stopped = run_validation()
+  bar.close()
+  return best_params, history
