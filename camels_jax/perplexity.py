@@ -24,9 +24,6 @@ from camels_jax.data import generated
 from camels_jax.data.sources import DataError, check_file
 from camels_jax.models import loading, transformer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Job config (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where results and TensorBoard events go (default: config.workdir).")
-
 
 def windows(ids: list[int], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """tokens_NxL and mask_NxL of consecutive, non-overlapping windows."""
@@ -94,13 +91,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or config.workdir
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir or config.workdir
   result = run(config, workdir)
   logging.info("perplexity %.3f over %d tokens", result["ppl"], result["tokens"])
   print(f"perplexity {result['ppl']:.3f} (nll {result['nll']:.4f}) over {result['tokens']} predicted tokens; "
         f"results in {os.path.join(workdir, 'perplexity.json')}")
 
 
+def define_flags():
+  """Flags of this entry point (defined only when it runs, so modules can import each other)."""
+  config_flags.DEFINE_config_file("config", None, "Job config (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Where results and TensorBoard events go (default: config.workdir).")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

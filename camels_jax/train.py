@@ -18,10 +18,6 @@ from camels_jax import data as data_lib
 from camels_jax.methods import camels
 from camels_jax.models import loading
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Job config (configs/*.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, results (default: config.workdir).")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", None, "Join a multi-process run (jax.distributed); default: detect from the environment.")
 JOBS = ("qa_tune", "camels")
 
 
@@ -62,9 +58,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or config.workdir
-  results = run(config, workdir, distributed=_DISTRIBUTED.value)
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir or config.workdir
+  results = run(config, workdir, distributed=flags.FLAGS.distributed)
   if "qa_tune" in results:
     b = results["qa_tune"]["best"]
     print(f"qa_tune: best QA-val NLL {b['nll']:.4f} at step {b['step']}")
@@ -77,5 +73,14 @@ def main(argv):
   print(f"results in {os.path.join(workdir, 'train_results.json')}")
 
 
+def define_flags():
+  """Flags of this entry point (defined only when it runs, so modules can import each other)."""
+  config_flags.DEFINE_config_file("config", None, "Job config (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard events, results (default: config.workdir).")
+  flags.DEFINE_bool(
+      "distributed", None, "Join a multi-process run (jax.distributed); default: detect from the environment.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

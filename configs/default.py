@@ -10,6 +10,7 @@ runs/default/train_results.json; the meta-val loss falls below its value at init
 import ml_collections
 
 from camels_jax.data import get_data_config
+from camels_jax.evaluation import eval_config
 from camels_jax.methods.camels import camels_config
 from camels_jax.models.loading import model_config
 from camels_jax.qa_tune import qa_tune_config
@@ -32,4 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.camels.val_every = 8
   c.camels.val_batches = 2
   c.camels.outer_lr = 1e-4  # higher than the reference's 1e-5: 16 batches, not tens of thousands
+  c.eval = eval_config()  # online-adaptation evaluation (camels_jax/evaluation.py)
+  c.eval.lrs = (1e-4, 2.5e-5)  # CPU budget: two of the reference's four
+  c.eval.val_docs = 6
+  c.eval.light_tune.update(max_steps=20, val_every=10)
   return c

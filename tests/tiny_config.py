@@ -25,6 +25,7 @@ def tiny_default():
   c.data.qa_len = 48
   c.data.loc_len = 64
   c.data.meta_batch_docs = 3
+  c.data.stream_docs = 4
   c.data.qa_batch_size = 8
   c.qa_tune.max_steps = 4
   c.qa_tune.val_every = 2
@@ -36,4 +37,12 @@ def tiny_default():
   c.camels.val_every = 4
   c.camels.inner_lr = 0.3
   c.camels.outer_lr = 3e-3
+  c.eval.lrs = (1e-3, 1e-4)
+  c.eval.val_docs = 3
+  c.eval.num_beams, c.eval.num_groups = 4, 2
+  c.eval.max_new_tokens = 4
+  c.eval.curve_points = 2
+  c.eval.retention_docs = 2
+  c.eval.heatmap_docs = 2
+  c.eval.light_tune.update(max_steps=2, val_every=1, patience=1)
   return c

@@ -1,0 +1,51 @@
+"""The online-adaptation evaluation of every method, after the train job in the same workdir.
+
+  python -m camels_jax.evaluate --config configs/default.py [--workdir DIR]
+
+Writes <workdir>/eval/{results.json, results.md, f1_curve.png, weights_<method>.png|html} and prints the
+results table.
+"""
+
+import os
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from camels_jax import evaluation, metrics, sharding
+from camels_jax import data as data_lib
+from camels_jax.models import loading
+from camels_jax.train import qa_tuned_params
+
+
+def run(config, workdir: str, progress: bool = True) -> dict:
+  """Loads the QA-tuned model (training it if the train job has not) and evaluates every method."""
+  sharding.initialize_distributed()
+  model = loading.load(config.model)
+  data = data_lib.load(config.data, model.tokenizer, workdir)
+  writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)
+  params, _ = qa_tuned_params(config, model, data, workdir, writer, progress)
+  ctx = evaluation.Context(config, model, params, data, workdir, progress)
+  results = evaluation.run(ctx, writer)
+  writer.close()
+  return results
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir or config.workdir
+  results = run(config, workdir)
+  print(evaluation.table(results))
+  print(f"outputs in {os.path.join(workdir, 'eval')}")
+
+
+def define_flags():
+  """Flags of this entry point (defined only when it runs, so modules can import each other)."""
+  config_flags.DEFINE_config_file("config", None, "Job config (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "The train job's workdir (default: config.workdir).")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
