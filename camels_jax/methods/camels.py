@@ -22,6 +22,7 @@ import tqdm
 from absl import logging
 from flax import nnx
 
+from camels_jax import checkpoint, sharding
 from camels_jax.adapt import inner as inner_lib
 from camels_jax.adapt import loss
 from camels_jax.models import loading, transformer
@@ -269,8 +270,6 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   Returns:
     (wm_graphdef, best meta params by validation loss, results dict).
   """
-  from camels_jax import checkpoint, sharding  # pylint: disable=g-import-not-at-top
-
   c = config.camels
   mesh = sharding.make_mesh()
   _check(c, mesh.size)
