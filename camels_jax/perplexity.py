@@ -70,7 +70,7 @@ def load_text(config: ml_collections.ConfigDict) -> str:
   return "\n\n".join(d.text for d in docs)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
   """Loads the model, measures perplexity and writes `perplexity.json` and TensorBoard scalars."""
   model = loading.load(config.model)
   text = load_text(config)
@@ -80,7 +80,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not ids:
     raise DataError(f"{config.text_file or 'generated text'}: no tokens to score")
   tokens_NxL, mask_NxL = windows(ids, min(config.seq_len, model.cfg.max_len), model.tokenizer.pad_id)
-  result = perplexity(model.graphdef, model.params, tokens_NxL, mask_NxL, config.batch_size)
+  result = perplexity(model.graphdef, model.params, tokens_NxL, mask_NxL, config.batch_size, progress)
   result |= {"source": config.model.source, "text": config.text_file or "generated"}
   writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)
   writer.write_scalars(0, {"perplexity": result["ppl"], "nll": result["nll"]})

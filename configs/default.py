@@ -23,18 +23,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = model_config("smollm2")  # base model (camels_jax/models/loading.py)
   c.data = get_data_config("generated")  # dataset, splits, lengths (camels_jax/data/config.py)
   c.data.doc_buckets = (256,)  # one bucket: one compilation of the meta step
+  c.data.qa_len = 32  # generated questions + answers are at most 28 SmolLM2 tokens
+  c.data.meta_batch_docs = 2  # CPU budget (reference: 6); memory of the exact meta step ~ documents
+  c.data.stream_docs = 12  # CPU budget: 12 test documents, 36 questions
   c.qa_tune = qa_tune_config()  # QA-tuning of the base model (camels_jax/qa_tune.py)
-  c.qa_tune.max_steps = 30  # CPU budget: ~5 min
+  c.qa_tune.max_steps = 20  # CPU budget: ~4 min
   c.qa_tune.val_every = 10
-  c.qa_tune.lr = 1e-4  # higher than the reference's 2.5e-5: 30 steps, not thousands
+  c.qa_tune.lr = 1e-4  # higher than the reference's 2.5e-5: 20 steps, not thousands
   c.camels = camels_config()  # meta-training (camels_jax/methods/camels.py)
   c.camels.weighting.base_layers = 2  # a 2-block weighting model from SmolLM2's first blocks
-  c.camels.steps = 16  # CPU budget: ~12 min
-  c.camels.val_every = 8
+  c.camels.steps = 8  # CPU budget
+  c.camels.val_every = 4
+  c.camels.grad_accum = 2
   c.camels.val_batches = 2
-  c.camels.outer_lr = 1e-4  # higher than the reference's 1e-5: 16 batches, not tens of thousands
+  c.camels.outer_lr = 1e-4  # higher than the reference's 1e-5: 8 batches, not tens of thousands
   c.eval = eval_config()  # online-adaptation evaluation (camels_jax/evaluation.py)
   c.eval.lrs = (1e-4, 2.5e-5)  # CPU budget: two of the reference's four
-  c.eval.val_docs = 6
+  c.eval.val_docs = 4
   c.eval.light_tune.update(max_steps=20, val_every=10)
   return c
