@@ -1,10 +1,13 @@
-"""The embedded default: QA-tune SmolLM2-135M, then meta-train a CaMeLS weighting model, on the
-generated dataset (fictional people, organisations and towns; no files, no network).
+"""The embedded default: QA-tune SmolLM2-135M, meta-train a CaMeLS weighting model, then evaluate every
+method, on the generated dataset (fictional people, organisations and towns; no files, no network).
 
   python -m camels_jax.train --config configs/default.py
+  python -m camels_jax.evaluate --config configs/default.py
 
-On 2 CPU cores the whole job takes about 20 minutes. What it reaches is printed at the end and kept in
-runs/default/train_results.json; the meta-val loss falls below its value at initialisation.
+Measured on 2 CPU cores: QA-tuning takes 3 min and lowers QA-val answer NLL from 7.29 to 2.71. The exact
+meta step of the 30-block SmolLM2 then spends more than 9 min (and 15 GB) in XLA compilation before its
+first step, so the whole job does not yet fit its 20-minute budget (issue 4 is open on exactly this; the
+remedy is a lax.scan over the blocks). Results: runs/default/train_results.json and runs/default/eval/.
 """
 
 import ml_collections
