@@ -18,6 +18,8 @@ and a compact final table. Nothing is asserted on timings.
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import functools
 import time
 
@@ -137,6 +139,15 @@ def analytic_flops(cfg, wcfg, args, remat: bool) -> tuple[float, list[tuple[str,
   return sum(t for _, t in terms), terms
 
 
+def _trim():
+  """Returns freed heap memory to the OS (glibc), so JAX's and torch's big steps can take turns."""
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:
+    pass
+
+
 def rel_err(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -157,7 +168,7 @@ def main():
                            "and no-remat timing; each is another full compilation)")
   parser.add_argument("--base_layers", type=int, default=0, help="truncate SmolLM2 to its first N blocks "
                       "(0 = all 30; for quick checks of this script)")
-  parser.add_argument("--cache_dir", default="", help="JAX persistent compilation cache (reruns skip compiles)")
+  parser.add_argument("--cache_dir", default="", help="JAX persistent compilation cache directory")
   args = parser.parse_args()
   t_start = time.perf_counter()
   if args.cache_dir:
@@ -228,6 +239,7 @@ def main():
   ca = lowered_unrolled.cost_analysis()
   flops_unrolled = float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
   del lowered_unrolled
+  gc.collect()  # the unrolled trace is large; the torch step needs the memory
   t_unrolled = time.perf_counter() - t0
   flops_loop = xla_flops(compiled["meta, inner remat"])
   an = {r: analytic_flops(cfg, wm_cfg, args, r) for r in (True, False)}
@@ -256,10 +268,7 @@ def main():
     if a in mem and mem[a] == mem[a]:
       print(f"  {label}: {mem[a] / mem[b]:.2f}x")
 
-  # ---- torch: agreement, then timing interleaved with JAX ----------------------------------------
-  runs = {k: (lambda c=compiled[k]: c(meta, params, batch)) for k in ("meta, inner remat", "meta, no remat")
-          if k in compiled}
-  runs["fine-tune"] = lambda: compiled["fine-tune"](params, batch)
+  # ---- JAX first calls; the no-remat step is timed before torch starts (memory: see below) ---------
   best = {}
 
   def sample(name, fn):
@@ -268,7 +277,19 @@ def main():
     best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
     return out
 
+  runs = {"meta, inner remat": lambda: compiled["meta, inner remat"](meta, params, batch),
+          "fine-tune": lambda: compiled["fine-tune"](params, batch)}
   j_loss, j_grads, _ = sample("meta, inner remat", runs["meta, inner remat"])
+  j_flat = None
+  if "meta, no remat" in compiled:
+    # Timed alone (not interleaved with torch): holding its 9 GB of temporaries next to torch's
+    # grad-of-grad graph got this process OOM-killed on a 24 GB machine.
+    for _ in range(args.repeats + 1):
+      sample("meta, no remat", lambda: compiled["meta, no remat"](meta, params, batch))
+    del compiled["meta, no remat"]
+  _trim()
+
+  # ---- torch: agreement, then timing interleaved with JAX ----------------------------------------
   tm = None
   if not args.no_torch:
     import torch  # pylint: disable=g-import-not-at-top
@@ -285,6 +306,7 @@ def main():
     t_loss, t_grads = sample("torch.func", runs["torch.func"])
     j_flat = torch_meta_step._flat(j_grads["wm"])  # pylint: disable=protected-access
     t_flat = tm.to_jax_names(t_grads)
+    del t_grads
     print(f"torch.func vs JAX: meta loss {float(t_loss):.6f} vs {float(j_loss):.6f} "
           f"(rel diff {abs(float(t_loss) - float(j_loss)) / abs(float(j_loss)):.1e})")
     print("  meta-gradient, rel. L2 error torch vs JAX (|g| = norm of the JAX leaf):")
@@ -297,17 +319,21 @@ def main():
     worst = max((rel_err(t_flat[k], j_flat[k]), k) for k in j_flat if k in t_flat)
     print(f"    worst of all {len(j_flat)} leaves: {worst[0]:.1e} ({worst[1]})"
           + (f"; unmatched names: {unmatched}" if unmatched else ""), flush=True)
+    del t_flat, j_flat
+  del j_grads
+  _trim()
 
   # Interleaved, so that load from other processes hits every contender alike; first calls above count.
   for _ in range(args.repeats):
     for k, fn in runs.items():
       sample(k, fn)
+      _trim()
   peak1 = common.matmul_flops_per_s()
   peak = max(peak0, peak1)
   print(f"matmul rate again after timing: {peak1 / 1e9:.1f} GFLOP/s; using the higher, {peak / 1e9:.1f}")
 
   print(f"\n=== meta step summary (SmolLM2-135M, {args.docs} x {args.doc_len}-token docs; best of "
-        f"{args.repeats}-{args.repeats + 1} interleaved calls; % = of the {peak / 1e9:.0f} GFLOP/s matmul rate) ===")
+        f"{args.repeats}-{args.repeats + 1} calls, interleaved except 'no remat'; % = of the {peak / 1e9:.0f} GFLOP/s matmul rate) ===")
   print(f"{'step':<18} {'s/step':>7} {'docs/s':>7} {'XLA GFLOP/s':>12} {'%':>5} {'analytic GFLOP/s':>17} {'%':>5}")
   ft_an = 3 * common.decoder_flops(cfg, args.docs, args.doc_len)
   for k, sec in best.items():
