@@ -39,10 +39,8 @@ GB = 1e9
 def truncated(base: loading.Loaded, n_layers: int) -> loading.Loaded:
   """The first `n_layers` blocks of `base`, with its embeddings, final norm and tokenizer."""
   cfg = base.cfg.replace(n_layers=n_layers)
-  graphdef, abstract = transformer.abstract(cfg)
-  src = dict(nnx.to_flat_state(base.params))
-  flat = [(path, var.replace(src[path].get_value())) for path, var in nnx.to_flat_state(abstract)]
-  return loading.Loaded(cfg, graphdef, nnx.from_flat_state(flat), base.tokenizer)
+  graphdef, _ = transformer.abstract(cfg)
+  return loading.Loaded(cfg, graphdef, transformer.first_layers(base.params, n_layers), base.tokenizer)
 
 
 def make_batch(vocab: int, docs: int, doc_len: int, q: int, qa_len: int, loc_len: int, answer_len: int = 8,

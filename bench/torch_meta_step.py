@@ -23,10 +23,9 @@ _LINEARS = (("attn/q", "self_attn.q_proj"), ("attn/k", "self_attn.k_proj"), ("at
 
 
 def _flat(params) -> dict[str, np.ndarray]:
-  """An nnx params State as {"blocks/0/attn/q/kernel": float32 array}."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  return {"/".join(map(str, path)): np.asarray(var.get_value() if hasattr(var, "get_value") else var, np.float32)
-          for path, var in nnx.to_flat_state(params)}
+  """An nnx params State as {"blocks/0/attn/q/kernel": float32 array} (blocks unstacked)."""
+  from camels_jax.models import convert  # pylint: disable=g-import-not-at-top
+  return {k: np.asarray(v, np.float32) for k, v in convert.params_to_flat(params).items()}
 
 
 def _t(a: np.ndarray) -> torch.Tensor:

@@ -152,9 +152,9 @@ def _bigram_model(tok):
     head[k, b] = 10.0
   model.embed.embedding[...] = embed
   model.lm_head.kernel[...] = head
-  for block in model.blocks:
-    block.attn.o.kernel[...] = np.zeros(block.attn.o.kernel.shape, np.float32)
-    block.mlp.down.kernel[...] = np.zeros(block.mlp.down.kernel.shape, np.float32)
+  blocks = model.blocks  # every block at once: the params are stacked on a leading layer axis
+  blocks.attn.o.kernel[...] = np.zeros(blocks.attn.o.kernel.shape, np.float32)
+  blocks.mlp.down.kernel[...] = np.zeros(blocks.mlp.down.kernel.shape, np.float32)
   graphdef, params = nnx.split(model)
   return cfg, graphdef, params
 

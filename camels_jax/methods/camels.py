@@ -78,8 +78,8 @@ def build_weighting_model(wcfg: ml_collections.ConfigDict, base: loading.Loaded)
       raise ValueError(f"weighting.base_layers={wcfg.base_layers}: the base model has "
                        f"{base.cfg.n_layers} layers")
     bcfg = base.cfg.replace(n_layers=wcfg.base_layers, tie_embeddings=True, remat=False)
-    source = {path: var for path, var in _flat(base.params).items()
-              if path[0] != "lm_head" and (path[0] != "blocks" or path[1] < wcfg.base_layers)}
+    source = {path: var for path, var in _flat(transformer.first_layers(base.params, wcfg.base_layers)).items()
+              if path[0] != "lm_head"}
   elif wcfg.backbone == "random":
     r = wcfg.random
     bcfg = ModelConfig(arch="llama", vocab_size=base.cfg.vocab_size, max_len=base.cfg.max_len,

@@ -141,8 +141,15 @@ class Block(nnx.Module):
     return x_BxLxD + self.mlp(self.ln2(x_BxLxD)), kv_cache
 
 
-def _run_block(block, *args):
-  return block(*args)
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """One Block whose every parameter carries a leading layer axis of size n_layers."""
+
+  @nnx.split_rngs(splits=cfg.n_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(layer_rngs):
+    return Block(cfg, layer_rngs)
+
+  return create(rngs)
 
 
 class Decoder(nnx.Module):
@@ -155,7 +162,9 @@ class Decoder(nnx.Module):
     if cfg.arch == "gpt2":
       self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
                                  param_dtype=cfg.storage_dtype, rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+    # Stacked, and run by lax.scan, so XLA compiles one block instead of n_layers: the exact
+    # meta-gradient (grad of grad inside scans) of a 30-block model otherwise takes minutes to compile.
+    self.blocks = _stacked_blocks(cfg, rngs)
     self.ln_f = _norm(cfg, rngs)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
@@ -166,20 +175,24 @@ class Decoder(nnx.Module):
     x_BxLxD = self.embed(tokens_BxL)
     if self.cfg.arch == "gpt2":
       x_BxLxD = x_BxLxD + self.pos_embed(pos_BxL)
-    run = nnx.remat(_run_block) if self.cfg.remat else _run_block
-    ks, vs = [], []
-    for i, block in enumerate(self.blocks):
-      layer_cache = None if cache is None else (cache.k_NxBxSxKxE[i], cache.v_NxBxSxKxE[i])
-      index = None if cache is None else cache.index
-      x_BxLxD, layer_cache = run(block, x_BxLxD, pos_BxL, kvmask_BxS, layer_cache, index)
-      if cache is not None:
-        ks.append(layer_cache[0])
-        vs.append(layer_cache[1])
+    block_def, block_params = nnx.split(self.blocks)
+    index = None if cache is None else cache.index
+
+    def layer(x_BxLxD, xs):
+      layer_params, layer_cache = xs
+      block = nnx.merge(block_def, layer_params)
+      return block(x_BxLxD, pos_BxL, kvmask_BxS, layer_cache, index)
+
+    if self.cfg.remat:
+      # A pure function of (activations, layer params), so jax.checkpoint composes with any outer
+      # jax.grad, including one that does not differentiate the base params.
+      layer = jax.checkpoint(layer)
+    layer_cache = None if cache is None else (cache.k_NxBxSxKxE, cache.v_NxBxSxKxE)
+    x_BxLxD, new_kv = jax.lax.scan(layer, x_BxLxD, (block_params, layer_cache))
     h_BxLxD = self.ln_f(x_BxLxD)
     if cache is None:
       return h_BxLxD, None
-    new_cache = KVCache(jnp.stack(ks), jnp.stack(vs), cache.mask_BxS,
-                        cache.index + tokens_BxL.shape[1])
+    new_cache = KVCache(new_kv[0], new_kv[1], cache.mask_BxS, cache.index + tokens_BxL.shape[1])
     return h_BxLxD, new_cache
 
   def unembed(self, h_BxLxD):
@@ -240,6 +253,13 @@ def decode_step(graphdef: nnx.GraphDef, params: Params, tokens_BxL: jax.Array, p
   model = nnx.merge(graphdef, params)
   h_BxLxD, cache = model.features(tokens_BxL, pos_BxL, cache.mask_BxS, cache)
   return model.unembed(h_BxLxD), cache
+
+
+def first_layers(params: Params, n_layers: int) -> Params:
+  """The params of the model made of the first `n_layers` blocks (embeddings and final norm kept)."""
+  flat = [(path, var.replace(var.get_value()[:n_layers]) if path[0] == "blocks" else var)
+          for path, var in nnx.to_flat_state(params)]
+  return nnx.from_flat_state(flat)
 
 
 def cast(params: Params, dtype: Any) -> Params:

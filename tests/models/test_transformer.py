@@ -1,4 +1,4 @@
-"""Model options that must not change the numbers: block remat, and the KV cache."""
+"""The block scan, and model options that must not change the numbers: block remat, the KV cache."""
 
 import jax
 import numpy as np
@@ -28,6 +28,20 @@ def test_block_remat_gives_the_same_gradients_and_is_really_rematerialised():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)  # float32; remat refuses some fusions
   jaxpr = str(jax.make_jaxpr(lambda p: transformer.apply(graphdef, p, tokens).sum())(params))
   assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+
+def _dot_count(n_layers: int) -> int:
+  cfg = CFG.replace(n_layers=n_layers)
+  graphdef, params = transformer.abstract(cfg)
+  tokens = np.zeros((1, 8), np.int32)
+  hlo = jax.jit(lambda p: transformer.apply(graphdef, p, tokens)).lower(params).as_text()
+  return hlo.count("dot_general")
+
+
+def test_blocks_are_scanned_so_the_program_does_not_grow_with_depth():
+  _, params = transformer.abstract(CFG.replace(n_layers=5))
+  assert params["blocks"]["attn"]["q"]["kernel"].shape == (5, CFG.d_model, CFG.d_model)
+  assert _dot_count(2) == _dot_count(12) > 0
 
 
 def test_prefill_then_steps_with_the_cache_equal_the_full_forward():
