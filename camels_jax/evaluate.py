@@ -12,7 +12,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from camels_jax import evaluation, metrics, sharding
+from camels_jax import checkpoint, evaluation, metrics, sharding
 from camels_jax import data as data_lib
 from camels_jax.models import loading
 from camels_jax.train import qa_tuned_params
@@ -33,6 +33,7 @@ def run(config, workdir: str, progress: bool = True) -> dict:
 
 def main(argv):
   del argv
+  checkpoint.quiet_orbax_logs()
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or config.workdir
   results = run(config, workdir)

@@ -183,7 +183,8 @@ def evaluate_method(ctx: Context, method: str, val_docs, test_docs, texts_for_fi
     m = score(ctx, params, val_docs, ec.val_decoding, desc=f"{method} lr={lr:g} val QA")
     sweep.append({"lr": lr} | m)
     logging.info("%s lr=%g: val F1 %.4f", method, lr, m["f1"])
-  best = max(sweep, key=lambda r: r["f1"])
+  # F1 first; prefix EM breaks ties (adapted models often say the answer, then keep talking).
+  best = max(sweep, key=lambda r: (r["f1"], r["prefix_em"]))
   lr = best["lr"]
 
   n = len(test_docs)

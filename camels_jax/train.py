@@ -58,6 +58,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
 
 def main(argv):
   del argv
+  checkpoint.quiet_orbax_logs()
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or config.workdir
   results = run(config, workdir, distributed=flags.FLAGS.distributed)

@@ -101,7 +101,10 @@ class Attention(nnx.Module):
     q_BxLxKxGxE = q_BxLxHxE.reshape(b, l, k_heads, g, e)
     scores_BxKxGxLxS = jnp.einsum("blkge,bske->bkgls", q_BxLxKxGxE, keys.astype(q_BxLxKxGxE.dtype))
     scores_BxKxGxLxS = upcast(scores_BxKxGxLxS) / math.sqrt(e)
-    scores_BxKxGxLxS = jnp.where(visible_BxLxS[:, None, None], scores_BxKxGxLxS, _MASKED)
+    # An additive bias rather than a select: its backward is the identity, so the layer scan stores
+    # no per-layer mask residual.
+    bias_BxLxS = jnp.where(visible_BxLxS, 0.0, _MASKED).astype(scores_BxKxGxLxS.dtype)
+    scores_BxKxGxLxS = scores_BxKxGxLxS + bias_BxLxS[:, None, None]
     probs = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(cfg.compute_dtype)
     out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs, values.astype(cfg.compute_dtype))
     return self.o(out_BxLxKxGxE.reshape(b, l, cfg.n_heads * e)), new_cache
