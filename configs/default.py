@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.doc_buckets = (256,)  # one bucket: one compilation of the meta step
   c.data.qa_len = 32  # generated questions + answers are at most 28 SmolLM2 tokens
   c.data.meta_batch_docs = 2  # CPU budget (reference: 6); memory of the exact meta step ~ documents
-  c.data.stream_docs = 12  # CPU budget: 12 test documents, 36 questions
+  c.data.stream_docs = 8  # CPU budget: 8 test documents, 24 questions
   c.qa_tune = qa_tune_config()  # QA-tuning of the base model (camels_jax/qa_tune.py)
   c.qa_tune.max_steps = 20  # CPU budget: ~4 min
   c.qa_tune.val_every = 10
@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.camels.outer_lr = 1e-4  # higher than the reference's 1e-5: 8 batches, not tens of thousands
   c.eval = eval_config()  # online-adaptation evaluation (camels_jax/evaluation.py)
   c.eval.lrs = (3e-4, 1e-4)  # two lrs (CPU budget); 12 one-step updates need more than the reference's 1e-4
-  c.eval.val_docs = 4
+  c.eval.val_docs = 3  # CPU budget: the lr is picked on 3 meta-val documents (9 questions)
   c.eval.curve_points = 3
   c.eval.light_tune.update(max_steps=10, val_every=5)
   return c
