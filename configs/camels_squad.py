@@ -7,9 +7,9 @@ base reset every 4 batches, c_kl 0.1, Adam 1e-5 with 4-batch accumulation).
 
 With the 38-article SQuAD v1.1 dev subset the split is 655/144/529/95/224 paragraphs (QA-train/QA-val/
 meta-train/meta-val/test, by article; see camels_jax/data/config.py). Budget: an accelerator; on 2 CPU
-cores a meta step takes about a minute, so the 2,000 steps here are a day's run. A smoke test that it
-runs end to end: add --config.qa_tune.max_steps=2 --config.camels.steps=4 --config.camels.val_every=4
---config.camels.val_batches=1.
+cores a meta-training batch of 6 documents takes about 100 s, so the 2,000 batches here take 2-3 days.
+A smoke test that it runs end to end: add --config.qa_tune.max_steps=2 --config.camels.steps=4
+--config.camels.val_every=4 --config.camels.val_batches=1.
 """
 
 import ml_collections
