@@ -12,6 +12,7 @@ scoring logits[..., :-1, :] against tokens[..., 1:] weights its losses with loss
 
 import collections
 import dataclasses
+import re
 from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -28,6 +29,9 @@ class Tokenizer(Protocol):
   pad_id: int
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    ...
+
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     ...
 
 
@@ -69,6 +73,29 @@ class TokenizedDoc:
   doc: Document
   tokens: np.ndarray  # int32, at most the largest bucket
   qas: tuple[QA, ...]
+  # bool, one per token: the token covers a character of a gold answer's occurrence in the text (the
+  # "facts"; see `answer_char_mask`). Diagnostics and the oracle weighting only: no method sees it.
+  answer_mask: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, bool))
+
+
+def answer_char_mask(text: str, answers: Sequence[str]) -> np.ndarray:
+  """bool per character of `text`: inside an occurrence of one of `answers` (case-sensitive).
+
+  Every occurrence counts, not only the one a dataset points at (SQuAD's answer_start marks one of
+  them; the generated documents state each answer once). An answer that starts or ends with a word
+  character only matches at word boundaries, so "12" does not light up inside "1912".
+  """
+  mask = np.zeros(len(text), bool)
+  for answer in {a.strip() for a in answers if a and a.strip()}:
+    pattern = (r"\b" if answer[0].isalnum() else "") + re.escape(answer) + (r"\b" if answer[-1].isalnum() else "")
+    for m in re.finditer(pattern, text):
+      mask[m.start():m.end()] = True
+  return mask
+
+
+def token_mask_from_chars(char_mask: np.ndarray, offsets: Sequence[tuple[int, int]]) -> np.ndarray:
+  """bool per token: any of its characters is set in `char_mask` (an empty span, e.g. BOS, is False)."""
+  return np.array([end > start and bool(char_mask[start:end].any()) for start, end in offsets], bool)
 
 
 def tokenize(docs: Sequence[Document], tok: Tokenizer, spec: Spec,
@@ -81,15 +108,16 @@ def tokenize(docs: Sequence[Document], tok: Tokenizer, spec: Spec,
   """
   bos = [tok.bos_id] if spec.add_bos and tok.bos_id is not None else []
   max_len = spec.doc_buckets[-1]
-  doc_ids = tok.encode_batch([d.text for d in docs])
+  encoded = [tok.encode_with_offsets(d.text) for d in docs]
   q_ids = iter(tok.encode_batch([q for d in docs for q in d.questions]))
   a_ids = iter(tok.encode_batch([" " + a for d in docs for a in d.answers]))
   out = []
-  for doc, ids in zip(docs, doc_ids):
-    ids = bos + ids
+  for doc, (ids, offsets) in zip(docs, encoded):
+    ids, offsets = bos + list(ids), [(0, 0)] * len(bos) + list(offsets)
     if len(ids) > max_len:
       counts["documents_truncated"] += 1
-      ids = ids[:max_len]
+      ids, offsets = ids[:max_len], offsets[:max_len]
+    answer_mask = token_mask_from_chars(answer_char_mask(doc.text, doc.answers), offsets)
     qas = []
     for question, answer in zip(doc.questions, doc.answers):
       q, a = next(q_ids), next(a_ids) + [tok.eos_id]
@@ -101,7 +129,7 @@ def tokenize(docs: Sequence[Document], tok: Tokenizer, spec: Spec,
         counts["questions_truncated"] += 1
         q = q[len(q) - room:]
       qas.append(QA(np.asarray(bos + q + a, np.int32), len(bos) + len(q), question, answer))
-    out.append(TokenizedDoc(doc, np.asarray(ids, np.int32), tuple(qas)))
+    out.append(TokenizedDoc(doc, np.asarray(ids, np.int32), tuple(qas), answer_mask))
   return out
 
 
@@ -146,8 +174,9 @@ def doc_batch(docs: Sequence[TokenizedDoc | None], spec: Spec, pad_id: int) -> d
   length = bucket(max((len(d.tokens) for d in real), default=1), spec.doc_buckets)
   tokens_BxL, mask_BxL = pad([d.tokens if d else np.zeros(0, np.int32) for d in docs], len(docs), length,
                              pad_id)
+  answer_mask_BxL = pad([d.answer_mask if d else np.zeros(0, bool) for d in docs], len(docs), length, 0)[0] > 0
   return dict(doc_tokens_BxL=tokens_BxL, doc_mask_BxL=mask_BxL,
-              doc_valid_B=np.array([d is not None for d in docs]))
+              doc_valid_B=np.array([d is not None for d in docs]), doc_answer_mask_BxL=answer_mask_BxL)
 
 
 def qa_batch(qas: Sequence[QA | None], index_B: Sequence[int], spec: Spec,
@@ -279,11 +308,16 @@ def qa_eval_batches(docs: Sequence[TokenizedDoc], spec: Spec, pad_id: int,
 def meta_eval_batches(docs: Sequence[TokenizedDoc], loc_texts: Sequence[np.ndarray], spec: Spec, pad_id: int,
                       batch_docs: int, loc_batch: int) -> Iterator[dict[str, np.ndarray]]:
   """One pass over the meta items of `docs` in order (meta-validation); locality texts cycle in order."""
-  items = meta_items(docs, spec.qa_slots)
-  for n, start in enumerate(range(0, len(items), batch_docs)):
-    chunk = items[start:start + batch_docs]
+  for n, chunk in enumerate(meta_eval_chunks(docs, spec.qa_slots, batch_docs)):
     loc = [loc_texts[(n * loc_batch + k) % len(loc_texts)] for k in range(loc_batch)]
-    yield meta_batch(chunk + [None] * (batch_docs - len(chunk)), loc, spec, pad_id)
+    yield meta_batch(chunk, loc, spec, pad_id)
+
+
+def meta_eval_chunks(docs: Sequence[TokenizedDoc], q: int, batch_docs: int) -> list[list[Item | None]]:
+  """The items of each `meta_eval_batches` batch (None for padding rows), e.g. to weigh their texts."""
+  items = meta_items(docs, q)
+  chunks = [items[start:start + batch_docs] for start in range(0, len(items), batch_docs)]
+  return [chunk + [None] * (batch_docs - len(chunk)) for chunk in chunks]
 
 
 class Stream:

@@ -320,6 +320,38 @@ def weights_for_tokens(weighter: Weighter, text: str, tokenizer, length: int, ad
   return w_L
 
 
+# Per-document weightings by name, as the evaluation and the end of meta-training use them. "oracle" puts
+# every weight on the tokens of the document's gold answers (`TokenizedDoc.answer_mask`): it needs the
+# answers, which no method sees, so it is a ceiling for comparison, not a method.
+DOC_WEIGHTINGS = ("uniform", "ssm", "tfidf", "oracle")
+
+
+def doc_weighting(name: str, tokenizer, texts_for_fit: Sequence[str] = (), add_bos: bool = False,
+                  **options):
+  """fn(doc, L) -> w_L (float32, 0 past the document) for a `data.pipeline.TokenizedDoc`.
+
+  Args:
+    name: one of `DOC_WEIGHTINGS`.
+    tokenizer: the tokenizer that made `doc.tokens`.
+    texts_for_fit: every document text of the dataset (TF-IDF's idf).
+    add_bos: `Spec.add_bos` of the data.
+    **options: passed to `make_weighter` (SSM model, TF-IDF min_threshold).
+  """
+  def pad(x, length):
+    x = np.asarray(x, np.float32)[:length]
+    return np.pad(x, (0, length - len(x)))
+
+  if name == "uniform":
+    return lambda d, length: pad(np.ones(len(d.tokens)), length)
+  if name == "oracle":
+    return lambda d, length: pad(d.answer_mask, length)
+  if name in ("ssm", "tfidf"):
+    weighter = make_weighter(name, texts_for_fit, **options)
+    return lambda d, length: pad(
+        weights_for_tokens(weighter, d.doc.text, tokenizer, len(d.tokens), add_bos, d.tokens), length)
+  raise ValueError(f"unknown weighting {name!r}; known: {DOC_WEIGHTINGS} (CaMeLS: methods.camels)")
+
+
 def weights_batch(weighter: Weighter, texts: Sequence[str | None], tokenizer, length: int,
                   add_bos: bool = False) -> np.ndarray:
   """w_BxL for the rows of a `doc_batch` (None rows, the batch's padding, get all zeros)."""
