@@ -21,7 +21,9 @@ class MetricWriter:
       os.makedirs(logdir, exist_ok=True)
       self._tb = SummaryWriter(logdir)
 
-  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+  def write_scalars(self, step: int, scalars: Mapping[str, float | None]) -> None:
+    # None marks a value that is undefined (e.g. a ratio over a zero); it is skipped, not plotted as 0.
+    scalars = {k: v for k, v in scalars.items() if v is not None}
     logging.info("[%d] %s", step, ", ".join(f"{k}={float(v):.6g}" for k, v in scalars.items()))
     if self._tb:
       for k, v in scalars.items():

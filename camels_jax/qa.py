@@ -9,10 +9,14 @@ Protocol (the CaMeLS reference, notes/reference.md §6):
   clean-up of transformers (`clean_up_tokenization_spaces=True`) and stripped; the gold is cleaned the same
   way.
 - F1 is SQuAD v1.1 token F1; `exact_match` is SQuAD EM; `prefix_exact_match` is the reference's "EM",
-  which compares the normalised prediction cut to the normalised gold's length.
+  which compares the normalised prediction cut to the normalised gold's length. All three score against
+  the reference's single gold answer per question.
+- `official_exact_match` / `official_f1` are what published SQuAD numbers use (evaluate-v1.1.py): the best
+  EM / F1 over all gold answers of the question, taken as the dataset gives them (not cleaned).
 """
 
 import collections
+import dataclasses
 import functools
 import re
 import string
@@ -70,6 +74,22 @@ def prefix_exact_match(prediction: str, gold: str) -> bool:
   """
   norm_gold = normalize_answer(gold)
   return normalize_answer(prediction)[:len(norm_gold)] == norm_gold
+
+
+def official_exact_match(prediction: str, golds: Sequence[str]) -> bool:
+  """SQuAD v1.1's EM: the best `exact_match` over all gold answers (metric_max_over_ground_truths)."""
+  return _max_over_golds(exact_match, prediction, golds)
+
+
+def official_f1(prediction: str, golds: Sequence[str]) -> float:
+  """SQuAD v1.1's F1: the best `f1` over all gold answers (metric_max_over_ground_truths)."""
+  return _max_over_golds(f1, prediction, golds)
+
+
+def _max_over_golds(metric, prediction: str, golds: Sequence[str]):
+  if isinstance(golds, str) or not golds:  # a bare string would be scored letter by letter
+    raise ValueError(f"golds must be a non-empty sequence of strings, got {golds!r}")
+  return max(metric(prediction, gold) for gold in golds)
 
 
 # transformers' `clean_up_tokenization` (what decode(..., clean_up_tokenization_spaces=True) applies).
@@ -243,55 +263,98 @@ def answer(graphdef: nnx.GraphDef, params: transformer.Params, cfg: ModelConfig,
 # Evaluation.
 
 
-def _gold_text(gold: Any) -> str:
-  return clean_text(gold if isinstance(gold, str) else gold.answer)
+# The per-question metrics of generated answers, in the order they are reported.
+GENERATED_METRICS = ("em", "prefix_em", "f1", "official_em", "official_f1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gold:
+  """What scoring one question needs of its record."""
+
+  answer: str  # the reference's gold (em, prefix_em, f1), compared after `clean_text` as the reference does
+  golds: tuple[str, ...]  # every gold answer (official_em, official_f1), as given
+  id: str
+  question: str
+
+  @classmethod
+  def of(cls, record: Any, index: int) -> "Gold":
+    """From a gold string, or a record with `.answer` and optionally `.golds`, `.id`, `.question`."""
+    if isinstance(record, str):
+      return cls(record, (record,), str(index), "")
+    golds = tuple(getattr(record, "golds", ()) or ()) or (record.answer,)
+    return cls(record.answer, golds, getattr(record, "id", "") or str(index), getattr(record, "question", ""))
+
+
+def question_scores(prediction: str, gold: Gold) -> dict[str, float]:
+  """Every `GENERATED_METRICS` score of one (cleaned) prediction."""
+  reference = clean_text(gold.answer)
+  return dict(em=float(exact_match(prediction, reference)),
+              prefix_em=float(prefix_exact_match(prediction, reference)), f1=f1(prediction, reference),
+              official_em=float(official_exact_match(prediction, gold.golds)),
+              official_f1=official_f1(prediction, gold.golds))
 
 
 def evaluate_qa(graphdef: nnx.GraphDef, params: transformer.Params, cfg: ModelConfig, tokenizer,
                 batches: Iterable[Batch], golds: Sequence[Any], decoding: str | None = "greedy",
                 progress: bool = False, desc: str = "qa eval", return_predictions: bool = False,
                 **generate_kwargs) -> dict[str, Any]:
-  """Answer NLL and (with a decoding) EM / prefix EM / F1 over the valid rows of `batches`.
+  """Answer NLL and (with a decoding) EM / prefix EM / F1 / official EM / official F1 over the valid rows.
 
   Args:
     graphdef, params, cfg: the model.
     tokenizer: its tokenizer.
     batches: QA batches, e.g. `Data.qa_eval_batches(split)` or `Stream.qa_batches(b)`.
-    golds: gold answers indexed by qa_index_B: strings, or records with an `.answer` (e.g.
-      `pipeline.questions(docs)`).
-    decoding: "greedy", "beam", or None to skip generation (then em, prefix_em and f1 are NaN).
+    golds: one entry per question, indexed by qa_index_B: gold strings (then the one gold is also the
+      official scores' only gold), or records with an `.answer` and optionally `.golds`, `.id` and
+      `.question` (e.g. `pipeline.questions(docs)`).
+    decoding: "greedy", "beam", or None to skip generation (then the generated metrics are NaN).
     progress: show a tqdm bar.
     desc: the bar's label.
-    return_predictions: also return {"predictions": {qa_index: answer}}.
+    return_predictions: also return per-question scores and answers (below).
     **generate_kwargs: max_new_tokens, num_beams, num_groups, diversity_penalty (see `answer`).
 
   Returns:
-    {"em", "prefix_em", "f1"}: means over the questions; "nll": token-weighted mean answer NLL (the
-    reference's); "n": number of questions; "tokens": answer tokens scored.
+    {"em", "prefix_em", "f1"}: means over the questions against the reference's gold;
+    {"official_em", "official_f1"}: means of the official SQuAD v1.1 scores (best over all golds);
+    "nll": token-weighted mean answer NLL (the reference's); "n": number of questions; "tokens": answer
+    tokens scored. With `return_predictions`, also, one entry per question in qa_index order:
+    "per_question": {metric: [float]} for every `GENERATED_METRICS` (NaN without decoding), "nll" (the
+    question's mean answer-token NLL) and "tokens" (its answer tokens, the weights that recover "nll");
+    "predictions": [{"index", "id", "question", "golds", "answer"}] ("answer" is None without decoding).
   """
-  nll_sum, count, n = 0.0, 0.0, 0
-  em, prefix_em, f1_sum = 0.0, 0.0, 0.0
-  predictions = {}
+  rows = []
   total = len(batches) if hasattr(batches, "__len__") else None
   for batch in tqdm.tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
-    s, c = qa_nll(graphdef, params, batch)
-    nll_sum, count = nll_sum + float(s), count + float(c)
-    valid_B = np.asarray(batch["qa_valid_B"], bool)
-    n += int(valid_B.sum())
-    if decoding is None:
-      continue
-    texts = answer(graphdef, params, cfg, tokenizer, batch, decoding, **generate_kwargs)
-    for i in np.flatnonzero(valid_B):
-      index = int(batch["qa_index_B"][i])
-      gold = _gold_text(golds[index])
-      em += exact_match(texts[i], gold)
-      prefix_em += prefix_exact_match(texts[i], gold)
-      f1_sum += f1(texts[i], gold)
-      predictions[index] = texts[i]
-  gen = decoding is not None and n > 0
-  result = dict(em=em / n if gen else float("nan"), prefix_em=prefix_em / n if gen else float("nan"),
-                f1=f1_sum / n if gen else float("nan"), nll=nll_sum / max(count, 1.0), n=n, tokens=int(count))
+    rows += _score_batch(graphdef, params, cfg, tokenizer, batch, golds, decoding, generate_kwargs)
+  rows.sort(key=lambda r: r["index"])
+  result = _aggregate(rows, generated=decoding is not None)
   if return_predictions:
-    result["predictions"] = predictions
+    result["per_question"] = {k: [r[k] for r in rows] for k in GENERATED_METRICS + ("nll", "tokens")}
+    result["predictions"] = [{k: r[k] for k in ("index", "id", "question", "golds", "answer")} for r in rows]
   return result
 
+
+def _score_batch(graphdef, params, cfg, tokenizer, batch: Batch, golds: Sequence[Any], decoding: str | None,
+                 generate_kwargs) -> list[dict[str, Any]]:
+  """One record per valid row: its question, answer NLL, and (with a decoding) answer and scores."""
+  logp_B, count_B = (np.asarray(x, np.float64) for x in answer_logprobs(graphdef, params, batch))
+  texts = None if decoding is None else answer(graphdef, params, cfg, tokenizer, batch, decoding,
+                                               **generate_kwargs)
+  rows = []
+  for i in np.flatnonzero(np.asarray(batch["qa_valid_B"], bool)):
+    index = int(batch["qa_index_B"][i])
+    gold = Gold.of(golds[index], index)
+    scores = (question_scores(texts[i], gold) if texts is not None
+              else dict.fromkeys(GENERATED_METRICS, float("nan")))
+    rows.append(dict(index=index, id=gold.id, question=gold.question, golds=list(gold.golds),
+                     answer=None if texts is None else texts[i], logp=float(logp_B[i]),
+                     tokens=float(count_B[i]), nll=-float(logp_B[i]) / max(float(count_B[i]), 1.0), **scores))
+  return rows
+
+
+def _aggregate(rows: Sequence[Mapping[str, Any]], generated: bool) -> dict[str, Any]:
+  """Question means of the generated metrics (NaN without generation) and the token-weighted NLL."""
+  n = len(rows)
+  result = {k: (sum(r[k] for r in rows) / n if generated and n else float("nan")) for k in GENERATED_METRICS}
+  count = sum(r["tokens"] for r in rows)
+  return result | dict(nll=-sum(r["logp"] for r in rows) / max(count, 1.0), n=n, tokens=int(count))

@@ -21,14 +21,23 @@ from camels_jax.models import loading
 JOBS = ("qa_tune", "camels")
 
 
+def finished_qa_tune(model: loading.Loaded, workdir: str):
+  """(params, history) of the finished QA-tuning in <workdir>/qa_tune, or None if there is none."""
+  with checkpoint.Checkpointer(os.path.join(workdir, "qa_tune"), max_to_keep=1) as ckpt:
+    if ckpt.latest_step() is None:
+      return None
+    restored = ckpt.restore(None, {"params": model.params})
+    logging.info("qa_tune: loaded the QA-tuned model from %s", ckpt.directory)
+    return restored.state["params"], restored.meta["history"]
+
+
 def qa_tuned_params(config, model: loading.Loaded, data, workdir: str, writer, progress: bool = True):
   """The QA-tuned base params: loaded from <workdir>/qa_tune if a finished run is there, else trained."""
+  found = finished_qa_tune(model, workdir)
+  if found is not None:
+    return found
+  params, history = qa_tune.qa_tune(model, data, config.qa_tune, writer, progress=progress)
   with checkpoint.Checkpointer(os.path.join(workdir, "qa_tune"), max_to_keep=1) as ckpt:
-    if ckpt.latest_step() is not None:
-      restored = ckpt.restore(None, {"params": model.params})
-      logging.info("qa_tune: loaded the QA-tuned model from %s", ckpt.directory)
-      return restored.state["params"], restored.meta["history"]
-    params, history = qa_tune.qa_tune(model, data, config.qa_tune, writer, progress=progress)
     ckpt.save(history[-1]["step"] + 1, {"params": params}, meta={"history": history})
   return params, history
 
@@ -45,12 +54,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
   data = data_lib.load(config.data, model.tokenizer, workdir)
   writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)
   results = {}
-  base_params = model.params
+  base_params, base_name = model.params, "raw"
   if "qa_tune" in jobs:
     base_params, history = qa_tuned_params(config, model, data, workdir, writer, progress)
     results["qa_tune"] = {"history": history, "best": min(history, key=lambda h: h["nll"])}
+    base_name = "qa_tuned"
+  elif "camels" in jobs:
+    # Meta-training alone continues the experiment in this workdir: it adapts the QA-tuned model the
+    # qa_tune job left here, as `jobs=qa_tune,camels` would, never silently the raw base model.
+    found = finished_qa_tune(model, workdir)
+    if found is not None:
+      base_params, base_name = found[0], "qa_tuned"
+    else:
+      logging.warning("camels: no finished QA-tuning in %s: meta-training the raw base model (add "
+                      "qa_tune to config.jobs to QA-tune it first, as the reference does)",
+                      os.path.join(workdir, "qa_tune"))
   if "camels" in jobs:
     _, _, results["camels"] = camels.fit(config, model, base_params, data, workdir, writer, progress)
+    results["camels"]["base_model"] = base_name
   writer.close()
   io_utils.write_json(os.path.join(workdir, "train_results.json"), results)
   return results
@@ -66,12 +87,35 @@ def main(argv):
     b = results["qa_tune"]["best"]
     print(f"qa_tune: best QA-val NLL {b['nll']:.4f} at step {b['step']}")
   if "camels" in results:
-    r = results["camels"]
-    first = r["history"][0]
-    print(f"camels: meta-val loss {first['val_loss']:.4f} at init -> {r['best']['val_loss']:.4f} "
-          f"(best, step {r['best_step']}); QA NLL after adaptation {first['val_qa']:.4f} -> "
-          f"{r['best']['val_qa']:.4f}")
+    print(camels_summary(results["camels"]))
   print(f"results in {os.path.join(workdir, 'train_results.json')}")
+
+
+def _fmt(x, spec=".4f"):
+  return "-" if x is None else format(x, spec)
+
+
+def camels_summary(r: dict) -> str:
+  """What meta-training reached: meta-val loss, uptake against mean-matched weightings, facts/filler."""
+  first, best = r["history"][0], r["best"]
+  lines = [f"camels ({r.get('base_model', '?')} base): meta-val loss {first['val_loss']:.4f} at init -> "
+           f"{best['val_loss']:.4f} (best, step {r['best_step']}); answer NLL before adaptation "
+           f"{best['val_qa_before']:.4f}, after {best['val_qa']:.4f}"]
+  compare = r.get("compare")
+  if compare:
+    lines += [f"uptake on meta-val at the learned weights' step (every weighting mean-matched per document), "
+              f"step {r['compare_step']}:",
+              f"  {'weighting':<10} {'mean w':>8} {'uptake':>9} {'x uniform':>9} {'KL':>9} {'facts/filler':>12}"]
+    for name, m in compare.items():
+      lines.append(f"  {name:<10} {m['weight_mean']:8.4f} {m['uptake']:9.5f} {_fmt(m['x_uniform'], '9.2f'):>9} "
+                   f"{m['kl']:9.2e} {_fmt(m['facts_filler'], '12.2f'):>12}")
+    learned, ssm = compare["learned"], compare.get("ssm")
+    verdicts = [f"learned/uniform uptake {_fmt(learned['x_uniform'], '.2f')} (target >= 2)",
+                f"facts/filler {_fmt(learned['facts_filler'], '.2f')} (target >= 2)"]
+    if ssm is not None:
+      verdicts.append(f"learned > SSM: {'yes' if learned['uptake'] > ssm['uptake'] else 'no'}")
+    lines.append("  " + "; ".join(verdicts))
+  return "\n".join(lines)
 
 
 def define_flags():

@@ -62,6 +62,38 @@ def test_prefix_exact_match_is_the_reference_em(prediction, gold, expected):
   assert qa.prefix_exact_match(prediction, gold) is expected
 
 
+@pytest.mark.parametrize("prediction, golds, official_em, official_f1", [
+    ("Denver Broncos", ["Denver Broncos", "Broncos"], True, 1.0),
+    ("the Broncos team", ["Denver Broncos", "Broncos", "The Broncos"], False, 2 / 3),  # best: p 1/2, r 1
+    ("Paris", ["London"], False, 0.0),
+    ("", ["Paris", "the"], True, 0.0),  # "the" normalises to "", like the empty prediction
+])
+def test_official_scores_are_the_best_over_all_golds(prediction, golds, official_em, official_f1):
+  assert qa.official_exact_match(prediction, golds) is official_em
+  assert qa.official_f1(prediction, golds) == pytest.approx(official_f1)
+  assert qa.official_f1(prediction, golds) == max(qa.f1(prediction, g) for g in golds)
+
+
+@pytest.mark.parametrize("prediction, reference, golds, scores", [
+    # The reference's gold is the shortest, capitalised; the official scores see the others too.
+    ("Denver Broncos", "Broncos", ("Denver Broncos", "Broncos"), (0, 0, 2 / 3, 1, 1.0)),
+    ("Paris, France", "Paris", ("Paris", "Paris, France"), (0, 1, 2 / 3, 1, 1.0)),
+    ("Parisian", "Paris", ("Paris",), (0, 1, 0.0, 0, 0.0)),
+    ("the Paris", "Paris", ("paris",), (1, 1, 1.0, 1, 1.0)),
+])
+def test_question_scores_differ_by_metric(prediction, reference, golds, scores):
+  got = qa.question_scores(prediction, qa.Gold(reference, golds, "id", "question?"))
+  assert list(got) == list(qa.GENERATED_METRICS)
+  assert list(got.values()) == pytest.approx(scores)
+
+
+def test_official_scores_need_a_list_of_golds():
+  with pytest.raises(ValueError, match="non-empty sequence"):
+    qa.official_f1("Paris", [])
+  with pytest.raises(ValueError, match="non-empty sequence"):
+    qa.official_exact_match("Paris", "Paris")
+
+
 def test_clean_text_matches_transformers_clean_up():
   assert qa.clean_text(" John 's car , is n't it ? ") == "John's car, isn't it?"
 
@@ -190,16 +222,64 @@ def test_evaluate_qa(bigram, gpt2):
   batch, golds = _chain_batch(gpt2)
   result = qa.evaluate_qa(graphdef, params, cfg, gpt2, [batch], golds, decoding="greedy",
                           return_predictions=True, max_new_tokens=8)
-  assert result["n"] == 3 and result["predictions"] == {0: "Paris", 1: "1841", 2: "Berlin Wall"}
-  assert result["em"] == pytest.approx(2 / 3)
+  assert result["n"] == 3 and [p["answer"] for p in result["predictions"]] == ["Paris", "1841", "Berlin Wall"]
+  assert result["em"] == pytest.approx(2 / 3) == result["official_em"]
   assert result["prefix_em"] == 1.0  # "berlin wall"[:6] == "berlin"
   assert result["f1"] == pytest.approx((1 + 1 + 2 / 3) / 3)
   total, count = qa.qa_nll(graphdef, params, batch)
   assert result["tokens"] == int(count) and result["nll"] == pytest.approx(float(total) / float(count))
-  nll_only = qa.evaluate_qa(graphdef, params, cfg, gpt2, [batch], golds, decoding=None)
-  assert np.isnan(nll_only["f1"]) and nll_only["nll"] == pytest.approx(result["nll"])
+  nll_only = qa.evaluate_qa(graphdef, params, cfg, gpt2, [batch], golds, decoding=None, return_predictions=True)
+  assert np.isnan(nll_only["f1"]) and np.isnan(nll_only["official_f1"])
+  assert nll_only["nll"] == pytest.approx(result["nll"])
+  assert nll_only["per_question"]["nll"] == pytest.approx(result["per_question"]["nll"])
+  assert all(np.isnan(nll_only["per_question"]["em"])) and nll_only["predictions"][0]["answer"] is None
   records = [pipeline.QA(np.zeros(1, np.int32), 0, "", g) for g in golds]  # golds as QA records
   assert qa.evaluate_qa(graphdef, params, cfg, gpt2, [batch], records, "beam", max_new_tokens=8)["em"] == \
       pytest.approx(2 / 3)
   with pytest.raises(ValueError, match="decoding='sample'"):
     qa.answer(graphdef, params, cfg, gpt2, batch, decoding="sample")
+
+
+def test_evaluate_qa_per_question_scores_average_to_the_aggregates(bigram, gpt2):
+  cfg, graphdef, params = bigram
+  batch, _ = _chain_batch(gpt2)
+  # Two batches with their rows out of qa_index order, and all golds of each question: "Berlin Wall" is
+  # a gold of question 2 besides the reference's "Berlin", so only the official EM counts it right.
+  batches = [{k: v[[2, 0, 3, 1]] for k, v in batch.items()}, {k: v[[3, 3, 3, 3]] for k, v in batch.items()}]
+  batches[0]["qa_index_B"] = np.array([2, 0, -1, 1], np.int32)
+  all_golds = [("Paris",), ("in 1841",), ("Berlin", "Berlin Wall")]
+  records = [pipeline.QA(np.zeros(1, np.int32), 0, q, gold, f"id{k}", golds)
+             for k, ((q, _, gold), golds) in enumerate(zip(CHAINS, all_golds))]
+  result = qa.evaluate_qa(graphdef, params, cfg, gpt2, batches, records, "greedy", return_predictions=True,
+                          max_new_tokens=8)
+  assert result["n"] == 3
+  assert result["predictions"] == [
+      dict(index=k, id=f"id{k}", question=q, golds=list(r.golds), answer=a)
+      for k, ((q, *_), r, a) in enumerate(zip(CHAINS, records, ["Paris", "1841", "Berlin Wall"]))]
+  per = result["per_question"]
+  assert per["em"] == [1.0, 1.0, 0.0] and per["official_em"] == [1.0, 0.0, 1.0]
+  assert per["prefix_em"] == [1.0, 1.0, 1.0] and per["official_f1"] == pytest.approx([1.0, 2 / 3, 1.0])
+  for k in qa.GENERATED_METRICS:
+    assert all(isinstance(v, float) for v in per[k]) and len(per[k]) == 3
+    assert np.mean(per[k]) == pytest.approx(result[k])
+  assert np.average(per["nll"], weights=per["tokens"]) == pytest.approx(result["nll"])
+  assert sum(per["tokens"]) == result["tokens"]
+  logp_B, count_B = qa.answer_logprobs(graphdef, params, batch)  # the unshuffled batch: rows 0, 1, 2
+  assert per["nll"] == pytest.approx(list(-np.asarray(logp_B)[:3] / np.asarray(count_B)[:3]), rel=1e-5)
+
+
+def test_evaluate_qa_per_question_on_a_random_model(gpt2):
+  cfg = ModelConfig(arch="llama", vocab_size=50304, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16,
+                    max_len=64, tie_embeddings=False)
+  graphdef, params = transformer.init(cfg, seed=1)
+  batch, golds = _chain_batch(gpt2)
+  result = qa.evaluate_qa(graphdef, params, cfg, gpt2, [batch], golds, "greedy", return_predictions=True,
+                          max_new_tokens=4)
+  per = result["per_question"]
+  for k in qa.GENERATED_METRICS:
+    assert np.mean(per[k]) == pytest.approx(result[k])
+  assert np.average(per["nll"], weights=per["tokens"]) == pytest.approx(result["nll"])
+  assert result["nll"] > 5  # random: about log(50304) = 10.8
+  # Plain gold strings: the index is the id, the one gold is the official one too.
+  assert [(p["id"], p["question"], p["golds"]) for p in result["predictions"]] == [
+      (str(k), "", [g]) for k, g in enumerate(golds)]

@@ -5,8 +5,9 @@ No TensorFlow is needed: tensorflow-datasets serialises examples with its own pr
 as constructor arguments and names its BuilderConfig after a fingerprint of that source (file contents or
 generator settings), so a prepared dataset is reused while the source is unchanged and rebuilt otherwise.
 
-All builders share one feature schema, that of `sources.Document`; locality corpora use it too, with no
-questions. Counts of skipped or malformed-but-tolerated input are stored in the dataset's metadata.
+All builders share one feature schema, that of `sources.Document` (see `_record`); locality corpora use
+it too, with no questions. Counts of skipped or malformed-but-tolerated input are stored in the dataset's
+metadata.
 """
 
 import abc
@@ -37,8 +38,10 @@ CSV_SPLIT_FILES = {
 class _DocumentBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A builder of `Document` records whose config is named by a fingerprint of its source."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  # A new version makes datasets prepared by older code get rebuilt rather than misread.
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release.",
+                   "1.1.0": "Question ids and every gold answer of each question."}
   # tfds 4.9.10 derives `code_path` for builders inside a package through `importlib_resources`, a backport
   # it only installs on Python < 3.9, so the lookup fails on ours; the path is only used to look for a
   # (non-existent) checksums file next to the code.
@@ -55,7 +58,8 @@ class _DocumentBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         builder=self,
         features=tfds.features.FeaturesDict(dict(
             id=text, group=text, text=text, questions=tfds.features.Sequence(text),
-            answers=tfds.features.Sequence(text))),
+            answers=tfds.features.Sequence(text), question_ids=tfds.features.Sequence(text),
+            gold_answers=tfds.features.Sequence(text))),
         # Keep source order: documents of one article stay in paragraph order, as in the reference.
         disable_shuffling=True,
         metadata=tfds.core.MetadataDict())
@@ -76,7 +80,7 @@ class _DocumentBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, docs: Sequence[Document]):
     for i, doc in enumerate(docs):
-      yield i, dataclasses.asdict(doc)
+      yield i, _record(doc)
 
 
 class CamelsSquad(_DocumentBuilder):
@@ -161,9 +165,38 @@ def prepare(name: str, data_dir: str, **builder_kwargs) -> tuple[dict[str, Seque
 def read_documents(source: Sequence) -> list[Document]:
   """All records of a data source as `Document`s (TFDS returns text as bytes)."""
   records = source.__getitems__(range(len(source))) if len(source) else []
-  return [Document(id=r["id"].decode(), group=r["group"].decode(), text=r["text"].decode(),
-                   questions=tuple(q.decode() for q in r["questions"]),
-                   answers=tuple(a.decode() for a in r["answers"])) for r in records]
+  return [_document(r) for r in records]
+
+
+# Joins the gold answers of one question into one Text feature: nested sequences are avoided, as their
+# decoding from array_record without TensorFlow is a risk not worth taking; `_record` refuses golds holding it.
+GOLD_SEPARATOR = "\x1f"  # ASCII unit separator
+
+
+def _record(doc: Document) -> dict:
+  """The TFDS example of a document: its fields, with each question's golds joined into one string."""
+  for golds in doc.gold_answers:
+    if any(GOLD_SEPARATOR in g for g in golds):
+      raise DataError(f"document {doc.id!r}: a gold answer contains the separator {GOLD_SEPARATOR!r}")
+  return dict(id=doc.id, group=doc.group, text=doc.text, questions=doc.questions, answers=doc.answers,
+              question_ids=doc.question_ids,
+              gold_answers=tuple(GOLD_SEPARATOR.join(g) for g in doc.gold_answers))
+
+
+def _document(r: Mapping) -> Document:
+  """The inverse of `_record` on a decoded example (text as bytes)."""
+  return Document(id=r["id"].decode(), group=r["group"].decode(), text=r["text"].decode(),
+                  questions=_texts(r["questions"]), answers=_texts(r["answers"]),
+                  question_ids=_texts(r["question_ids"]),
+                  gold_answers=tuple(tuple(g.split(GOLD_SEPARATOR)) for g in _texts(r["gold_answers"])))
+
+
+def _texts(values) -> tuple[str, ...]:
+  return tuple(v.decode() for v in values)
+
+
+# The `Document` fields with one entry per question.
+_PER_QUESTION = ("questions", "answers", "question_ids", "gold_answers")
 
 
 def _dedupe(docs: list[Document], counts: collections.Counter) -> list[Document]:
@@ -174,8 +207,8 @@ def _dedupe(docs: list[Document], counts: collections.Counter) -> list[Document]
     if doc.text in first:
       counts["duplicate_documents"] += 1
       kept = out[first[doc.text]]
-      out[first[doc.text]] = dataclasses.replace(
-          kept, questions=kept.questions + doc.questions, answers=kept.answers + doc.answers)
+      merged = {f: getattr(kept, f) + getattr(doc, f) for f in _PER_QUESTION}
+      out[first[doc.text]] = dataclasses.replace(kept, **merged)
     else:
       first[doc.text] = len(out)
       out.append(doc)

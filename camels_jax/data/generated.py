@@ -142,7 +142,8 @@ def generate(seed: int, split: str, n_docs: int, questions_per_doc: int = 3,
     filler: (min, max) number of filler sentences mixed into each document.
 
   Returns:
-    Documents with ids "{split}-{k}"; each is its own group.
+    Documents with ids "{split}-{k}"; each is its own group. Question j has id "{split}-{k}/q{j}" and its
+    one answer as its only gold.
   """
   if split not in SPLITS:
     raise ValueError(f"unknown generated split {split!r}; expected one of {SPLITS}")
@@ -155,6 +156,8 @@ def generate(seed: int, split: str, n_docs: int, questions_per_doc: int = 3,
   docs = []
   for k in range(n_docs):
     text, qas = _document(rng, namer, n_questions, filler)
-    docs.append(Document(f"{split}-{k}", f"{split}-{k}", text, tuple(q for q, _ in qas),
-                         tuple(a for _, a in qas)))
+    doc_id = f"{split}-{k}"
+    docs.append(Document(doc_id, doc_id, text, tuple(q for q, _ in qas), tuple(a for _, a in qas),
+                         question_ids=tuple(f"{doc_id}/q{j}" for j in range(len(qas))),
+                         gold_answers=tuple((a,) for _, a in qas)))
   return docs

@@ -65,7 +65,9 @@ class QA:
   tokens: np.ndarray  # int32, unpadded, at most qa_len
   prompt_len: int  # leading question tokens (the generation prompt)
   question: str
-  answer: str
+  answer: str  # the reference's gold, which `tokens` holds
+  id: str = ""  # the question's id (`Document.question_ids`)
+  golds: tuple[str, ...] = ()  # every gold answer, for the official SQuAD scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +119,11 @@ def tokenize(docs: Sequence[Document], tok: Tokenizer, spec: Spec,
     if len(ids) > max_len:
       counts["documents_truncated"] += 1
       ids, offsets = ids[:max_len], offsets[:max_len]
-    answer_mask = token_mask_from_chars(answer_char_mask(doc.text, doc.answers), offsets)
+    # Every gold answer as written (the reference gold is capitalised, so often not in the text).
+    golds = [g for question_golds in doc.gold_answers for g in question_golds] or list(doc.answers)
+    answer_mask = token_mask_from_chars(answer_char_mask(doc.text, golds), offsets)
     qas = []
-    for question, answer in zip(doc.questions, doc.answers):
+    for question, answer, qid, golds in zip(doc.questions, doc.answers, doc.question_ids, doc.gold_answers):
       q, a = next(q_ids), next(a_ids) + [tok.eos_id]
       if len(a) > spec.max_answer_len:
         counts["answers_too_long"] += 1
@@ -128,7 +132,7 @@ def tokenize(docs: Sequence[Document], tok: Tokenizer, spec: Spec,
       if len(q) > room:
         counts["questions_truncated"] += 1
         q = q[len(q) - room:]
-      qas.append(QA(np.asarray(bos + q + a, np.int32), len(bos) + len(q), question, answer))
+      qas.append(QA(np.asarray(bos + q + a, np.int32), len(bos) + len(q), question, answer, qid, golds))
     out.append(TokenizedDoc(doc, np.asarray(ids, np.int32), tuple(qas), answer_mask))
   return out
 

@@ -1,9 +1,11 @@
 """Readers for the raw QA sources (SQuAD JSON, StreamingQA/ArchivalQA CSV) and locality corpora.
 
-Every reader yields `Document`s: one per distinct document text, carrying all of its questions and one
-gold answer per question, chosen as the CaMeLS reference does (the shortest answer; SQuAD and ArchivalQA
-answers get a capitalised first letter). Malformed input raises `DataError` naming the file and the row;
-skippable defects (empty documents, questions without answers, ...) are counted in a `Counter` instead.
+Every reader yields `Document`s: one per distinct document text, carrying all of its questions, one
+gold answer per question chosen as the CaMeLS reference does (the shortest answer; SQuAD and ArchivalQA
+answers get a capitalised first letter), and every gold answer of each question with a question id, which
+the official SQuAD scores (max over all golds) and per-question reports need. Malformed input raises
+`DataError` naming the file and the row; skippable defects (empty documents, questions without answers,
+...) are counted in a `Counter` instead.
 """
 
 import collections
@@ -28,7 +30,21 @@ class Document:
   group: str  # unit of splitting: SQuAD article title, ArchivalQA doc_id, else the document itself
   text: str
   questions: tuple[str, ...] = ()
-  answers: tuple[str, ...] = ()  # one gold answer per question
+  answers: tuple[str, ...] = ()  # one gold answer per question: the reference's (shortest, maybe capitalised)
+  # Aligned with `questions`; left empty they default to f"{id}/{k}" and (answers[k],), so documents built
+  # by hand (tests, other constructors) keep the invariant that every question has an id and golds.
+  question_ids: tuple[str, ...] = ()
+  gold_answers: tuple[tuple[str, ...], ...] = ()  # every gold answer of each question, in source order
+
+  def __post_init__(self):
+    if self.questions and not self.question_ids:
+      object.__setattr__(self, "question_ids", tuple(f"{self.id}/{k}" for k in range(len(self.questions))))
+    if self.answers and not self.gold_answers:
+      object.__setattr__(self, "gold_answers", tuple((a,) for a in self.answers))
+    for name in ("question_ids", "gold_answers"):
+      if len(getattr(self, name)) != len(self.questions):
+        raise ValueError(f"document {self.id!r}: {len(getattr(self, name))} {name} for "
+                         f"{len(self.questions)} questions")
 
 
 # The CaMeLS authors' CSV layouts. StreamingQA has `text`/`answers` (answers joined by a backslash);
@@ -48,9 +64,14 @@ def check_file(path: str) -> str:
   return path
 
 
+def gold_answers(answers: Iterable[str]) -> tuple[str, ...]:
+  """Every gold answer as the official SQuAD scorer sees it: stripped, empty ones dropped, in source order."""
+  return tuple(a.strip() for a in answers if a and a.strip())
+
+
 def gold_answer(answers: Iterable[str], capitalize: bool) -> str | None:
   """The reference's gold answer: the shortest non-empty answer, optionally with a capital first letter."""
-  answers = [a.strip() for a in answers if a and a.strip()]
+  answers = gold_answers(answers)
   if not answers:
     return None
   answer = min(answers, key=len)
@@ -80,14 +101,14 @@ def read_squad(path: str, counts: collections.Counter) -> list[Document]:
       if not context.strip():
         counts["empty_documents"] += 1
         continue
-      questions, answers = [], []
+      doc_id, found = f"{title}/{j}", _QAs()
       for k, qa in enumerate(qas):
         question = _field(qa, "question", str, f"{where}, question {k}").strip()
         texts = [_field(a, "text", str, f"{where}, question {k}, answer {m}")
                  for m, a in enumerate(_field(qa, "answers", list, f"{where}, question {k}"))]
-        _add_qa(questions, answers, question, gold_answer(texts, capitalize=True), counts)
-      if questions:
-        docs.append(Document(f"{title}/{j}", title, context, tuple(questions), tuple(answers)))
+        found.add(question, str(qa.get("id") or f"{doc_id}/{k}"), texts, capitalize=True, counts=counts)
+      if found.questions:
+        docs.append(Document(doc_id, title, context, **found.fields()))
       else:
         counts["documents_without_questions"] += 1
   return docs
@@ -115,18 +136,16 @@ def read_qa_csv(path: str, counts: collections.Counter, capitalize: bool) -> lis
       except ValueError:
         raise DataError(f"{path}, row {row_num}: {_CSV_ORDER}={row[_CSV_ORDER]!r} is not a number") from None
     group = row[_CSV_GROUP].strip() if _CSV_GROUP in header and row[_CSV_GROUP].strip() else text
-    doc = by_text.setdefault(text, dict(id=f"{os.path.basename(path)}:{row_num}", group=group, order=order,
-                                        questions=[], answers=[]))
+    row_id = f"{os.path.basename(path)}:{row_num}"
+    doc = by_text.setdefault(text, dict(id=row_id, group=group, order=order, qas=_QAs()))
     # StreamingQA joins several answers with a single backslash.
-    _add_qa(doc["questions"], doc["answers"], question, gold_answer(row[answers_col].split("\\"), capitalize),
-            counts)
+    doc["qas"].add(question, row_id, row[answers_col].split("\\"), capitalize, counts)
   docs = []
   for text, d in by_text.items():
-    if not d["questions"]:
+    if not d["qas"].questions:
       counts["documents_without_questions"] += 1
       continue
-    docs.append((d["group"], d["order"],
-                 Document(d["id"], d["group"], text, tuple(d["questions"]), tuple(d["answers"]))))
+    docs.append((d["group"], d["order"], Document(d["id"], d["group"], text, **d["qas"].fields())))
   # Stable sort by paragraph number inside each group, groups in order of first appearance.
   first = {}
   for g, _, _ in docs:
@@ -159,14 +178,32 @@ def read_texts(path: str, column: str, chunk_chars: int) -> list[str]:
   return [c for c in chunks if c]
 
 
-def _add_qa(questions: list, answers: list, question: str, answer: str | None, counts) -> None:
-  if not question:
-    counts["empty_questions"] += 1
-  elif answer is None:
-    counts["questions_without_answers"] += 1
-  else:
-    questions.append(question)
-    answers.append(answer)
+@dataclasses.dataclass
+class _QAs:
+  """The questions of one document while it is read, as the parallel lists of `Document`."""
+
+  questions: list[str] = dataclasses.field(default_factory=list)
+  answers: list[str] = dataclasses.field(default_factory=list)
+  question_ids: list[str] = dataclasses.field(default_factory=list)
+  gold_answers: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
+
+  def add(self, question: str, question_id: str, texts: Sequence[str], capitalize: bool,
+          counts: collections.Counter) -> None:
+    """Keeps a question with its reference gold and all golds, or counts why it is skipped."""
+    golds = gold_answers(texts)
+    if not question:
+      counts["empty_questions"] += 1
+    elif not golds:
+      counts["questions_without_answers"] += 1
+    else:
+      self.questions.append(question)
+      self.answers.append(gold_answer(golds, capitalize))
+      self.question_ids.append(question_id)
+      self.gold_answers.append(golds)
+
+  def fields(self) -> dict[str, tuple]:
+    """Keyword arguments of `Document` (all but id, group and text)."""
+    return {f.name: tuple(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 def _field(obj, key: str, kind: type, where: str):

@@ -23,8 +23,11 @@ from absl import logging
 from flax import nnx
 
 from camels_jax import checkpoint, sharding
+from camels_jax.data import pipeline
 from camels_jax.adapt import inner as inner_lib
 from camels_jax.adapt import loss
+from camels_jax.adapt import uptake as uptake_lib
+from camels_jax.methods import baselines
 from camels_jax.models import loading, transformer
 from camels_jax.models.config import ModelConfig
 
@@ -146,6 +149,24 @@ def outer_loss(graphdef, params, base_logits_KxTxV, batch, mcfg: MetaConfig):
   return qa + mcfg.c_kl * kl, (qa, kl)
 
 
+def adapt_and_score(graphdef, base_params, base_logits_KxTxV, batch, w_BxL, lr, mcfg: MetaConfig):
+  """(outer loss, (qa, kl), adapted params) after the inner update on `batch`'s documents with `w_BxL`."""
+  outer = lambda p: outer_loss(graphdef, p, base_logits_KxTxV, batch, mcfg)
+  adapted, per_pass = inner_lib.adapt(graphdef, base_params, batch["doc_tokens_BxL"], batch["doc_mask_BxL"],
+                                      w_BxL, batch["doc_valid_B"], lr, mcfg.inner,
+                                      outer_fn=outer if mcfg.mixing else None)
+  if mcfg.mixing:
+    total_S, (qa_S, kl_S) = per_pass
+    return total_S.mean(), (qa_S[-1], kl_S[-1]), adapted
+  total, (qa, kl) = outer(adapted)
+  return total, (qa, kl), adapted
+
+
+def _base_logits(graphdef, base_params, batch):
+  return jax.lax.stop_gradient(
+      transformer.apply(graphdef, base_params, batch["loc_tokens_KxT"], batch["loc_mask_KxT"]))
+
+
 def meta_loss(meta_params, base_params, batch, *, graphdef, wm_graphdef, mcfg: MetaConfig):
   """Outer loss after adapting `base_params` on one stream's batch of documents.
 
@@ -155,17 +176,8 @@ def meta_loss(meta_params, base_params, batch, *, graphdef, wm_graphdef, mcfg: M
   """
   tokens_BxL, mask_BxL = batch["doc_tokens_BxL"], batch["doc_mask_BxL"]
   w_BxL = token_weights(wm_graphdef, meta_params["wm"], tokens_BxL, mask_BxL)
-  base_logits = jax.lax.stop_gradient(
-      transformer.apply(graphdef, base_params, batch["loc_tokens_KxT"], batch["loc_mask_KxT"]))
-  outer = lambda p: outer_loss(graphdef, p, base_logits, batch, mcfg)
-  adapted, per_pass = inner_lib.adapt(graphdef, base_params, tokens_BxL, mask_BxL, w_BxL, batch["doc_valid_B"],
-                                  inner_lr(meta_params, mcfg), mcfg.inner,
-                                  outer_fn=outer if mcfg.mixing else None)
-  if mcfg.mixing:
-    total_S, (qa_S, kl_S) = per_pass
-    total, qa, kl = total_S.mean(), qa_S[-1], kl_S[-1]
-  else:
-    total, (qa, kl) = outer(adapted)
+  total, (qa, kl), adapted = adapt_and_score(graphdef, base_params, _base_logits(graphdef, base_params, batch),
+                                             batch, w_BxL, inner_lr(meta_params, mcfg), mcfg)
   real = mask_BxL * batch["doc_valid_B"][:, None]
   weight_mean = (w_BxL * real).sum() / jnp.maximum(real.sum(), 1)
   return total, {"qa": qa, "kl": kl, "weight_mean": weight_mean,
@@ -192,11 +204,34 @@ def meta_train_step(meta_params, opt_state, base_params_P, batch_P, *, graphdef,
   return meta_params, opt_state, adapted_P, metrics
 
 
-def meta_eval_step(meta_params, base_params_P, batch_P, *, graphdef, wm_graphdef, mcfg: MetaConfig):
-  """Validation: the meta loss, its parts, and the answer NLL before adaptation (for reference)."""
-  _, (metrics, adapted_P) = meta_loss_streams(meta_params, base_params_P, batch_P, graphdef=graphdef,
-                                              wm_graphdef=wm_graphdef, mcfg=mcfg)
-  return metrics, adapted_P
+def uptake_eval(meta_params, base_params, batch, w_BxL, *, graphdef, mcfg: MetaConfig):
+  """What one inner update with weights `w_BxL` teaches, from `base_params`, on the batch's questions.
+
+  Returns:
+    {"loss": outer loss after, "qa_before", "qa": answer NLL before/after (the same questions, the same
+    token-mean), "uptake": qa_before - qa, "kl": locality KL after}. The reference logs the same
+    quantity as `qa_gain`.
+  """
+  base_logits = _base_logits(graphdef, base_params, batch)
+  _, (qa_before, _) = outer_loss(graphdef, base_params, base_logits, batch, mcfg)
+  total, (qa, kl), _ = adapt_and_score(graphdef, base_params, base_logits, batch, w_BxL,
+                                       inner_lr(meta_params, mcfg), mcfg)
+  return {"loss": total, "qa_before": qa_before, "qa": qa, "uptake": qa_before - qa, "kl": kl}
+
+
+def meta_eval_step(meta_params, base_params, batch, *, graphdef, wm_graphdef, mcfg: MetaConfig):
+  """Validation on one batch, from the (reset) base params: the learned weights' uptake and that of
+  uniform weights with the same mean weight per document (a plain step of the same size), and the sums of
+  the facts/filler ratio."""
+  tokens_BxL, mask_BxL, valid_B = batch["doc_tokens_BxL"], batch["doc_mask_BxL"], batch["doc_valid_B"]
+  w_BxL = token_weights(wm_graphdef, meta_params["wm"], tokens_BxL, mask_BxL)
+  ev = functools.partial(uptake_eval, meta_params, base_params, batch, graphdef=graphdef, mcfg=mcfg)
+  learned = ev(w_BxL)
+  uniform = ev(uptake_lib.mean_matched(jnp.ones_like(w_BxL), w_BxL, mask_BxL, valid_B))
+  real = mask_BxL * valid_B[:, None]
+  metrics = learned | {f"uniform_{k}": uniform[k] for k in ("qa", "uptake", "kl")}
+  metrics["weight_mean"] = (w_BxL * real).sum() / jnp.maximum(real.sum(), 1)
+  return metrics | uptake_lib.facts_filler_sums(w_BxL, batch["doc_answer_mask_BxL"], mask_BxL, valid_B)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +258,10 @@ def camels_config() -> ml_collections.ConfigDict:
       streams=1,  # P independent document streams per step, sharded over devices (data parallel)
       steps=400,  # meta-training batches (per stream)
       val_every=100,  # batches between validations; each is also a checkpoint (multiple of reset_every)
-      val_batches=0,  # meta-val batches per validation (0 = all of meta_val)
+      val_batches=0,  # meta-val batches per validation (0 = all of meta_val); each from the reset base
+      # Fixed weightings whose uptake on the meta-val batches is measured after training at the learned
+      # weights' mean weight per document (comma-separated subset of baselines.DOC_WEIGHTINGS; "" = none).
+      compare="uniform,ssm,tfidf,oracle",
       seed=0,  # RNG seed of the run
   ))
 
@@ -281,26 +319,23 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   train_step = jax.jit(functools.partial(meta_train_step, optimizer=optimizer, **kw),
                        in_shardings=(rep, rep, dat, dat), out_shardings=(rep, rep, dat, rep),
                        donate_argnums=(0, 1, 2))
-  eval_step = jax.jit(functools.partial(meta_eval_step, **kw), in_shardings=(rep, rep, rep),
-                      out_shardings=(rep, rep))
+  eval_step = jax.jit(functools.partial(meta_eval_step, **kw), in_shardings=(rep, rep, rep), out_shardings=rep)
   broadcast = lambda n, s: jax.jit(
       lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), p), out_shardings=s)
-  reset_train, reset_val = broadcast(c.streams, dat), broadcast(1, rep)
+  reset_train = broadcast(c.streams, dat)
   base_params = sharding.replicate(base_params, mesh)
 
   val_batches = list(data.meta_eval_batches())
   if c.val_batches:
     val_batches = val_batches[:c.val_batches]
+  val_batches = [jax.device_put(b, rep) for b in val_batches]
 
   def validate(meta):
-    sums, base_1 = {}, None
-    for i, batch in enumerate(val_batches):
-      if i % c.reset_every == 0:
-        base_1 = reset_val(base_params)
-      m, base_1 = eval_step(meta, base_1, jax.device_put(_stack([batch]), rep))
-      for k, v in m.items():
+    sums = {}
+    for batch in val_batches:
+      for k, v in eval_step(meta, base_params, batch).items():
         sums[k] = sums.get(k, 0.0) + float(v)
-    return {f"val_{k}": v / len(val_batches) for k, v in sums.items()}
+    return {f"val_{k}": v for k, v in summarize(sums, len(val_batches)).items()}
 
   meta = sharding.replicate(init_meta_params(wm_params, mcfg), mesh)
   opt_state = sharding.replicate(optimizer.init(meta), mesh)
@@ -340,4 +375,69 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   best = ckpt.restore_best({"meta": meta, "opt": opt_state})
   ckpt.close()
   results = {"best_step": best.step, "best": best.metrics, "history": history}
+  names = [n.strip() for n in c.compare.split(",") if n.strip()]
+  if names:
+    chunks = pipeline.meta_eval_chunks(data.splits["meta_val"], data.spec.qa_slots, config.data.meta_batch_docs)
+    texts = [d.doc.text for docs in data.splits.values() for d in docs]
+    fns = {n: baselines.doc_weighting(n, base.tokenizer, texts, data.spec.add_bos) for n in names}
+    results["compare"] = compare_weightings(best.state["meta"], base_params, val_batches, chunks, fns,
+                                            graphdef=base.graphdef, wm_graphdef=wm_graphdef, mcfg=mcfg)
+    results["compare_step"] = best.step
+    writer.write_scalars(best.step, {f"compare/{n}/{k}": v for n, m in results["compare"].items()
+                                     for k, v in m.items()})
   return wm_graphdef, best.state["meta"], results
+
+
+def summarize(sums: dict[str, float], n_batches: int) -> dict[str, float | None]:
+  """Means over validation batches of per-batch metrics, the pooled facts/filler ratio, and the learned
+  weights' uptake over mean-matched uniform weights' (None where undefined)."""
+  ff_keys = ("facts_w", "facts_n", "filler_w", "filler_n")
+  out = {k: v / n_batches for k, v in sums.items() if k not in ff_keys}
+  if all(k in sums for k in ff_keys):
+    ratio = uptake_lib.facts_filler_ratio({k: sums[k] for k in ff_keys})
+    out["facts_filler"] = ratio if math.isfinite(ratio) else None
+  if "uniform_uptake" in out:
+    out["uptake_x_uniform"] = out["uptake"] / out["uniform_uptake"] if out["uniform_uptake"] > 0 else None
+  return out
+
+
+def compare_weightings(meta, base_params, batches, chunks, weightings, *, graphdef, wm_graphdef,
+                       mcfg: MetaConfig) -> dict[str, dict]:
+  """Uptake of the learned weights and of fixed weightings at the same step, on the same batches.
+
+  Every fixed weighting is rescaled per document to the learned weights' mean weight (`mean_matched`),
+  so all take the same total step and differ only in where they put it.
+
+  Args:
+    meta: the meta params (weighting model; inner lr if learned).
+    base_params: the base model every batch is adapted from.
+    batches: meta-eval batches (on device); `chunks` their items (`pipeline.meta_eval_chunks`).
+    weightings: {name: fn(TokenizedDoc, L) -> w_L} (`baselines.doc_weighting`).
+
+  Returns:
+    {"learned" and each name: {"uptake", "qa_before", "qa", "kl", "weight_mean", "facts_filler",
+    "x_uniform" (uptake over uniform's, when "uniform" is among them)}}.
+  """
+  weights_fn = jax.jit(functools.partial(token_weights, wm_graphdef))
+  score_fn = jax.jit(functools.partial(uptake_eval, graphdef=graphdef, mcfg=mcfg))
+  sums = {name: {} for name in ["learned", *weightings]}
+  for batch, chunk in zip(batches, chunks):
+    mask_BxL, valid_B = batch["doc_mask_BxL"], batch["doc_valid_B"]
+    learned_BxL = weights_fn(meta["wm"], batch["doc_tokens_BxL"], mask_BxL)
+    length = mask_BxL.shape[1]
+    ws = {"learned": learned_BxL}
+    for name, fn in weightings.items():
+      w_BxL = np.stack([fn(item[0], length) if item else np.zeros(length, np.float32) for item in chunk])
+      ws[name] = uptake_lib.mean_matched(w_BxL, learned_BxL, mask_BxL, valid_B)
+    for name, w_BxL in ws.items():
+      m = dict(score_fn(meta, base_params, batch, w_BxL))
+      m |= uptake_lib.facts_filler_sums(w_BxL, batch["doc_answer_mask_BxL"], mask_BxL, valid_B)
+      m["weight_mean"] = uptake_lib.mean_weight_B(w_BxL, mask_BxL, valid_B).sum() / valid_B.sum()
+      for k, v in m.items():
+        sums[name][k] = sums[name].get(k, 0.0) + float(v)
+  out = {name: summarize(s, len(batches)) for name, s in sums.items()}
+  for name, m in out.items():
+    m.pop("uptake_x_uniform", None)
+    u = out.get("uniform", {}).get("uptake")
+    m["x_uniform"] = m["uptake"] / u if u is not None and u > 0 else None
+  return out

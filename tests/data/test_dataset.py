@@ -1,5 +1,6 @@
 """End to end: TFDS builder -> array_record -> tfds.data_source -> splits -> batches, without TensorFlow."""
 
+import collections
 import json
 import sys
 
@@ -9,6 +10,7 @@ import tensorflow_datasets as tfds
 from camels_jax import data
 from camels_jax.data import builders
 from camels_jax.data.builders import SPLITS
+from camels_jax.data.sources import Document, read_qa_csv, read_squad
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,8 @@ def test_tfds_data_source_reads_the_prepared_dataset(squad_file, tmp_path):
   record = again["full"][0]
   assert record["group"] == b"1973_oil_crisis" and record["text"].startswith(b"The 1973 oil crisis")
   assert counts == {}
+  # Every field survives array_record, question ids and all gold answers of each question included.
+  assert builders.read_documents(again["full"]) == read_squad(squad_file, collections.Counter())
   assert not [m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow.")]
 
 
@@ -105,6 +109,32 @@ def test_camels_csv_directory_layout_and_cross_split_duplicates(tmp_path, write_
       qa_train=["A", "B"], qa_val=["C"], meta_train=["D", "E"], meta_val=["F"], test=["G", "S"])
   assert loaded.counts == {"cross_split_duplicates": 1}
   assert len(loaded.loc) == 2 and len(loaded.stream()) == 2
+
+
+def test_csv_round_trip_keeps_question_ids_and_all_golds(tmp_path, write_csv):
+  path = write_csv(tmp_path / "s.csv", ["text", "question", "answers"], [
+      ["Doc one.", "Q1?", "long answer\\ans"], ["Doc two.", "Q2?", "b"], ["Doc one.", "Q3?", "c\\C\\c"]])
+  sources, _ = builders.prepare("camels_csv_qa", str(tmp_path / "tfds"), dataset="streamingqa", path=path)
+  docs = builders.read_documents(sources["full"])
+  assert docs == read_qa_csv(path, collections.Counter(), capitalize=False)
+  assert [(d.question_ids, d.gold_answers) for d in docs] == [
+      (("s.csv:2", "s.csv:4"), (("long answer", "ans"), ("c", "C", "c"))), (("s.csv:3",), (("b",),))]
+
+
+def test_dedupe_merges_every_per_question_field():
+  a = Document("a", "g", "Same text.", ("Q1?",), ("A",), ("id1",), (("a", "A"),))
+  b = Document("b", "h", "Same text.", ("Q2?",), ("B",), ("id2",), (("b",),))
+  counts = collections.Counter()
+  (merged,) = builders._dedupe([a, b], counts)  # pylint: disable=protected-access
+  assert merged == Document("a", "g", "Same text.", ("Q1?", "Q2?"), ("A", "B"), ("id1", "id2"),
+                            (("a", "A"), ("b",)))
+  assert counts == {"duplicate_documents": 1}
+
+
+def test_a_gold_holding_the_separator_is_refused():
+  doc = Document("a", "a", "Text.", ("Q?",), ("A",), gold_answers=(("A\x1fB",),))
+  with pytest.raises(data.DataError, match="separator"):
+    builders._record(doc)  # pylint: disable=protected-access
 
 
 def test_locality_from_a_text_file(tmp_path, tok):

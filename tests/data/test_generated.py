@@ -20,6 +20,8 @@ def test_documents_are_prose_with_questions_answered_inside():
     assert 60 <= len(doc.text.split()) <= 220
     for answer in doc.answers:
       assert answer in doc.text
+    assert doc.question_ids == tuple(f"{doc.id}/q{k}" for k in range(4))
+    assert doc.gold_answers == tuple((a,) for a in doc.answers)
   assert all(not d.questions for d in generated.generate(0, "loc", 5))
 
 

@@ -62,9 +62,19 @@ def test_buckets_truncation_and_long_questions_are_counted(tok):
   assert len(out[1].tokens) == 16 and len(out[0].qas) == 1
   qa = out[0].qas[0]  # the question lost its start; the answer and EOS are intact
   assert len(qa.tokens) == 10 and tok.decode(qa.tokens[qa.prompt_len:]) == " yes<|endoftext|>"
+  assert (qa.id, qa.golds) == ("a/0", ("yes",))  # the document's defaults, carried per question
   assert pipeline.doc_batch([out[0]], spec, tok.pad_id)["doc_tokens_BxL"].shape == (1, 8)
   assert pipeline.doc_batch(out, spec, tok.pad_id)["doc_tokens_BxL"].shape == (2, 16)
   assert [pipeline.bucket(n, (8, 16)) for n in (1, 8, 9, 16, 99)] == [8, 8, 16, 16, 16]
+
+
+def test_questions_carry_their_ids_and_golds_past_skipped_ones(tok):
+  spec = pipeline.Spec(doc_buckets=(16,), qa_len=12, max_answer_len=4, loc_len=8, qa_slots=1, add_bos=False)
+  doc = Document("d", "d", "Text.", ("Long?", "Short?"), ("an answer that is far too long to fit", "Yes"),
+                 question_ids=("q-long", "q-short"), gold_answers=(("x",), ("yes", "yes indeed")))
+  out = pipeline.tokenize([doc], tok, spec, collections.Counter())
+  assert [(qa.question, qa.answer, qa.id, qa.golds) for qa in out[0].qas] == [
+      ("Short?", "Yes", "q-short", ("yes", "yes indeed"))]
 
 
 def test_bos_is_prepended_when_asked(tok):
