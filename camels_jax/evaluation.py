@@ -5,27 +5,41 @@ sweep, the QA-tuned base model is adapted on a validation stream (meta-val docum
 its questions; the best lr is then used on the test stream, scored by EM, prefix EM and F1, with F1
 measured at points along the stream and the retention of the first documents. Every method goes through
 `adapt.online.adapt_stream`; only the token weights differ.
+
+Every test score comes with its 95% bootstrap interval over questions, and every method's difference from
+uniform with a paired interval on the same questions (`camels_jax.stats`); the answers themselves, with
+their per-question scores, are written next to the results (eval/predictions/).
 """
 
 import dataclasses
 import functools
+import math
 import os
+import re
 import shutil
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from camels_jax import checkpoint, io_utils, qa, qa_tune
-from camels_jax.adapt import online
+from camels_jax import checkpoint, io_utils, plots, qa, qa_tune, stats
+from camels_jax.adapt import online, uptake
 from camels_jax.data import pipeline
 from camels_jax.methods import baselines, camels
 from camels_jax.models import loading
 
 METHODS = ("uniform", "ssm", "tfidf", "camels", "uniform+qa_lt")
+
+# Learning-rate selection rules (`eval.select`) and how the outputs describe them.
+SELECT_RULES = {
+    "nll": "lowest validation answer NLL (ties: higher F1)",
+    "f1": "highest validation F1 (ties: higher prefix EM, then lower answer NLL)",
+}
+
+# Test metrics that get a bootstrap interval and a paired comparison with uniform: one value per question.
+CI_METRICS = qa.GENERATED_METRICS
 
 
 def eval_config() -> ml_collections.ConfigDict:
@@ -41,6 +55,11 @@ def eval_config() -> ml_collections.ConfigDict:
       curve_points=4,  # points along the test stream where F1 on the documents seen so far is measured
       retention_docs=4,  # first documents whose questions are scored right after them and at the end
       heatmap_docs=3,  # documents drawn in the token-weight heatmaps
+      # How each method's lr is picked on the validation stream (SELECT_RULES). "nll": lowest answer NLL,
+      # smooth and fed by every answer token, so it still ranks the lrs when a few validation questions (the
+      # CPU default has 9) leave their F1 tied; "f1": highest F1, ties to prefix EM (the earlier rule).
+      select="nll",
+      bootstrap=dict(resamples=2000, level=0.95, seed=0),  # intervals over questions (camels_jax.stats)
       tfidf_min_threshold=0.0,  # TF-IDF weights below this are set to 0 (reference: 0)
       light_tune=dict(lr=2.5e-5, patience=3, val_every=16, max_steps=200),  # uniform+qa_lt (reference)
       online=online.online_config(),  # adaptation optimiser (lr is swept)
@@ -71,11 +90,64 @@ def _generate_kwargs(ec, decoding):
 
 
 def score(ctx: Context, params, docs, decoding: str, desc: str) -> dict:
-  """QA metrics of `params` on every question about `docs`."""
+  """QA metrics of `params` on every question about `docs`, with the per-question scores and answers.
+
+  `qa.evaluate_qa`'s result with `return_predictions`: the aggregates plus "per_question" and
+  "predictions" (see `summary` for the aggregates alone).
+  """
   batches = list(pipeline.qa_eval_batches(docs, ctx.data.spec, ctx.data.pad_id, ctx.data.config.qa_batch_size))
   return qa.evaluate_qa(ctx.model.graphdef, params, ctx.model.cfg, ctx.model.tokenizer, batches,
                         pipeline.questions(docs), decoding, progress=ctx.progress, desc=desc,
-                        **_generate_kwargs(ctx.ec, decoding))
+                        return_predictions=True, **_generate_kwargs(ctx.ec, decoding))
+
+
+def summary(scores: dict) -> dict:
+  """The aggregate metrics of a `score` result (what results.json keeps; the per-question lists go to
+  eval/predictions/)."""
+  return {k: v for k, v in scores.items() if k not in ("per_question", "predictions")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Intervals, comparisons, the lr rule.
+
+
+def _boot_kwargs(bc) -> dict:
+  return dict(n_boot=int(bc["resamples"]), seed=int(bc["seed"]), level=float(bc["level"]))
+
+
+def with_ci(scores: dict, bc) -> dict:
+  """`summary(scores)` plus "ci": {metric: stats.bootstrap_ci} over its questions for `CI_METRICS`."""
+  pq = scores["per_question"]
+  return summary(scores) | {"ci": {m: stats.bootstrap_ci(pq[m], **_boot_kwargs(bc)) for m in CI_METRICS}}
+
+
+def paired(a_scores: dict, b_scores: dict, bc, metrics=CI_METRICS) -> dict:
+  """{metric: stats.paired_bootstrap_ci} of a - b on the same questions (two `score` results)."""
+  a, b = a_scores["per_question"], b_scores["per_question"]
+  return {m: stats.paired_bootstrap_ci(a[m], b[m], **_boot_kwargs(bc)) for m in metrics}
+
+
+def _finite_or(x, default: float) -> float:
+  return float(x) if x is not None and math.isfinite(float(x)) else default
+
+
+def select_lr(sweep, rule: str) -> float:
+  """The lr a selection rule picks from validation rows [{"lr", "f1", "prefix_em", "nll", ...}].
+
+  "nll": lowest answer NLL, ties to higher F1; "f1": highest F1, ties to higher prefix EM, then lower NLL.
+  A missing (None / NaN) score ranks last; among full ties the first row wins.
+  """
+  if rule not in SELECT_RULES:
+    raise ValueError(f"eval.select={rule!r}: expected one of {sorted(SELECT_RULES)}")
+  if not sweep:
+    raise ValueError("select_lr: empty sweep")
+  nll = lambda r: _finite_or(r.get("nll"), math.inf)
+  higher = lambda r, k: -_finite_or(r.get(k), -math.inf)
+  if rule == "nll":
+    key = lambda r: (nll(r), higher(r, "f1"))
+  else:
+    key = lambda r: (higher(r, "f1"), higher(r, "prefix_em"), nll(r))
+  return min(sweep, key=key)["lr"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,17 +167,11 @@ def weighting_fn(ctx: Context, method: str, texts_for_fit):
 
 
 def _weighting_fn(ctx: Context, method: str, texts_for_fit):
-  tok = ctx.model.tokenizer
-  if method in ("uniform", "uniform+qa_lt"):
-    return lambda d, length: _pad(np.ones(len(d.tokens), np.float32), length)
-  if method in ("ssm", "tfidf"):
+  if method in ("uniform", "uniform+qa_lt", "ssm", "tfidf"):
     options = {"min_threshold": ctx.ec.tfidf_min_threshold} if method == "tfidf" else {}
-    weighter = baselines.make_weighter(method, texts_for_fit, **options)
-
-    def fn(d, length):
-      w = baselines.weights_for_tokens(weighter, d.doc.text, tok, len(d.tokens))
-      return _pad(w, length)
-    return fn
+    name = "uniform" if method == "uniform+qa_lt" else method
+    return baselines.doc_weighting(name, ctx.model.tokenizer, texts_for_fit, add_bos=ctx.data.spec.add_bos,
+                                   **options)
   if method == "camels":
     wm_graphdef, meta = load_weighting_model(ctx)
     wfn = jax.jit(functools.partial(camels.token_weights, wm_graphdef))
@@ -120,6 +186,41 @@ def _weighting_fn(ctx: Context, method: str, texts_for_fit):
 
 def _pad(x, length):
   return np.pad(np.asarray(x)[:length], (0, max(0, length - len(x))))
+
+
+def doc_weights(ctx: Context, weights, d) -> np.ndarray:
+  """w_N of document `d`'s tokens, computed at its bucket length as the adaptation does (so CaMeLS's
+  jitted weighting compiles once per bucket and the cache of `weighting_fn` is hit)."""
+  n = len(d.tokens)
+  return np.asarray(weights(d, pipeline.bucket(n, ctx.data.spec.doc_buckets)))[:n]
+
+
+def weight_diagnostics(w_Ns, answer_masks) -> dict:
+  """Where a method's weights went over some documents (`adapt.uptake`'s definitions, pooled).
+
+  Args:
+    w_Ns: each document's token weights.
+    answer_masks: each document's `TokenizedDoc.answer_mask` (True on answer-span tokens).
+
+  Returns:
+    {"facts_filler": mean weight on answer tokens / on the others (1 for uniform), "mean_weight": over
+    every predicted token, "facts_weight", "filler_weight": the two means, "facts_tokens",
+    "filler_tokens": their counts}; None where undefined (no answer tokens, zero filler weight).
+  """
+  if not w_Ns:
+    return dict.fromkeys(("facts_filler", "mean_weight", "facts_weight", "filler_weight"), None) | {
+        "facts_tokens": 0, "filler_tokens": 0}
+  length = max(len(w) for w in w_Ns)
+  w_BxL = np.stack([_pad(np.asarray(w, np.float32), length) for w in w_Ns])
+  a_BxL = np.stack([_pad(np.asarray(a, bool)[:len(w)], length) for a, w in zip(answer_masks, w_Ns)])
+  m_BxL = np.stack([_pad(np.ones(len(w), bool), length) for w in w_Ns])
+  sums = {k: float(v) for k, v in uptake.facts_filler_sums(w_BxL, a_BxL, m_BxL).items()}
+  mean = lambda w, n: w / n if n else None
+  return {"facts_filler": stats.finite_or_none(uptake.facts_filler_ratio(sums)),
+          "mean_weight": mean(sums["facts_w"] + sums["filler_w"], sums["facts_n"] + sums["filler_n"]),
+          "facts_weight": mean(sums["facts_w"], sums["facts_n"]),
+          "filler_weight": mean(sums["filler_w"], sums["filler_n"]),
+          "facts_tokens": int(sums["facts_n"]), "filler_tokens": int(sums["filler_n"])}
 
 
 def load_weighting_model(ctx: Context):
@@ -170,42 +271,88 @@ class _NullWriter:
     del step, scalars
 
 
-def evaluate_method(ctx: Context, method: str, val_docs, test_docs, texts_for_fit, writer,
-                    lrs=None) -> dict:
-  """The lr sweep on the validation stream, then the test stream at the chosen lr."""
+def evaluate_method(ctx: Context, method: str, val_docs, test_docs, weights, writer, lrs=None):
+  """The lr sweep on the validation stream, then the test stream at the chosen lr.
+
+  Args:
+    ctx: the evaluation context.
+    method: one of `METHODS`.
+    val_docs, test_docs: the validation and test streams (`TokenizedDoc`s, in order).
+    weights: the method's `weighting_fn`.
+    writer: TensorBoard scalars of the test scores.
+    lrs: the lrs to sweep (default `eval.lrs`).
+
+  Returns:
+    (result, raw). result, as results.json keeps it: {"sweep": validation aggregates per lr, "lr": the
+    one `select_lr` chose, "test": test aggregates with "ci", "curve": [{"docs", "f1", "lo", "hi"}],
+    "retention", "weights": `weight_diagnostics` on the test documents}. raw: {"test": the test `score`
+    with per-question lists and answers, "curve": [(docs, that point's `score`)]}, for the paired
+    comparisons and the prediction files.
+  """
   ec = ctx.ec
-  weights = weighting_fn(ctx, method, texts_for_fit)
   sweep = []
   for lr in lrs or ec.lrs:
     params = adapt(ctx, val_docs, weights, lr, desc=f"{method} lr={lr:g} (val)")
     if method == "uniform+qa_lt":
       params = light_tune(ctx, params)
     m = score(ctx, params, val_docs, ec.val_decoding, desc=f"{method} lr={lr:g} val QA")
-    sweep.append({"lr": lr} | m)
-    logging.info("%s lr=%g: val F1 %.4f", method, lr, m["f1"])
-  # F1 first; prefix EM breaks ties (adapted models often say the answer, then keep talking).
-  best = max(sweep, key=lambda r: (r["f1"], r["prefix_em"]))
-  lr = best["lr"]
+    sweep.append({"lr": lr} | summary(m))
+    logging.info("%s lr=%g: val F1 %.4f, answer NLL %.4f", method, lr, m["f1"], m["nll"])
+  lr = select_lr(sweep, ec.select)
 
   n = len(test_docs)
   points = sorted({max(1, round(n * (k + 1) / ec.curve_points)) for k in range(ec.curve_points)})
   retention_n = min(ec.retention_docs, n)
-  curve, retention = [], {}
+  curve, curve_scores, retention = [], [], {}
 
   def on_doc(i, params):
     seen = i + 1
     if seen == retention_n:
       retention["right_after"] = score(ctx, params, test_docs[:retention_n], "greedy", "retention")["f1"]
     if seen in points:
-      curve.append({"docs": seen, "f1": score(ctx, params, test_docs[:seen], "greedy", "curve")["f1"]})
+      m = score(ctx, params, test_docs[:seen], "greedy", "curve")
+      ci = stats.bootstrap_ci(m["per_question"]["f1"], **_boot_kwargs(ec.bootstrap))
+      curve.append({"docs": seen, "f1": m["f1"], "lo": ci["lo"], "hi": ci["hi"]})
+      curve_scores.append((seen, m))
 
   params = adapt(ctx, test_docs, weights, lr, on_doc=on_doc, desc=f"{method} lr={lr:g} (test)")
   if method == "uniform+qa_lt":
     params = light_tune(ctx, params)
   test = score(ctx, params, test_docs, ec.decoding, desc=f"{method} test QA")
   retention["at_end"] = score(ctx, params, test_docs[:retention_n], "greedy", "retention")["f1"]
-  writer.write_scalars(0, {f"eval/{method}/{k}": v for k, v in test.items() if k in ("em", "f1", "prefix_em")})
-  return {"sweep": sweep, "lr": lr, "test": test, "curve": curve, "retention": retention}
+  writer.write_scalars(0, {f"eval/{method}/{k}": v for k, v in test.items() if k in CI_METRICS})
+  diagnostics = weight_diagnostics([doc_weights(ctx, weights, d) for d in test_docs],
+                                   [d.answer_mask for d in test_docs])
+  result = {"sweep": sweep, "lr": lr, "test": with_ci(test, ec.bootstrap), "curve": curve,
+            "retention": retention, "weights": diagnostics}
+  return result, {"test": test, "curve": curve_scores}
+
+
+def _difference(a, b):
+  return a - b if a is not None and b is not None and math.isfinite(a - b) else None
+
+
+def add_comparisons(results: dict, raw: dict, bc) -> None:
+  """Adds, per method of `results`, "uptake" (no-adaptation test answer NLL − the method's) and, when
+  uniform was run, "vs_uniform" ({metric: paired interval of method − uniform} on the test questions)
+  and each curve point's "vs_uniform" (F1, same documents' questions).
+
+  Args:
+    results: `run`'s results, updated in place.
+    raw: {"no_adaptation": its test `score`, method: `evaluate_method`'s raw}.
+    bc: the `eval.bootstrap` settings.
+  """
+  na_nll = results["no_adaptation"]["nll"]
+  uniform = raw.get("uniform")
+  for method, r in results["methods"].items():
+    r["uptake"] = _difference(na_nll, r["test"]["nll"])
+    if uniform is None or method == "uniform":
+      continue
+    r["vs_uniform"] = paired(raw[method]["test"], uniform["test"], bc)
+    uniform_curve = dict(uniform["curve"])
+    for point, (docs, m) in zip(r["curve"], raw[method]["curve"]):
+      if docs in uniform_curve:
+        point["vs_uniform"] = paired(m, uniform_curve[docs], bc, ("f1",))["f1"]
 
 
 def run(ctx: Context, writer) -> dict:
@@ -215,24 +362,31 @@ def run(ctx: Context, writer) -> dict:
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
     raise ValueError(f"eval.methods: unknown {unknown}; expected a subset of {METHODS}")
+  if ec.select not in SELECT_RULES:  # before any adaptation, not after the first sweep
+    raise ValueError(f"eval.select={ec.select!r}: expected one of {sorted(SELECT_RULES)}")
   stream = ctx.data.stream()
   test_docs = list(stream.docs)
   val_docs = list(pipeline.Stream(ctx.data.splits["meta_val"], min(ec.val_docs, len(ctx.data.splits["meta_val"])),
                                   ctx.data.config.stream_seed, ctx.data.spec, ctx.data.pad_id).docs)
   texts_for_fit = [d.doc.text for docs in ctx.data.splits.values() for d in docs]
   no_adapt = score(ctx, ctx.params, test_docs, ec.decoding, desc="no adaptation")
-  results = {"no_adaptation": no_adapt, "methods": {}, "test_docs": len(test_docs), "val_docs": len(val_docs),
-             "test_questions": no_adapt["n"]}
+  results = {"no_adaptation": with_ci(no_adapt, ec.bootstrap), "methods": {}, "test_docs": len(test_docs),
+             "val_docs": len(val_docs), "test_questions": no_adapt["n"], "select": ec.select,
+             "bootstrap": dict(ec.bootstrap)}
+  raw = {"no_adaptation": {"test": no_adapt}}
   heat = []
   for method in methods:
     lrs = None
     if method == "uniform+qa_lt" and "uniform" in results["methods"]:
       # The light-tune follows uniform adaptation at uniform's chosen lr: a sweep would light-tune 4 times.
       lrs = [results["methods"]["uniform"]["lr"]]
-    results["methods"][method] = evaluate_method(ctx, method, val_docs, test_docs, texts_for_fit, writer, lrs)
+    weights = weighting_fn(ctx, method, texts_for_fit)
+    results["methods"][method], raw[method] = evaluate_method(ctx, method, val_docs, test_docs, weights,
+                                                              writer, lrs)
     if method != "uniform+qa_lt":
-      heat.append((method, weighting_fn(ctx, method, texts_for_fit)))
-  write_outputs(ctx, results, heat, test_docs[:ec.heatmap_docs])
+      heat.append((method, weights))
+  add_comparisons(results, raw, ec.bootstrap)
+  write_outputs(ctx, results, {name: r["test"] for name, r in raw.items()}, heat, test_docs[:ec.heatmap_docs])
   return results
 
 
@@ -240,50 +394,162 @@ def run(ctx: Context, writer) -> dict:
 # Outputs.
 
 
+def _num(x, spec: str = ".4f") -> str:
+  return "-" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def _ci_cell(ci, signed: bool = False) -> str:
+  """A mean with its interval, e.g. 0.123 [0.101, 0.150] (signed: +0.012 [-0.030, +0.050]); - if none."""
+  if not ci or ci.get("mean") is None:
+    return "-"
+  f = "+.3f" if signed else ".3f"
+  return f"{ci['mean']:{f}} [{ci['lo']:{f}}, {ci['hi']:{f}}]"
+
+
+def _metric_cell(scores: dict, metric: str) -> str:
+  ci = scores.get("ci", {}).get(metric)
+  return _ci_cell(ci) if ci else _num(scores.get(metric), ".3f")
+
+
+def _best_method(results: dict):
+  f1 = lambda m: _finite_or(results["methods"][m]["test"].get("f1"), -math.inf)
+  return max(results["methods"], key=f1, default=None)
+
+
+def _rule(results: dict) -> str:
+  return SELECT_RULES.get(results.get("select"), str(results.get("select")))
+
+
+def _aligned(rows) -> list[str]:
+  """Rows of cells as left-aligned text columns, the first row underlined."""
+  widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+  return lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:]
+
+
 def table(results: dict) -> str:
-  """Markdown: method x lr with validation F1, the chosen lr's test EM / prefix EM / F1 (best marked)."""
-  lines = ["| method | lr | val F1 | test EM | test prefix EM | test F1 | test answer NLL |",
-           "|---|---|---|---|---|---|---|"]
+  """The compact test table printed at the end of the evaluation (a terminal's width); the full one,
+  with official SQuAD scores, the lr sweep and retention, is `report` (results.md)."""
   na = results["no_adaptation"]
-  lines.append(f"| no adaptation | - | - | {na['em']:.4f} | {na['prefix_em']:.4f} | {na['f1']:.4f} | "
-               f"{na['nll']:.4f} |")
-  best = max(results["methods"], key=lambda m: results["methods"][m]["test"]["f1"], default=None)
+  rows = [["method", "lr", "F1 [95% CI]", "F1 - uniform [95% CI]", "EM", "prefix EM", "NLL", "uptake",
+           "facts/filler"],
+          ["no adaptation", "-", _metric_cell(na, "f1"), "-", _num(na["em"], ".3f"), _num(na["prefix_em"], ".3f"),
+           _num(na["nll"], ".3f"), "-", "-"]]
+  for method, r in results["methods"].items():
+    t = r["test"]
+    rows.append([method, f"{r['lr']:g}", _metric_cell(t, "f1"), _ci_cell(r.get("vs_uniform", {}).get("f1"), True),
+                 _num(t["em"], ".3f"), _num(t["prefix_em"], ".3f"), _num(t["nll"], ".3f"),
+                 _num(r.get("uptake"), "+.3f"), _num(r.get("weights", {}).get("facts_filler"), ".2f")])
+  notes = [
+      f"{results['test_docs']} test documents, {results['test_questions']} questions; [95% CI]: bootstrap over "
+      "the questions",
+      "(F1 - uniform: paired, same questions). NLL: test answer NLL; uptake: no-adaptation NLL - the method's.",
+      "facts/filler: mean token weight on answer spans / on the other tokens (1 for uniform).",
+      f"lr chosen per method on {results['val_docs']} meta-val documents by {_rule(results)}.",
+      "Full table (official SQuAD EM/F1, lr sweep, retention): eval/results.md",
+  ]
+  return "\n".join(_aligned(rows) + [""] + notes) + "\n"
+
+
+def report(results: dict) -> str:
+  """results.md: test scores with intervals and comparisons, the lr sweep, retention (Markdown)."""
+  na = results["no_adaptation"]
+  best = _best_method(results)
+  lines = [
+      f"Test: {results['test_docs']} documents, {results['test_questions']} questions. Every [interval] is a "
+      f"{100 * results.get('bootstrap', {}).get('level', 0.95):g}% percentile bootstrap over the questions; "
+      "\"F1 − uniform\" resamples the same questions for both (paired).",
+      "",
+      "| method | lr | EM | prefix EM | F1 | official EM | official F1 | F1 − uniform [95% CI] | answer NLL "
+      "| uptake | facts/filler | mean weight |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+      f"| no adaptation | - | {' | '.join(_metric_cell(na, m) for m in CI_METRICS)} | - | {_num(na['nll'])} | - | "
+      "- | - |",
+  ]
+  for method, r in results["methods"].items():
+    t, w = r["test"], r.get("weights", {})
+    cells = [_metric_cell(t, m) + (" **best**" if m == "f1" and method == best else "") for m in CI_METRICS]
+    lines.append(f"| {method} | {r['lr']:g} | {' | '.join(cells)} | "
+                 f"{_ci_cell(r.get('vs_uniform', {}).get('f1'), True)} | {_num(t['nll'])} | "
+                 f"{_num(r.get('uptake'), '+.4f')} | {_num(w.get('facts_filler'), '.3f')} | "
+                 f"{_num(w.get('mean_weight'), '.3f')} |")
+  lines += [
+      "",
+      "EM, prefix EM, F1 compare with the reference's gold (prefix EM is the CaMeLS reference's \"EM\"); official "
+      "EM / F1 are SQuAD v1.1's evaluate script (best over every gold answer). Answer NLL: token-weighted, "
+      "nats. Uptake: no-adaptation answer NLL − the method's (> 0: the gold answers became likelier). "
+      "facts/filler: the method's mean token weight on answer-span tokens / on the other tokens of the test "
+      "documents (1 for uniform); mean weight over their predicted tokens.",
+      "",
+      f"Learning rate chosen per method on {results['val_docs']} meta-val documents by {_rule(results)}:",
+      "",
+      "| method | lr | val EM | val prefix EM | val F1 | val answer NLL |",
+      "|---|---|---|---|---|---|",
+  ]
   for method, r in results["methods"].items():
     for row in r["sweep"]:
-      chosen = row["lr"] == r["lr"]
-      t = r["test"]
-      mark = " **best**" if chosen and method == best else ""
-      test_cells = (f"{t['em']:.4f} | {t['prefix_em']:.4f} | {t['f1']:.4f}{mark} | {t['nll']:.4f}" if chosen
-                    else " | | | ")
-      lines.append(f"| {method} | {row['lr']:g}{' (chosen)' if chosen else ''} | {row['f1']:.4f} | {test_cells} |")
-  lines.append("")
-  lines.append(f"{results['test_docs']} test documents, {results['test_questions']} questions; lr chosen on "
-               f"{results['val_docs']} meta-val documents by F1. Retention (F1 on the first documents' "
-               f"questions right after them -> at the end of the stream):")
+      chosen = " (chosen)" if row["lr"] == r["lr"] else ""
+      lines.append(f"| {method} | {row['lr']:g}{chosen} | {_num(row['em'])} | {_num(row['prefix_em'])} | "
+                   f"{_num(row['f1'])} | {_num(row['nll'])} |")
+  lines += ["", "Retention (greedy F1 on the first documents' questions right after them -> at the end of the "
+            "stream):"]
   for method, r in results["methods"].items():
     ret = r["retention"]
-    lines.append(f"- {method}: {ret.get('right_after', float('nan')):.4f} -> {ret['at_end']:.4f}")
+    lines.append(f"- {method}: {_num(ret.get('right_after'))} -> {_num(ret.get('at_end'))}")
   return "\n".join(lines) + "\n"
 
 
-def write_outputs(ctx: Context, results: dict, heat, heat_docs) -> None:
-  """Writes results.json, results.md, f1_curve.png and weight heatmaps into <workdir>/eval atomically:
-  everything goes to a temporary folder that is renamed into place, so an interrupted run leaves the
-  previous complete folder (or none), never a partial one."""
+def prediction_file_name(name: str) -> str:
+  """A method name as a file name ("uniform+qa_lt" stays; anything but letters, digits, . _ + - -> _)."""
+  return re.sub(r"[^A-Za-z0-9._+-]+", "_", name)
+
+
+def answers_by_id(scores: dict) -> dict:
+  """{question id: answer} of a `score` result: what the official SQuAD v1.1 script reads."""
+  return {p["id"]: p["answer"] for p in scores["predictions"]}
+
+
+def prediction_details(scores: dict) -> list[dict]:
+  """One record per question of a `score` result: its id, question, golds, answer and scores."""
+  pq = scores["per_question"]
+  keys = CI_METRICS + ("nll",)
+  if any(len(pq[k]) != len(scores["predictions"]) for k in keys):
+    raise ValueError("prediction_details: per-question scores and predictions differ in length")
+  return [{k: p[k] for k in ("id", "question", "golds", "answer")} | {k: pq[k][i] for k in keys}
+          for i, p in enumerate(scores["predictions"])]
+
+
+def write_outputs(ctx: Context, results: dict, test_scores: dict, heat, heat_docs) -> None:
+  """Writes results.json, results.md, f1_curve.png, weight heatmaps and predictions/ into <workdir>/eval
+  atomically: everything goes to a temporary folder that is renamed into place, so an interrupted run
+  leaves the previous complete folder (or none), never a partial one.
+
+  Args:
+    ctx: the evaluation context.
+    results: `run`'s results.
+    test_scores: {"no_adaptation" or method: its test `score`} -> predictions/<name>.json ({id: answer})
+      and predictions/<name>_detail.json (per-question answers and scores).
+    heat: (method, weighting_fn) pairs to draw.
+    heat_docs: the documents drawn.
+  """
   final = os.path.join(ctx.workdir, "eval")
   tmp = tempfile.mkdtemp(dir=ctx.workdir, prefix=".eval-tmp-")
   try:
     io_utils.write_json(os.path.join(tmp, "results.json"), results)
-    io_utils.write_atomic(os.path.join(tmp, "results.md"), table(results))
-    plot_curves(os.path.join(tmp, "f1_curve.png"), results)
+    io_utils.write_atomic(os.path.join(tmp, "results.md"), report(results))
+    for name, scores in test_scores.items():
+      stem = os.path.join(tmp, "predictions", prediction_file_name(name))
+      io_utils.write_json(stem + ".json", answers_by_id(scores))
+      io_utils.write_json(stem + "_detail.json", prediction_details(scores))
+    plots.plot_curves(os.path.join(tmp, "f1_curve.png"), results)
     tok = ctx.model.tokenizer
     pieces = [[tok.decode([t]) for t in d.tokens] for d in heat_docs]
     for method, fn in heat:
-      docs = [(p, fn(d, len(d.tokens))) for p, d in zip(pieces, heat_docs)]
-      baselines.heatmap_png(os.path.join(tmp, f"weights_{method}.png"), docs,
-                            [f"{method}: {d.doc.id}" for d in heat_docs])
-      html = "\n".join(baselines.heatmap_html(p, w, f"{method}: {d.doc.id}") for (p, w), d in zip(docs, heat_docs))
-      io_utils.write_atomic(os.path.join(tmp, f"weights_{method}.html"), html)
+      docs = [(p, doc_weights(ctx, fn, d)) for p, d in zip(pieces, heat_docs)]
+      titles = [f"{method}: {d.doc.id}" for d in heat_docs]
+      plots.heatmap_png(os.path.join(tmp, f"weights_{method}.png"), docs, titles)
+      plots.write_heatmap_html(os.path.join(tmp, f"weights_{method}.html"), docs, titles,
+                               f"Token weights: {method}")
     if os.path.exists(final):
       old = final + ".old"
       shutil.rmtree(old, ignore_errors=True)
@@ -295,21 +561,3 @@ def write_outputs(ctx: Context, results: dict, heat, heat_docs) -> None:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-
-
-def plot_curves(path: str, results: dict) -> None:
-  """F1 on the questions of the documents seen so far, against documents adapted on."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for method, r in results["methods"].items():
-    xs = [p["docs"] for p in r["curve"]]
-    ax.plot(xs, [p["f1"] for p in r["curve"]], marker="o", label=f"{method} (lr {r['lr']:g})")
-  ax.set_xlabel("documents adapted on")
-  ax.set_ylabel("F1 on their questions (greedy)")
-  ax.set_title("Online adaptation")
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)

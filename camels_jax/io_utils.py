@@ -1,6 +1,7 @@
 """Writing result files atomically: a reader sees the whole file or none of it."""
 
 import json
+import math
 import os
 import tempfile
 
@@ -21,5 +22,23 @@ def write_atomic(path: str, text: str) -> None:
     raise
 
 
+def strict_json(obj):
+  """`obj` with every NaN / infinite float replaced by None and numpy scalars made plain Python.
+
+  Python's json writes NaN and Infinity, which strict JSON readers (jq, JavaScript, most other languages)
+  reject; a missing value is None ("null") instead.
+  """
+  if isinstance(obj, dict):
+    return {k: strict_json(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [strict_json(v) for v in obj]
+  if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / jax scalars
+    obj = obj.item()
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return None
+  return obj
+
+
 def write_json(path: str, obj) -> None:
-  write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+  """Writes `obj` as strict JSON (non-finite floats become null), atomically."""
+  write_atomic(path, json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")

@@ -22,8 +22,14 @@ train.run(tiny_default(), {workdir!r}, progress=False)
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  return train.run(tiny_default(), str(tmp_path_factory.mktemp("full")), progress=False)
+def full_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  return workdir, train.run(tiny_default(), workdir, progress=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(full_run):
+  return full_run[1]
 
 
 def test_tiny_run_lowers_the_outer_validation_loss(uninterrupted):
@@ -66,3 +72,40 @@ def test_non_finite_meta_loss_aborts_naming_the_step(tmp_path):
   c.camels.inner_lr = 1e30  # the first inner step overflows
   with pytest.raises(FloatingPointError, match=r"step 0: non-finite"):
     train.run(c, str(tmp_path), progress=False)
+
+
+def test_validation_reports_uptake_against_mean_matched_uniform_and_facts_filler(uninterrupted):
+  r = uninterrupted["camels"]
+  first, last = r["history"][0], r["history"][-1]
+  for h in r["history"]:
+    assert h["val_uptake"] == pytest.approx(h["val_qa_before"] - h["val_qa"], abs=1e-5)
+    assert h["val_uniform_uptake"] == pytest.approx(h["val_qa_before"] - h["val_uniform_qa"], abs=1e-5)
+  # At init every token has the same weight: learned and mean-matched uniform weights are the same step.
+  assert first["val_facts_filler"] == pytest.approx(1.0, abs=1e-5)
+  assert first["val_uptake"] == pytest.approx(first["val_uniform_uptake"], rel=1e-4)
+  assert first["val_qa_before"] == pytest.approx(last["val_qa_before"], rel=1e-6)  # same questions
+  compare = r["compare"]
+  assert list(compare) == ["learned", "uniform", "ssm", "tfidf", "oracle"]
+  for name, m in compare.items():  # every weighting takes the learned weights' step
+    assert m["weight_mean"] == pytest.approx(compare["learned"]["weight_mean"], rel=1e-4), name
+    assert m["qa_before"] == compare["learned"]["qa_before"]
+  assert compare["uniform"]["x_uniform"] == pytest.approx(1.0)
+  assert compare["oracle"]["facts_filler"] is None  # no weight at all on the filler
+  assert compare["uniform"]["facts_filler"] == pytest.approx(1.0)
+  assert "uptake" in train.camels_summary(r) and "learned > SSM" in train.camels_summary(r)
+
+
+def test_camels_job_alone_meta_trains_the_qa_tuned_model_of_its_workdir(tmp_path, full_run):
+  import shutil
+  workdir = str(tmp_path / "camels_only")
+  shutil.copytree(os.path.join(full_run[0], "qa_tune"), os.path.join(workdir, "qa_tune"))
+  c = tiny_default()
+  c.jobs, c.camels.steps, c.camels.compare = "camels", 0, ""
+  got = train.run(c, workdir, progress=False)["camels"]
+  want = full_run[1]["camels"]
+  assert got["base_model"] == want["base_model"] == "qa_tuned"
+  # The same QA-tuned model, the same meta-val questions: the same NLL before adaptation.
+  assert got["history"][0]["val_qa_before"] == pytest.approx(want["history"][0]["val_qa_before"], rel=1e-6)
+  raw = train.run(c, str(tmp_path / "raw"), progress=False)["camels"]
+  assert raw["base_model"] == "raw"
+  assert raw["history"][0]["val_qa_before"] != pytest.approx(got["history"][0]["val_qa_before"], rel=1e-3)

@@ -7,6 +7,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+from camels_jax import plots
 from camels_jax.data import pipeline
 from camels_jax.data.sources import Document
 from camels_jax.methods import baselines as bl
@@ -232,7 +233,7 @@ def test_weights_align_with_doc_batch(tok, ssm, tfidf):
 def test_token_strings_rebuild_text(tok):
   text = "Café 東京 😀 ok"
   _, offsets = tok.encode_with_offsets(text)
-  strs = bl.token_strings(text, offsets)
+  strs = plots.token_strings(text, offsets)
   assert "".join(strs) == text and len(strs) == len(offsets)
 
 
@@ -245,28 +246,28 @@ def test_heatmaps_written(tmp_path, tok, ssm, tfidf):
   for name, weighter, text in [("ssm", ssm, OBAMA), ("tfidf", tfidf, DOC0),
                                ("tfidf", tfidf, "Paid $3 and $4 <b>&\n東京 😀 line two\twith tab")]:
     ids, offsets = tok.encode_with_offsets(text)
-    docs.append((bl.token_strings(text, offsets), bl.weights_for_tokens(weighter, text, tok, len(ids) + 3)))
+    docs.append((plots.token_strings(text, offsets), bl.weights_for_tokens(weighter, text, tok, len(ids) + 3)))
     titles.append(name)
-  section = bl.heatmap_html(*docs[0], "SSM <demo>")
+  section = plots.heatmap_html(*docs[0], "SSM <demo>")
   assert "SSM &lt;demo&gt;" in section and section.count("<span") == len(docs[0][0])
   assert "rgb(227,26,28)" in section and "rgb(255,255,255)" in section  # max weight red, 0 white
   html_path = tmp_path / "out" / "w.html"
-  bl.write_heatmap_html(str(html_path), docs, titles)
+  plots.write_heatmap_html(str(html_path), docs, titles)
   page = html_path.read_text(encoding="utf-8")
   assert page.startswith("<!DOCTYPE html>") and "&lt;" in page and "<b>" not in page and page.count("<section") == 3
   png_path = tmp_path / "out" / "w.png"
-  bl.heatmap_png(str(png_path), docs, titles, width=40)
+  plots.heatmap_png(str(png_path), docs, titles, width=40)
   image = matplotlib.image.imread(str(png_path))
   assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
   assert image[..., :3].std() > 0.01  # not blank
   assert sorted(p.name for p in png_path.parent.iterdir()) == ["w.html", "w.png"]  # no temp files left
   with pytest.raises(ValueError, match="titles"):
-    bl.heatmap_png(str(png_path), docs, titles[:1])
+    plots.heatmap_png(str(png_path), docs, titles[:1])
 
 
 def test_png_layout_wraps_at_token_boundaries():
   tokens = ["Hello", " world", ",", " a", " verylongtokenthatdoesnotfit", "\n", "next", " line"]
-  lines = bl._lines(tokens, np.ones(len(tokens)), width=12)
+  lines = plots._lines(tokens, np.ones(len(tokens)), width=12)
   texts = ["".join(chunk for _, chunk, _ in line) for line in lines]
   # A token longer than a line fills the current one and continues; shorter ones move down whole.
   assert texts == ["Hello world,", "a verylongto", "kenthatdoesn", "otfit", "next line"]
