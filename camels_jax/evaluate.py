@@ -2,8 +2,10 @@
 
   python -m camels_jax.evaluate --config configs/default.py [--workdir DIR]
 
-Writes <workdir>/eval/{results.json, results.md, f1_curve.png, weights_<method>.png|html} and prints the
-results table.
+Writes <workdir>/eval/{results.json, results.md, f1_curve.png, weights_<method>.png|html} and
+<workdir>/eval/predictions/<method>.json ({question id: answer}, what the official SQuAD v1.1 script reads)
+with <method>_detail.json (question, gold answers, answer, per-question scores), and prints the results
+table.
 """
 
 import os

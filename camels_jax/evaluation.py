@@ -1,9 +1,11 @@
 """The online-adaptation evaluation: adapt the QA-tuned model on a document stream, then answer questions.
 
 For every method (uniform, SSM, TF-IDF, CaMeLS, uniform + QA light-tune) and every learning rate of the
-sweep, the QA-tuned base model is adapted on a validation stream (meta-val documents) and scored by F1 on
-its questions; the best lr is then used on the test stream, scored by EM, prefix EM and F1, with F1
-measured at points along the stream and the retention of the first documents. Every method goes through
+sweep, the QA-tuned base model is adapted on a validation stream (meta-val documents) and scored on its
+questions (the lr is picked by answer NLL or F1, `eval.select`); the chosen lr is then used on the test
+stream, scored by EM, prefix EM, F1 and the official SQuAD EM / F1, with F1 measured at points along the
+stream and the retention of the first documents. Each method's phases are timed (results.md says where the
+time went). Every method goes through
 `adapt.online.adapt_stream`; only the token weights differ.
 
 Every test score comes with its 95% bootstrap interval over questions, and every method's difference from
@@ -11,6 +13,7 @@ uniform with a paired interval on the same questions (`camels_jax.stats`); the a
 their per-question scores, are written next to the results (eval/predictions/).
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -18,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 
 import jax
 import ml_collections
@@ -52,6 +56,7 @@ def eval_config() -> ml_collections.ConfigDict:
       decoding="beam",  # test decoding: "beam" (reference: 12 beams, 4 groups, penalty 10) or "greedy"
       num_beams=12, num_groups=4, diversity_penalty=10.0,  # diverse beam search (reference)
       max_new_tokens=16,  # answer budget (reference: 16)
+      batch_size=16,  # questions per scoring / generation batch (one shape; larger did not help on 2 cores)
       curve_points=4,  # points along the test stream where F1 on the documents seen so far is measured
       retention_docs=4,  # first documents whose questions are scored right after them and at the end
       heatmap_docs=3,  # documents drawn in the token-weight heatmaps
@@ -95,7 +100,7 @@ def score(ctx: Context, params, docs, decoding: str, desc: str) -> dict:
   `qa.evaluate_qa`'s result with `return_predictions`: the aggregates plus "per_question" and
   "predictions" (see `summary` for the aggregates alone).
   """
-  batches = list(pipeline.qa_eval_batches(docs, ctx.data.spec, ctx.data.pad_id, ctx.data.config.qa_batch_size))
+  batches = list(pipeline.qa_eval_batches(docs, ctx.data.spec, ctx.data.pad_id, ctx.ec.batch_size))
   return qa.evaluate_qa(ctx.model.graphdef, params, ctx.model.cfg, ctx.model.tokenizer, batches,
                         pipeline.questions(docs), decoding, progress=ctx.progress, desc=desc,
                         return_predictions=True, **_generate_kwargs(ctx.ec, decoding))
@@ -271,7 +276,7 @@ class _NullWriter:
     del step, scalars
 
 
-def evaluate_method(ctx: Context, method: str, val_docs, test_docs, weights, writer, lrs=None):
+def evaluate_method(ctx: Context, method: str, val_docs, test_docs, weights, writer, lrs=None, stream=None):
   """The lr sweep on the validation stream, then the test stream at the chosen lr.
 
   Args:
@@ -281,24 +286,29 @@ def evaluate_method(ctx: Context, method: str, val_docs, test_docs, weights, wri
     weights: the method's `weighting_fn`.
     writer: TensorBoard scalars of the test scores.
     lrs: the lrs to sweep (default `eval.lrs`).
+    stream: another method's raw "stream" (see Returns) at the same weights and lr, reused instead of
+      adapting on the test stream again (uniform + QA light-tune starts from uniform's adapted model).
 
   Returns:
     (result, raw). result, as results.json keeps it: {"sweep": validation aggregates per lr, "lr": the
     one `select_lr` chose, "test": test aggregates with "ci", "curve": [{"docs", "f1", "lo", "hi"}],
     "retention", "weights": `weight_diagnostics` on the test documents}. raw: {"test": the test `score`
-    with per-question lists and answers, "curve": [(docs, that point's `score`)]}, for the paired
-    comparisons and the prediction files.
+    with per-question lists and answers, "curve": [(docs, that point's `score`)], "stream": what
+    `stream=` takes}, for the paired comparisons and the prediction files.
   """
   ec = ctx.ec
+  clock = _Clock()
   sweep = []
-  for lr in lrs or ec.lrs:
-    params = adapt(ctx, val_docs, weights, lr, desc=f"{method} lr={lr:g} (val)")
-    if method == "uniform+qa_lt":
-      params = light_tune(ctx, params)
-    m = score(ctx, params, val_docs, ec.val_decoding, desc=f"{method} lr={lr:g} val QA")
+  lrs = list(lrs or ec.lrs)
+  for lr in lrs if len(lrs) > 1 else []:  # one lr needs no validation
+    with clock("sweep"):
+      params = adapt(ctx, val_docs, weights, lr, desc=f"{method} lr={lr:g} (val)")
+      if method == "uniform+qa_lt":
+        params = light_tune(ctx, params)
+      m = score(ctx, params, val_docs, ec.val_decoding, desc=f"{method} lr={lr:g} val QA")
     sweep.append({"lr": lr} | summary(m))
     logging.info("%s lr=%g: val F1 %.4f, answer NLL %.4f", method, lr, m["f1"], m["nll"])
-  lr = select_lr(sweep, ec.select)
+  lr = select_lr(sweep, ec.select) if sweep else lrs[0]
 
   n = len(test_docs)
   points = sorted({max(1, round(n * (k + 1) / ec.curve_points)) for k in range(ec.curve_points)})
@@ -307,25 +317,64 @@ def evaluate_method(ctx: Context, method: str, val_docs, test_docs, weights, wri
 
   def on_doc(i, params):
     seen = i + 1
-    if seen == retention_n:
-      retention["right_after"] = score(ctx, params, test_docs[:retention_n], "greedy", "retention")["f1"]
-    if seen in points:
-      m = score(ctx, params, test_docs[:seen], "greedy", "curve")
-      ci = stats.bootstrap_ci(m["per_question"]["f1"], **_boot_kwargs(ec.bootstrap))
-      curve.append({"docs": seen, "f1": m["f1"], "lo": ci["lo"], "hi": ci["hi"]})
-      curve_scores.append((seen, m))
+    with clock("curve"):
+      if seen == retention_n:
+        retention["right_after"] = score(ctx, params, test_docs[:retention_n], "greedy", "retention")["f1"]
+      if seen in points:
+        m = score(ctx, params, test_docs[:seen], "greedy", "curve")
+        ci = stats.bootstrap_ci(m["per_question"]["f1"], **_boot_kwargs(ec.bootstrap))
+        curve.append({"docs": seen, "f1": m["f1"], "lo": ci["lo"], "hi": ci["hi"]})
+        curve_scores.append((seen, m))
 
-  params = adapt(ctx, test_docs, weights, lr, on_doc=on_doc, desc=f"{method} lr={lr:g} (test)")
+  if stream is not None and stream["lr"] == lr:
+    params, curve = stream["params"], [dict(p) for p in stream["curve"]]
+    curve_scores = list(stream["curve_scores"])
+    retention = dict(stream["retention"])
+    clock.totals["adapt"] = 0.0
+  else:
+    with clock("adapt"):
+      params = adapt(ctx, test_docs, weights, lr, on_doc=on_doc, desc=f"{method} lr={lr:g} (test)")
+    clock.totals["adapt"] -= clock.totals.get("curve", 0.0)  # the curve is scored inside the adaptation
+  stream_out = {"lr": lr, "params": params, "curve": list(curve), "curve_scores": list(curve_scores),
+                "retention": dict(retention)}
   if method == "uniform+qa_lt":
-    params = light_tune(ctx, params)
-  test = score(ctx, params, test_docs, ec.decoding, desc=f"{method} test QA")
-  retention["at_end"] = score(ctx, params, test_docs[:retention_n], "greedy", "retention")["f1"]
+    with clock("light_tune"):
+      params = light_tune(ctx, params)
+  with clock("test_score"):
+    if curve_scores and curve_scores[-1][0] == n and ec.decoding == "greedy" and method != "uniform+qa_lt":
+      test = curve_scores[-1][1]  # the last curve point is the test score: same params, same decoding
+    else:
+      test = score(ctx, params, test_docs, ec.decoding, desc=f"{method} test QA")
+    if ec.decoding == "greedy":  # the first documents' questions are the test's first rows
+      first = len(pipeline.questions(test_docs[:retention_n]))
+      retention["at_end"] = float(np.mean(test["per_question"]["f1"][:first])) if first else None
+    else:
+      retention["at_end"] = score(ctx, params, test_docs[:retention_n], "greedy", "retention")["f1"]
   writer.write_scalars(0, {f"eval/{method}/{k}": v for k, v in test.items() if k in CI_METRICS})
   diagnostics = weight_diagnostics([doc_weights(ctx, weights, d) for d in test_docs],
                                    [d.answer_mask for d in test_docs])
+  time_s = dict(clock.totals, adapt_per_doc=clock.totals["adapt"] / max(n, 1), total=clock.elapsed())
   result = {"sweep": sweep, "lr": lr, "test": with_ci(test, ec.bootstrap), "curve": curve,
-            "retention": retention, "weights": diagnostics}
-  return result, {"test": test, "curve": curve_scores}
+            "retention": retention, "weights": diagnostics, "time_s": time_s}
+  return result, {"test": test, "curve": curve_scores, "stream": stream_out}
+
+
+class _Clock:
+  """Wall-clock seconds per phase (`with clock("name"):`), to say where an evaluation's time goes."""
+
+  def __init__(self):
+    self.totals, self._start = {}, time.perf_counter()
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self._start
 
 
 def _difference(a, b):
@@ -369,10 +418,12 @@ def run(ctx: Context, writer) -> dict:
   val_docs = list(pipeline.Stream(ctx.data.splits["meta_val"], min(ec.val_docs, len(ctx.data.splits["meta_val"])),
                                   ctx.data.config.stream_seed, ctx.data.spec, ctx.data.pad_id).docs)
   texts_for_fit = [d.doc.text for docs in ctx.data.splits.values() for d in docs]
+  start = time.perf_counter()
   no_adapt = score(ctx, ctx.params, test_docs, ec.decoding, desc="no adaptation")
+  no_adapt_s = time.perf_counter() - start
   results = {"no_adaptation": with_ci(no_adapt, ec.bootstrap), "methods": {}, "test_docs": len(test_docs),
              "val_docs": len(val_docs), "test_questions": no_adapt["n"], "select": ec.select,
-             "bootstrap": dict(ec.bootstrap)}
+             "bootstrap": dict(ec.bootstrap), "time_s": {"no_adaptation": no_adapt_s}}
   raw = {"no_adaptation": {"test": no_adapt}}
   heat = []
   for method in methods:
@@ -381,10 +432,15 @@ def run(ctx: Context, writer) -> dict:
       # The light-tune follows uniform adaptation at uniform's chosen lr: a sweep would light-tune 4 times.
       lrs = [results["methods"]["uniform"]["lr"]]
     weights = weighting_fn(ctx, method, texts_for_fit)
+    stream = raw["uniform"]["stream"] if method == "uniform+qa_lt" and "uniform" in raw else None
     results["methods"][method], raw[method] = evaluate_method(ctx, method, val_docs, test_docs, weights,
-                                                              writer, lrs)
+                                                              writer, lrs, stream)
+    if method != "uniform":  # only uniform's adapted model is reused (by the light-tune); free the rest
+      raw[method].pop("stream")
     if method != "uniform+qa_lt":
       heat.append((method, weights))
+  for r in raw.values():
+    r.pop("stream", None)
   add_comparisons(results, raw, ec.bootstrap)
   write_outputs(ctx, results, {name: r["test"] for name, r in raw.items()}, heat, test_docs[:ec.heatmap_docs])
   return results
@@ -496,6 +552,16 @@ def report(results: dict) -> str:
   for method, r in results["methods"].items():
     ret = r["retention"]
     lines.append(f"- {method}: {_num(ret.get('right_after'))} -> {_num(ret.get('at_end'))}")
+  lines += ["", "Where the time went (wall-clock seconds; adapt = the test stream's updates, without the curve "
+            "points scored along it):", "",
+            "| method | lr sweep | adapt | adapt / document | curve + retention | light-tune | test QA | total |",
+            "|---|---|---|---|---|---|---|---|"]
+  for method, r in results["methods"].items():
+    t = r.get("time_s", {})
+    lines.append(f"| {method} | " + " | ".join(_num(t.get(k), ".1f") for k in (
+        "sweep", "adapt", "adapt_per_doc", "curve", "light_tune", "test_score", "total")) + " |")
+  na_s = results.get("time_s", {}).get("no_adaptation")
+  lines.append(f"| no adaptation | | | | | | {_num(na_s, '.1f')} | {_num(na_s, '.1f')} |")
   return "\n".join(lines) + "\n"
 
 
@@ -546,7 +612,9 @@ def write_outputs(ctx: Context, results: dict, test_scores: dict, heat, heat_doc
     pieces = [[tok.decode([t]) for t in d.tokens] for d in heat_docs]
     for method, fn in heat:
       docs = [(p, doc_weights(ctx, fn, d)) for p, d in zip(pieces, heat_docs)]
-      titles = [f"{method}: {d.doc.id}" for d in heat_docs]
+      ff = results["methods"].get(method, {}).get("weights", {}).get("facts_filler")
+      label = f"{method} (facts/filler {_num(ff, '.2f')} on the test stream)"
+      titles = [f"{label}: {d.doc.id}" for d in heat_docs]
       plots.heatmap_png(os.path.join(tmp, f"weights_{method}.png"), docs, titles)
       plots.write_heatmap_html(os.path.join(tmp, f"weights_{method}.html"), docs, titles,
                                f"Token weights: {method}")

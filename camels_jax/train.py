@@ -95,6 +95,12 @@ def _fmt(x, spec=".4f"):
   return "-" if x is None else format(x, spec)
 
 
+def _ci(ci) -> str:
+  if not ci or ci.get("mean") is None:
+    return "-"
+  return f"{ci['mean']:+.4f} [{ci['lo']:+.4f}, {ci['hi']:+.4f}]"
+
+
 def camels_summary(r: dict) -> str:
   """What meta-training reached: meta-val loss, uptake against mean-matched weightings, facts/filler."""
   first, best = r["history"][0], r["best"]
@@ -105,15 +111,23 @@ def camels_summary(r: dict) -> str:
   if compare:
     lines += [f"uptake on meta-val at the learned weights' step (every weighting mean-matched per document), "
               f"step {r['compare_step']}:",
-              f"  {'weighting':<10} {'mean w':>8} {'uptake':>9} {'x uniform':>9} {'KL':>9} {'facts/filler':>12}"]
+              f"  {'weighting':<10} {'mean w':>7} {'uptake':>8} {'x uniform':>9} {'KL':>8} {'facts/filler':>12}  "
+              f"per-question uptake − uniform [95% CI]"]
+    uniform = compare.get("uniform", {}).get("uptake")
     for name, m in compare.items():
-      lines.append(f"  {name:<10} {m['weight_mean']:8.4f} {m['uptake']:9.5f} {_fmt(m['x_uniform'], '9.2f'):>9} "
-                   f"{m['kl']:9.2e} {_fmt(m['facts_filler'], '12.2f'):>12}")
+      lines.append(f"  {name:<10} {m['weight_mean']:7.4f} {m['uptake']:8.4f} {_fmt(m['x_uniform'], '9.2f'):>9} "
+                   f"{m['kl']:8.2e} {_fmt(m['facts_filler'], '12.2f'):>12}  {_ci(m.get('vs_uniform'))}")
     learned, ssm = compare["learned"], compare.get("ssm")
-    verdicts = [f"learned/uniform uptake {_fmt(learned['x_uniform'], '.2f')} (target >= 2)",
-                f"facts/filler {_fmt(learned['facts_filler'], '.2f')} (target >= 2)"]
+    if uniform is not None and uniform <= 0:
+      ratio = f"uniform weights teach nothing at this step (uptake {uniform:+.4f}), learned {learned['uptake']:+.4f}"
+    else:
+      ratio = f"learned/uniform uptake {_fmt(learned['x_uniform'], '.2f')}"
+    verdicts = [f"{ratio} (target >= 2x)", f"facts/filler {_fmt(learned['facts_filler'], '.2f')} (target >= 2)"]
     if ssm is not None:
-      verdicts.append(f"learned > SSM: {'yes' if learned['uptake'] > ssm['uptake'] else 'no'}")
+      d = ssm.get("vs_learned") or {}
+      diff = None if d.get("mean") is None else {"mean": -d["mean"], "lo": -d["hi"], "hi": -d["lo"]}
+      verdicts.append(f"learned > SSM: {'yes' if learned['uptake'] > ssm['uptake'] else 'no'} "
+                      f"(per question {_ci(diff)})")
     lines.append("  " + "; ".join(verdicts))
   return "\n".join(lines)
 

@@ -15,6 +15,7 @@ A smoke test that it runs end to end: add --config.qa_tune.max_steps=2 --config.
 import ml_collections
 
 from camels_jax.data import get_data_config
+from camels_jax.evaluation import eval_config
 from camels_jax.methods.camels import camels_config
 from camels_jax.models.loading import model_config
 from camels_jax.qa_tune import qa_tune_config
@@ -33,4 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.camels = camels_config()  # reference meta-training settings
   c.camels.steps = 2000
   c.camels.val_every = 100
+  c.eval = eval_config()  # the reference protocol: Adam lr sweep, diverse beam search, all 224 test paragraphs
+  c.eval.select = "f1"  # the reference picks the lr by validation F1
+  c.eval.val_docs = 24  # meta-val paragraphs the lr is picked on
   return c

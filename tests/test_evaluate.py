@@ -30,7 +30,8 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   _assert_ci(results["no_adaptation"], n)
   for method, r in results["methods"].items():
     assert r["lr"] in config.eval.lrs
-    assert r["lr"] == evaluation.select_lr(r["sweep"], config.eval.select)
+    if r["sweep"]:
+      assert r["lr"] == evaluation.select_lr(r["sweep"], config.eval.select)
     assert 0.0 <= r["test"]["f1"] <= 1.0 and r["test"]["n"] == n
     _assert_ci(r["test"], n)
     assert [p["docs"] for p in r["curve"]] == [2, 4]
@@ -48,8 +49,14 @@ def test_all_methods_produce_the_table_and_outputs(trained):
       assert all(p["vs_uniform"]["n"] > 0 for p in r["curve"])
   for method in ("uniform", "uniform+qa_lt"):
     assert results["methods"][method]["weights"]["facts_filler"] == pytest.approx(1.0)
-  # uniform + light-tune reuses uniform's chosen lr instead of sweeping.
-  assert [row["lr"] for row in results["methods"]["uniform+qa_lt"]["sweep"]] == [results["methods"]["uniform"]["lr"]]
+  # uniform + light-tune reuses uniform's chosen lr without a sweep, and uniform's adapted stream: the same
+  # curve along the stream, the light-tune only after it.
+  lt, uniform = results["methods"]["uniform+qa_lt"], results["methods"]["uniform"]
+  assert lt["sweep"] == [] and lt["lr"] == uniform["lr"]
+  assert [(p["docs"], p["f1"]) for p in lt["curve"]] == [(p["docs"], p["f1"]) for p in uniform["curve"]]
+  assert lt["retention"]["right_after"] == uniform["retention"]["right_after"]
+  assert all("vs_uniform" not in p for p in uniform["curve"])
+  assert lt["time_s"]["adapt"] == 0.0 and lt["time_s"]["light_tune"] > 0
   out = os.path.join(workdir, "eval")
   names = set(os.listdir(out))
   assert {"results.json", "results.md", "f1_curve.png", "predictions"} <= names

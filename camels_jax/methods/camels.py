@@ -22,7 +22,7 @@ import tqdm
 from absl import logging
 from flax import nnx
 
-from camels_jax import checkpoint, sharding
+from camels_jax import checkpoint, sharding, stats
 from camels_jax.data import pipeline
 from camels_jax.adapt import inner as inner_lib
 from camels_jax.adapt import loss
@@ -37,8 +37,9 @@ INIT_WEIGHT = math.log(2.0) / 3.0  # softplus_beta(0) with beta = 3: every token
 class WeightingModel(nnx.Module):
   """Causal transformer backbone + MLP head (d -> hidden -> 1, GELU) + softplus(beta), masked."""
 
-  def __init__(self, backbone: ModelConfig, hidden: int, beta: float, *, rngs: nnx.Rngs):
-    self.beta = beta
+  def __init__(self, backbone: ModelConfig, hidden: int, beta: float, mean_weight: float = 0.0, *,
+               rngs: nnx.Rngs):
+    self.beta, self.mean_weight = beta, mean_weight
     self.backbone = transformer.Decoder(backbone, rngs=rngs)
     dtype, param_dtype = backbone.compute_dtype, backbone.storage_dtype
     self.fc1 = nnx.Linear(backbone.d_model, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -51,7 +52,12 @@ class WeightingModel(nnx.Module):
     h_BxLxD, _ = self.backbone.features(tokens_BxL, transformer.positions(mask_BxL), mask_BxL)
     z_BxL = self.fc2(jax.nn.gelu(self.fc1(h_BxLxD), approximate=False))[..., 0]
     z_BxL = transformer.upcast(z_BxL)
-    return jax.nn.softplus(self.beta * z_BxL) / self.beta * mask_BxL
+    w_BxL = jax.nn.softplus(self.beta * z_BxL) / self.beta * mask_BxL
+    if self.mean_weight > 0:
+      # Each document's weights rescaled to one mean: the inner step's size is then fixed by the inner lr,
+      # and the meta-gradient can only move weight between tokens, not grow every weight (a larger step).
+      w_BxL = w_BxL * (self.mean_weight / jnp.maximum(uptake_lib.mean_weight_B(w_BxL, mask_BxL), 1e-30))[:, None]
+    return w_BxL
 
 
 def weighting_config() -> ml_collections.ConfigDict:
@@ -65,6 +71,9 @@ def weighting_config() -> ml_collections.ConfigDict:
       random=dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256),  # backbone == "random"
       hidden=128,  # width of the MLP head (reference: 128)
       beta=3.0,  # softplus sharpness (reference: 3)
+      # > 0: every document's weights are rescaled to this mean (over its predicted tokens), so meta-training
+      # learns where to put the weight, not how big a step to take (that is the inner lr). 0 = off (reference).
+      mean_weight=0.0,
       seed=0,  # init seed of the head (and of a random backbone)
   ))
 
@@ -97,7 +106,9 @@ def build_weighting_model(wcfg: ml_collections.ConfigDict, base: loading.Loaded)
                        f"ids) differs from the base model's ({base.tokenizer.vocab_size})")
     bcfg = other.cfg.replace(tie_embeddings=True, remat=False)
     source = {p: v for p, v in _flat(other.params).items() if p[0] != "lm_head"}
-  graphdef, params = nnx.split(WeightingModel(bcfg, wcfg.hidden, wcfg.beta, rngs=rngs))
+  if wcfg.mean_weight < 0:
+    raise ValueError(f"weighting.mean_weight={wcfg.mean_weight} must be >= 0 (0 = no rescaling)")
+  graphdef, params = nnx.split(WeightingModel(bcfg, wcfg.hidden, wcfg.beta, wcfg.mean_weight, rngs=rngs))
   flat = []
   for path, var in nnx.to_flat_state(params):
     if path[0] == "backbone" and path[1:] in source:
@@ -204,19 +215,35 @@ def meta_train_step(meta_params, opt_state, base_params_P, batch_P, *, graphdef,
   return meta_params, opt_state, adapted_P, metrics
 
 
-def uptake_eval(meta_params, base_params, batch, w_BxL, *, graphdef, mcfg: MetaConfig):
+def question_nll(graphdef, params, batch):
+  """nll_BxQ: each question's mean answer-token NLL (0 in empty slots)."""
+  tokens = batch["qa_tokens_BxQxS"]
+  b, q, s = tokens.shape
+  tokens_NxS = tokens.reshape(b * q, s)
+  logits_NxSxV = transformer.apply(graphdef, params, tokens_NxS, batch["qa_mask_BxQxS"].reshape(b * q, s))
+  lw_NxS = loss.shift_targets(batch["qa_loss_mask_BxQxS"].reshape(b * q, s).astype(jnp.float32))
+  nll_N = (loss.token_nll(logits_NxSxV, tokens_NxS) * lw_NxS).sum(-1) / jnp.maximum(lw_NxS.sum(-1), 1.0)
+  return nll_N.reshape(b, q) * batch["qa_valid_BxQ"]
+
+
+def uptake_eval(meta_params, base_params, batch, w_BxL, *, graphdef, mcfg: MetaConfig,
+                per_question: bool = False):
   """What one inner update with weights `w_BxL` teaches, from `base_params`, on the batch's questions.
 
   Returns:
     {"loss": outer loss after, "qa_before", "qa": answer NLL before/after (the same questions, the same
     token-mean), "uptake": qa_before - qa, "kl": locality KL after}. The reference logs the same
-    quantity as `qa_gain`.
+    quantity as `qa_gain`. With `per_question`, also "uptake_BxQ": each question's mean answer-token NLL
+    before minus after (0 in empty slots), for intervals over questions.
   """
   base_logits = _base_logits(graphdef, base_params, batch)
   _, (qa_before, _) = outer_loss(graphdef, base_params, base_logits, batch, mcfg)
-  total, (qa, kl), _ = adapt_and_score(graphdef, base_params, base_logits, batch, w_BxL,
-                                       inner_lr(meta_params, mcfg), mcfg)
-  return {"loss": total, "qa_before": qa_before, "qa": qa, "uptake": qa_before - qa, "kl": kl}
+  total, (qa, kl), adapted = adapt_and_score(graphdef, base_params, base_logits, batch, w_BxL,
+                                             inner_lr(meta_params, mcfg), mcfg)
+  out = {"loss": total, "qa_before": qa_before, "qa": qa, "uptake": qa_before - qa, "kl": kl}
+  if per_question:
+    out["uptake_BxQ"] = question_nll(graphdef, base_params, batch) - question_nll(graphdef, adapted, batch)
+  return out
 
 
 def meta_eval_step(meta_params, base_params, batch, *, graphdef, wm_graphdef, mcfg: MetaConfig):
@@ -259,9 +286,10 @@ def camels_config() -> ml_collections.ConfigDict:
       steps=400,  # meta-training batches (per stream)
       val_every=100,  # batches between validations; each is also a checkpoint (multiple of reset_every)
       val_batches=0,  # meta-val batches per validation (0 = all of meta_val); each from the reset base
-      # Fixed weightings whose uptake on the meta-val batches is measured after training at the learned
+      # Fixed weightings whose uptake on all meta-val batches is measured after training at the learned
       # weights' mean weight per document (comma-separated subset of baselines.DOC_WEIGHTINGS; "" = none).
       compare="uniform,ssm,tfidf,oracle",
+      compare_batches=0,  # meta-val batches of that comparison (0 = all of meta_val)
       seed=0,  # RNG seed of the run
   ))
 
@@ -380,11 +408,14 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
     chunks = pipeline.meta_eval_chunks(data.splits["meta_val"], data.spec.qa_slots, config.data.meta_batch_docs)
     texts = [d.doc.text for docs in data.splits.values() for d in docs]
     fns = {n: baselines.doc_weighting(n, base.tokenizer, texts, data.spec.add_bos) for n in names}
-    results["compare"] = compare_weightings(best.state["meta"], base_params, val_batches, chunks, fns,
+    batches = [jax.device_put(b, rep) for b in data.meta_eval_batches()]
+    if c.compare_batches:
+      batches, chunks = batches[:c.compare_batches], chunks[:c.compare_batches]
+    results["compare"] = compare_weightings(best.state["meta"], base_params, batches, chunks, fns,
                                             graphdef=base.graphdef, wm_graphdef=wm_graphdef, mcfg=mcfg)
     results["compare_step"] = best.step
-    writer.write_scalars(best.step, {f"compare/{n}/{k}": v for n, m in results["compare"].items()
-                                     for k, v in m.items()})
+    writer.write_scalars(best.step, {f"compare/{n}/{k}": v.get("mean") if isinstance(v, dict) else v
+                                     for n, m in results["compare"].items() for k, v in m.items()})
   return wm_graphdef, best.state["meta"], results
 
 
@@ -416,11 +447,14 @@ def compare_weightings(meta, base_params, batches, chunks, weightings, *, graphd
 
   Returns:
     {"learned" and each name: {"uptake", "qa_before", "qa", "kl", "weight_mean", "facts_filler",
-    "x_uniform" (uptake over uniform's, when "uniform" is among them)}}.
+    "x_uniform" (uptake over uniform's, when "uniform" is among them), "question_uptake" (bootstrap
+    interval of the mean per-question uptake), "vs_uniform" / "vs_learned" (paired intervals of the
+    per-question uptake difference on the same questions)}}.
   """
   weights_fn = jax.jit(functools.partial(token_weights, wm_graphdef))
-  score_fn = jax.jit(functools.partial(uptake_eval, graphdef=graphdef, mcfg=mcfg))
+  score_fn = jax.jit(functools.partial(uptake_eval, graphdef=graphdef, mcfg=mcfg, per_question=True))
   sums = {name: {} for name in ["learned", *weightings]}
+  per_q = {name: [] for name in sums}
   for batch, chunk in zip(batches, chunks):
     mask_BxL, valid_B = batch["doc_mask_BxL"], batch["doc_valid_B"]
     learned_BxL = weights_fn(meta["wm"], batch["doc_tokens_BxL"], mask_BxL)
@@ -429,8 +463,10 @@ def compare_weightings(meta, base_params, batches, chunks, weightings, *, graphd
     for name, fn in weightings.items():
       w_BxL = np.stack([fn(item[0], length) if item else np.zeros(length, np.float32) for item in chunk])
       ws[name] = uptake_lib.mean_matched(w_BxL, learned_BxL, mask_BxL, valid_B)
+    valid_BxQ = np.asarray(batch["qa_valid_BxQ"], bool)
     for name, w_BxL in ws.items():
       m = dict(score_fn(meta, base_params, batch, w_BxL))
+      per_q[name].extend(np.asarray(m.pop("uptake_BxQ"))[valid_BxQ].tolist())
       m |= uptake_lib.facts_filler_sums(w_BxL, batch["doc_answer_mask_BxL"], mask_BxL, valid_B)
       m["weight_mean"] = uptake_lib.mean_weight_B(w_BxL, mask_BxL, valid_B).sum() / valid_B.sum()
       for k, v in m.items():
@@ -440,4 +476,8 @@ def compare_weightings(meta, base_params, batches, chunks, weightings, *, graphd
     m.pop("uptake_x_uniform", None)
     u = out.get("uniform", {}).get("uptake")
     m["x_uniform"] = m["uptake"] / u if u is not None and u > 0 else None
+    m["question_uptake"] = stats.bootstrap_ci(per_q[name])
+    for other in ("uniform", "learned"):
+      if other in per_q and other != name:
+        m[f"vs_{other}"] = stats.paired_bootstrap_ci(per_q[name], per_q[other])
   return out

@@ -49,16 +49,23 @@ def greedy(graphdef: nnx.GraphDef, params, prompt_BxP, mask_BxP, *, cfg: ModelCo
   b = prompt_BxP.shape[0]
   logits_BxV, pos_B, cache = _prefill(graphdef, params, cfg, prompt_BxP, mask_BxP, max_new_tokens)
 
-  def body(carry, _):
-    logits_BxV, pos_B, cache, finished_B = carry
+  # A while loop rather than a scan: it stops as soon as every row has emitted EOS (short answers are the
+  # rule), and the tokens it did not generate are EOS, as a finished row's would be.
+  def cond(carry):
+    t, _, _, _, finished_B, _ = carry
+    return (t < max_new_tokens) & ~finished_B.all()
+
+  def body(carry):
+    t, logits_BxV, pos_B, cache, finished_B, tokens_BxT = carry
     tok_B = jnp.where(finished_B, eos_id, jnp.argmax(logits_BxV, axis=-1))
+    tokens_BxT = jax.lax.dynamic_update_slice(tokens_BxT, tok_B[:, None].astype(tokens_BxT.dtype), (0, t))
     pos_B = pos_B + 1
     logits_BxV, cache = _step(graphdef, params, tok_B, pos_B, cache)
-    return (logits_BxV, pos_B, cache, finished_B | (tok_B == eos_id)), tok_B
+    return t + 1, logits_BxV, pos_B, cache, finished_B | (tok_B == eos_id), tokens_BxT
 
-  init = (logits_BxV, pos_B, cache, jnp.zeros((b,), bool))
-  (_, _, _, finished_B), tokens_TxB = jax.lax.scan(body, init, None, length=max_new_tokens)
-  tokens_BxT = tokens_TxB.T
+  tokens_BxT = jnp.full((b, max_new_tokens), eos_id, jnp.asarray(prompt_BxP).dtype)
+  init = (jnp.int32(0), logits_BxV, pos_B, cache, jnp.zeros((b,), bool), tokens_BxT)
+  *_, tokens_BxT = jax.lax.while_loop(cond, body, init)
   return Decoded(tokens_BxT, _length(tokens_BxT, eos_id))
 
 

@@ -132,3 +132,23 @@ def test_base_backbone_is_initialised_from_the_base_model():
   np.testing.assert_array_equal(wm_q, base.params["blocks"]["attn"]["q"]["kernel"][...][:1])
   np.testing.assert_array_equal(wm_params["backbone"]["embed"]["embedding"][...],
                                 base.params["embed"]["embedding"][...])
+
+
+def test_mean_weight_rescales_each_document_and_the_meta_gradient_flows_through_it():
+  with jax.enable_x64(True):
+    base, _, _ = fx.tiny("float64")
+    wcfg = camels.weighting_config()
+    wcfg.base_layers, wcfg.hidden, wcfg.mean_weight = 1, 8, 0.5
+    wm_graphdef, wm_params = camels.build_weighting_model(wcfg, base)
+    wm_params["fc2"]["kernel"].set_value(
+        0.3 * jax.random.normal(jax.random.key(3), wm_params["fc2"]["kernel"].shape, jnp.float64))
+    b = fx.batch(2)
+    w = camels.token_weights(wm_graphdef, wm_params, b["doc_tokens_BxL"], b["doc_mask_BxL"])
+    from camels_jax.adapt import uptake
+    np.testing.assert_allclose(uptake.mean_weight_B(w, b["doc_mask_BxL"]), 0.5, rtol=1e-12)
+    assert float(jnp.ptp(w[b["doc_mask_BxL"]])) > 0.01  # the shape of the weights is the model's
+    # The meta-gradient flows through the rescaling to the head.
+    mcfg = camels.MetaConfig(inner_lr=0.5)
+    meta = camels.init_meta_params(wm_params, mcfg)
+    g = jax.grad(_loss_fn(base, wm_graphdef, mcfg, b))(meta)
+    assert float(jnp.abs(g["wm"]["fc2"]["kernel"][...]).max()) > 0

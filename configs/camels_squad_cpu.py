@@ -1,0 +1,53 @@
+"""CaMeLS on real SQuAD paragraphs, sized for 2 CPU cores (about an hour): QA-tune SmolLM2-135M on the
+QA-train articles, meta-train the weighting model with the embedded default's levers, then evaluate every
+method on a 40-paragraph test stream.
+
+  python -m camels_jax.train --config configs/camels_squad_cpu.py
+  python -m camels_jax.evaluate --config configs/camels_squad_cpu.py
+
+Differences from configs/camels_squad.py (the reference's settings), all for the CPU budget:
+- documents cut to 256 tokens (one bucket, one compilation of the meta step); the reference pads to 1024;
+- the default's levers (configs/default.py says why): inner SGD lr 0.035 on weights rescaled to a fixed
+  mean per document, outer Adam lr 1e-3 on every batch, a few dozen outer steps instead of thousands;
+- 2 paragraphs per meta-batch (reference: 6), 5 question slots each;
+- evaluation: lr picked by validation answer NLL on 4 meta-val paragraphs, greedy decoding, a 40-paragraph
+  test stream (about 190 questions) instead of all 224 test paragraphs with diverse beam search.
+
+MEASURED
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _sibling_config(name: str) -> ml_collections.ConfigDict:
+  """get_config() of configs/<name>.py, found beside this file whatever the working directory."""
+  spec = importlib.util.spec_from_file_location(f"_config_{name}", os.path.join(os.path.dirname(__file__),
+                                                                                f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = _sibling_config("camels_squad")
+  d = _sibling_config("default")
+  c.workdir = "runs/camels_squad_cpu"  # checkpoints, TensorBoard events (tb/), results
+  c.data.doc_buckets = (256,)  # one bucket (paragraphs past 256 tokens are cut; counted in the log)
+  c.data.meta_batch_docs = 2  # CPU budget (reference: 6)
+  c.data.stream_docs = 40  # test paragraphs in the stream (about 190 questions)
+  c.qa_tune.max_steps = 30  # CPU budget (reference: until QA-val NLL stops improving)
+  c.qa_tune.val_every = 15
+  c.qa_tune.lr = d.qa_tune.lr
+  for key in ("inner_lr", "outer_lr", "grad_accum", "reset_every", "compare"):
+    c.camels[key] = d.camels[key]
+  c.camels.weighting.update(d.camels.weighting)
+  c.camels.steps = 16  # CPU budget
+  c.camels.val_every = 8
+  c.camels.val_batches = 3
+  c.camels.compare_batches = 6  # 12 meta-val paragraphs, about 60 questions
+  c.eval.update(select=d.eval.select, lrs=d.eval.lrs, val_docs=4, decoding="greedy", curve_points=2)
+  c.eval.light_tune.update(d.eval.light_tune)
+  return c
