@@ -13,7 +13,19 @@ Differences from configs/camels_squad.py (the reference's settings), all for the
 - evaluation: lr picked by validation answer NLL on 4 meta-val paragraphs, greedy decoding, a 40-paragraph
   test stream (about 190 questions) instead of all 224 test paragraphs with diverse beam search.
 
-MEASURED
+Measured (2 CPU cores, while other jobs shared them): train 39 min (QA-tuning 30 steps: QA-val NLL 6.92 ->
+3.05; meta-training 16 steps, best at step 8), plus 7 min for the comparison of weightings. On 12 meta-val
+paragraphs (about 60 questions), one inner step per paragraph at the learned weights' mean weight:
+
+  weighting  uptake (nats)  x uniform  locality KL  facts/filler  per-question uptake - uniform [95% CI]
+  learned    0.197          1.81       0.049        1.23          +0.31 [+0.16, +0.46]
+  uniform    0.109          1.00       0.157        1.00
+  SSM        0.099          0.91       0.112        1.95          +0.04 [-0.09, +0.17]
+  TF-IDF     0.239          2.20       0.065        1.26          +0.30 [+0.19, +0.41]
+  oracle     0.335          3.08       0.146        -             +0.21 [+0.10, +0.33]
+
+Learned weights beat SSM (+0.27 [+0.10, +0.45] per question) and uniform, but not TF-IDF, and shift
+weight to answer spans only a little (1.23) in 8 steps. The evaluate step was not run in that session.
 """
 
 import importlib.util

@@ -4,7 +4,34 @@ method, on the generated dataset (fictional people, organisations and towns; no 
   python -m camels_jax.train --config configs/default.py
   python -m camels_jax.evaluate --config configs/default.py
 
-MEASURED_BLOCK
+Measured on 2 CPU cores. Train: 13 min 17 s on a quiet machine, peak RSS 12.2 GB, with the comparison
+below on 6 of the 12 meta-val documents; on all 12 it adds about 2 minutes. QA-tuning lowers the QA-val
+answer NLL from 7.44 to about 3.0. Meta-training runs 16 steps of about 30 s each.
+Meta-val (6 documents, 36 questions), one inner step per document from the QA-tuned model:
+
+  step  uptake learned  uptake uniform (same mean weight)  facts/filler
+  0     -0.017          -0.017                              1.00
+  8     +0.155          -0.017                              1.85
+  16    +0.267          -0.017                              5.44
+
+After training, on all 12 meta-val documents (72 questions), every weighting at the learned weights' mean:
+
+  learned 0.259, uniform -0.040, SSM 0.115, TF-IDF 0.066, answer oracle 0.225 nats of uptake;
+  learned - uniform per question +0.31 [+0.18, +0.44], learned - SSM +0.16 [+0.06, +0.27] (95% paired
+  bootstrap); facts/filler 7.14 (SSM 4.22, TF-IDF 2.71).
+
+Evaluate: 19 min 4 s on a quiet machine, before uniform + light-tune reused uniform's stream, which saves
+about 3 min. With that reuse it took 21 min 24 s while two other jobs shared the cores. Test stream of 34
+documents and 204 questions, Adam online adaptation, greedy decoding. F1 [95% CI] / answer NLL:
+
+  no adaptation 0.010 [0.000, 0.025] / 3.067    uniform 0.005 [0.000, 0.015] / 3.056
+  SSM           0.010 [0.000, 0.025] / 3.314    TF-IDF  0.010 [0.000, 0.025] / 3.203
+  CaMeLS        0.010 [0.000, 0.025] / 3.258    uniform + light-tune 0.005 / 3.056
+  CaMeLS - uniform F1 +0.005 [+0.000, +0.015] (paired)
+
+The generated documents are fictional, so nothing is answerable without adaptation. The learned weights'
+one-SGD-step advantage does not carry over to the Adam stream: every weighting raises the answer NLL
+there. Results go to runs/default/train_results.json and runs/default/eval/.
 
 What differs from the reference's settings (configs/camels_squad.py keeps them), and why:
 - Inner SGD lr 0.035 (reference 5e-4) on weights rescaled to their initial mean ln2/3 per document
