@@ -178,6 +178,12 @@ def _base_logits(graphdef, base_params, batch):
       transformer.apply(graphdef, base_params, batch["loc_tokens_KxT"], batch["loc_mask_KxT"]))
 
 
+def _real_weight_mean(w_BxL, mask_BxL, valid_B):
+  """Mean weight over the real tokens of the valid documents (the logged `weight_mean`)."""
+  real = mask_BxL * valid_B[:, None]
+  return (w_BxL * real).sum() / jnp.maximum(real.sum(), 1)
+
+
 def meta_loss(meta_params, base_params, batch, *, graphdef, wm_graphdef, mcfg: MetaConfig):
   """Outer loss after adapting `base_params` on one stream's batch of documents.
 
@@ -189,9 +195,7 @@ def meta_loss(meta_params, base_params, batch, *, graphdef, wm_graphdef, mcfg: M
   w_BxL = token_weights(wm_graphdef, meta_params["wm"], tokens_BxL, mask_BxL)
   total, (qa, kl), adapted = adapt_and_score(graphdef, base_params, _base_logits(graphdef, base_params, batch),
                                              batch, w_BxL, inner_lr(meta_params, mcfg), mcfg)
-  real = mask_BxL * batch["doc_valid_B"][:, None]
-  weight_mean = (w_BxL * real).sum() / jnp.maximum(real.sum(), 1)
-  return total, {"qa": qa, "kl": kl, "weight_mean": weight_mean,
+  return total, {"qa": qa, "kl": kl, "weight_mean": _real_weight_mean(w_BxL, mask_BxL, batch["doc_valid_B"]),
                  "adapted": jax.lax.stop_gradient(adapted)}
 
 
@@ -255,9 +259,8 @@ def meta_eval_step(meta_params, base_params, batch, *, graphdef, wm_graphdef, mc
   ev = functools.partial(uptake_eval, meta_params, base_params, batch, graphdef=graphdef, mcfg=mcfg)
   learned = ev(w_BxL)
   uniform = ev(uptake_lib.mean_matched(jnp.ones_like(w_BxL), w_BxL, mask_BxL, valid_B))
-  real = mask_BxL * valid_B[:, None]
   metrics = learned | {f"uniform_{k}": uniform[k] for k in ("qa", "uptake", "kl")}
-  metrics["weight_mean"] = (w_BxL * real).sum() / jnp.maximum(real.sum(), 1)
+  metrics["weight_mean"] = _real_weight_mean(w_BxL, mask_BxL, valid_B)
   return metrics | uptake_lib.facts_filler_sums(w_BxL, batch["doc_answer_mask_BxL"], mask_BxL, valid_B)
 
 
