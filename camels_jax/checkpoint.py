@@ -34,7 +34,6 @@ Typical use:
 """
 
 import json
-import logging as py_logging
 import os
 from typing import Any, NamedTuple
 
@@ -47,12 +46,6 @@ from orbax.checkpoint import checkpoint_managers as ocp_managers
 PyTree = Any
 
 _STATE, _META = "state", "meta"  # item names inside a step directory
-
-
-def quiet_orbax_logs() -> None:
-  """Drops orbax's INFO lines (a dozen per save) from absl's log; its warnings and errors still show."""
-  py_logging.getLogger("absl").addFilter(
-      lambda r: r.levelno >= py_logging.WARNING or f"{os.sep}orbax{os.sep}" not in r.pathname)
 
 
 class Restored(NamedTuple):

@@ -11,22 +11,22 @@ table.
 import os
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from camels_jax import checkpoint, evaluation, metrics, sharding
+from camels_jax import cli, evaluation, metrics, sharding, train
 from camels_jax import data as data_lib
 from camels_jax.models import loading
-from camels_jax.train import qa_tuned_params
 
 
 def run(config, workdir: str, progress: bool = True) -> dict:
   """Loads the QA-tuned model (training it if the train job has not) and evaluates every method."""
   sharding.initialize_distributed()
   model = loading.load(config.model)
+  train.check_model_fits(config, model.cfg)
   data = data_lib.load(config.data, model.tokenizer, workdir)
   writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)
-  params, _ = qa_tuned_params(config, model, data, workdir, writer, progress)
+  params, _ = train.qa_tuned_params(config, model, data, workdir, writer, progress)
   ctx = evaluation.Context(config, model, params, data, workdir, progress)
   results = evaluation.run(ctx, writer)
   writer.close()
@@ -35,12 +35,13 @@ def run(config, workdir: str, progress: bool = True) -> dict:
 
 def main(argv):
   del argv
-  checkpoint.quiet_orbax_logs()
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or config.workdir
-  results = run(config, workdir)
+  with cli.session("evaluate", config, workdir, train.RULES, train.CROSS, train.SAFE_ON_RESUME,
+                   prerequisites=evaluation.check_prerequisites):
+    results = run(config, workdir)
   print(evaluation.table(results))
-  print(f"outputs in {os.path.join(workdir, 'eval')}")
+  print(f"outputs in {os.path.join(workdir, 'eval')}; log and manifest in {workdir}")
 
 
 def define_flags():
@@ -51,4 +52,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

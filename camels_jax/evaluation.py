@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from camels_jax import checkpoint, io_utils, plots, qa, qa_tune, stats
+from camels_jax import checkpoint, checks, cli, io_utils, plots, qa, qa_tune, stats
+from camels_jax import data as data_lib
 from camels_jax.adapt import online, uptake
 from camels_jax.data import pipeline
 from camels_jax.methods import baselines, camels
@@ -50,25 +51,59 @@ def eval_config() -> ml_collections.ConfigDict:
   """The `eval` section of a job config."""
   return ml_collections.ConfigDict(dict(
       methods="uniform,ssm,tfidf,camels,uniform+qa_lt",  # comma-separated subset of METHODS
-      lrs=(1e-4, 2.5e-5, 6.25e-6, 1.5625e-6),  # Adam lrs swept per method (reference README)
-      val_docs=8,  # documents of the validation stream (meta-val split) used to pick each method's lr
+      lrs=(1e-4, 2.5e-5, 6.25e-6, 1.5625e-6),  # Adam lrs (each > 0) swept per method (reference README)
+      val_docs=8,  # documents (>= 1) of the validation stream (meta-val split) used to pick each method's lr
       val_decoding="greedy",  # decoding when picking the lr ("greedy" is cheaper; "beam" as the test)
       decoding="beam",  # test decoding: "beam" (reference: 12 beams, 4 groups, penalty 10) or "greedy"
-      num_beams=12, num_groups=4, diversity_penalty=10.0,  # diverse beam search (reference)
+      # Diverse beam search (reference); num_beams a multiple of num_groups, diversity_penalty >= 0.
+      num_beams=12, num_groups=4, diversity_penalty=10.0,
       max_new_tokens=16,  # answer budget (reference: 16)
       batch_size=16,  # questions per scoring / generation batch (one shape; larger did not help on 2 cores)
-      curve_points=4,  # points along the test stream where F1 on the documents seen so far is measured
-      retention_docs=4,  # first documents whose questions are scored right after them and at the end
-      heatmap_docs=3,  # documents drawn in the token-weight heatmaps
+      curve_points=4,  # points (>= 1) along the test stream where F1 on the documents seen so far is measured
+      retention_docs=4,  # first documents (>= 1) whose questions are scored right after them and at the end
+      heatmap_docs=3,  # documents (>= 1) drawn in the token-weight heatmaps
       # How each method's lr is picked on the validation stream (SELECT_RULES). "nll": lowest answer NLL,
       # smooth and fed by every answer token, so it still ranks the lrs when a few validation questions (the
       # CPU default has 9) leave their F1 tied; "f1": highest F1, ties to prefix EM (the earlier rule).
       select="nll",
-      bootstrap=dict(resamples=2000, level=0.95, seed=0),  # intervals over questions (camels_jax.stats)
-      tfidf_min_threshold=0.0,  # TF-IDF weights below this are set to 0 (reference: 0)
-      light_tune=dict(lr=2.5e-5, patience=3, val_every=16, max_steps=200),  # uniform+qa_lt (reference)
+      # Intervals over questions (camels_jax.stats): resamples >= 1, level in (0, 1).
+      bootstrap=dict(resamples=2000, level=0.95, seed=0),
+      tfidf_min_threshold=0.0,  # TF-IDF weights below this (>= 0) are set to 0 (reference: 0)
+      # uniform+qa_lt (reference): lr > 0, the others >= 1 (as qa_tune's fields of the same names).
+      light_tune=dict(lr=2.5e-5, patience=3, val_every=16, max_steps=200),
       online=online.online_config(),  # adaptation optimiser (lr is swept)
   ))
+
+
+RULES = {
+    "methods": checks.subset_of(*METHODS),
+    "lrs": checks.each(checks.positive),
+    "val_docs": checks.count,
+    "val_decoding": checks.one_of(*qa.DECODINGS),
+    "decoding": checks.one_of(*qa.DECODINGS),
+    "num_beams": checks.count,
+    "num_groups": checks.count,
+    "diversity_penalty": checks.non_negative,
+    "max_new_tokens": checks.count,
+    "batch_size": checks.count,
+    "curve_points": checks.count,
+    "retention_docs": checks.count,
+    "heatmap_docs": checks.count,
+    "select": checks.one_of(*SELECT_RULES),
+    "bootstrap": {"resamples": checks.count, "level": checks.between(0, 1), "seed": checks.seed},
+    "tfidf_min_threshold": checks.non_negative,
+    "light_tune": {name: qa_tune.RULES[name] for name in ("lr", "patience", "val_every", "max_steps")},
+    "online": online.RULES,
+}
+
+
+def _beam_groups(c, at=""):
+  if "beam" in (c.decoding, c.val_decoding) and c.num_beams % c.num_groups:
+    return [f"{at}num_beams={c.num_beams} must be a multiple of {at}num_groups={c.num_groups} (beams per group)"]
+  return []
+
+
+CROSS = [_beam_groups]
 
 
 @dataclasses.dataclass
@@ -228,6 +263,28 @@ def weight_diagnostics(w_Ns, answer_masks) -> dict:
           "facts_tokens": int(sums["facts_n"]), "filler_tokens": int(sums["filler_n"])}
 
 
+def _no_weighting_model(directory: str) -> checks.UserError:
+  return checks.UserError(f"{directory}: no trained weighting model, which eval.methods=camels needs; run "
+                          f"`python -m camels_jax.train` with this config and workdir first (jobs qa_tune,camels), "
+                          f"or drop camels from eval.methods")
+
+
+def check_prerequisites(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Fails before anything is loaded (or QA-tuned) when the data or a configured method cannot be had."""
+  data_lib.check_sources(config.data)
+  if "camels" in _methods(config.eval):
+    directory = os.path.join(workdir, "camels")
+    if not os.path.isdir(directory):
+      raise _no_weighting_model(directory)
+    with checkpoint.Checkpointer(directory, best_metric="val_loss") as ckpt:
+      if ckpt.best_step() is None:
+        raise _no_weighting_model(directory)
+
+
+def _methods(ec) -> list[str]:
+  return [m.strip() for m in ec.methods.split(",") if m.strip()]
+
+
 def load_weighting_model(ctx: Context):
   """The best (by meta-validation loss) weighting model of the train job in the same workdir."""
   c = ctx.config.camels
@@ -237,8 +294,7 @@ def load_weighting_model(ctx: Context):
   directory = os.path.join(ctx.workdir, "camels")
   with checkpoint.Checkpointer(directory, best_metric="val_loss") as ckpt:
     if ckpt.best_step() is None:
-      raise FileNotFoundError(f"{directory}: no trained weighting model; run the 'camels' job first "
-                              f"(python -m camels_jax.train --config ... with jobs including camels)")
+      raise _no_weighting_model(directory)
     opt_state = camels.make_optimizer(c).init(meta)
     restored = ckpt.restore_best({"meta": meta, "opt": opt_state})
   return wm_graphdef, restored.state["meta"]
@@ -407,12 +463,8 @@ def add_comparisons(results: dict, raw: dict, bc) -> None:
 def run(ctx: Context, writer) -> dict:
   """Evaluates every configured method; writes <workdir>/eval/ (all files, or none of them)."""
   ec = ctx.ec
-  methods = [m.strip() for m in ec.methods.split(",") if m.strip()]
-  unknown = sorted(set(methods) - set(METHODS))
-  if unknown:
-    raise ValueError(f"eval.methods: unknown {unknown}; expected a subset of {METHODS}")
-  if ec.select not in SELECT_RULES:  # before any adaptation, not after the first sweep
-    raise ValueError(f"eval.select={ec.select!r}: expected one of {sorted(SELECT_RULES)}")
+  checks.validate_section("eval", ec, RULES, CROSS)  # before any adaptation, not after the first sweep
+  methods = _methods(ec)
   stream = ctx.data.stream()
   test_docs = list(stream.docs)
   val_docs = list(pipeline.Stream(ctx.data.splits["meta_val"], min(ec.val_docs, len(ctx.data.splits["meta_val"])),
@@ -423,7 +475,10 @@ def run(ctx: Context, writer) -> dict:
   no_adapt_s = time.perf_counter() - start
   results = {"no_adaptation": with_ci(no_adapt, ec.bootstrap), "methods": {}, "test_docs": len(test_docs),
              "val_docs": len(val_docs), "test_questions": no_adapt["n"], "select": ec.select,
-             "bootstrap": dict(ec.bootstrap), "time_s": {"no_adaptation": no_adapt_s}}
+             "bootstrap": dict(ec.bootstrap), "time_s": {"no_adaptation": no_adapt_s},
+             "manifest": cli.manifest_path(ctx.workdir)}
+  say = cli.phase if ctx.progress else logging.info
+  say(f"no adaptation: test F1 {no_adapt['f1']:.4f}, answer NLL {no_adapt['nll']:.4f} on {no_adapt['n']} questions")
   raw = {"no_adaptation": {"test": no_adapt}}
   heat = []
   for method in methods:
@@ -435,6 +490,9 @@ def run(ctx: Context, writer) -> dict:
     stream = raw["uniform"]["stream"] if method == "uniform+qa_lt" and "uniform" in raw else None
     results["methods"][method], raw[method] = evaluate_method(ctx, method, val_docs, test_docs, weights,
                                                               writer, lrs, stream)
+    r = results["methods"][method]
+    say(f"{method}: test F1 {r['test']['f1']:.4f}, answer NLL {r['test']['nll']:.4f} at lr {r['lr']:g} "
+        f"({r['time_s']['total']:.0f} s)")
     if method != "uniform":  # only uniform's adapted model is reused (by the light-tune); free the rest
       raw[method].pop("stream")
     if method != "uniform+qa_lt":

@@ -1,89 +1,130 @@
-"""Perplexity of a language model on a text.
+"""Perplexity of a language model on a text: static, with dynamic evaluation, or with a Fast Weight Layer head.
 
   python -m camels_jax.perplexity --config configs/ppl_smollm2.py [--config.text_file=PATH]
+      [--config.method=static|dynamic|fwl] [--config.dynamic.context=overlap|xl] [--config.dynamic.lr=1e-5]
 
-The text is cut into non-overlapping windows of `seq_len` tokens (the last one padded); every token
-but the first of each window is predicted from the window before it.
+Every token but the first is scored. `dynamic` (camels_jax/methods/dynamic_eval.py) says how the text is
+segmented: "overlap" windows (each token scored with up to a full window of context) or "xl" chunks attending
+to cached keys and values of the tokens before them; method "dynamic" also takes a gradient step on each
+segment after scoring it. Method "fwl" scores non-overlapping windows of `dynamic.window` tokens with the FWL
+head of the `fwl` train job in `fwl_workdir` (the head adapts within each window) and reports the same
+windows' static perplexity beside it.
 """
 
-import functools
-import math
+import json
 import os
+import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import tqdm
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from camels_jax import io_utils, metrics
-from camels_jax.adapt import loss
+from camels_jax import checks, cli, io_utils, metrics
 from camels_jax.data import generated
-from camels_jax.data.sources import DataError, check_file
-from camels_jax.models import loading, transformer
+from camels_jax.data import text as text_lib
+from camels_jax.data.sources import DataError, read_text
+from camels_jax.methods import dynamic_eval, fwl
+from camels_jax.models import loading
+
+METHODS = ("static", "dynamic", "fwl")
+
+# The job's fields (configs/ppl_smollm2.py), checked before anything is loaded.
+RULES = {
+    "workdir": checks.nonempty_string,
+    "model": loading.RULES,
+    "method": checks.one_of(*METHODS),
+    "dynamic": dynamic_eval.RULES,
+    "fwl_workdir": checks.string,  # method fwl: the workdir of a finished `fwl` train job
+    "text_file": checks.string,  # "" = generated documents
+    "generated_seed": checks.seed,
+    "generated_docs": checks.count,
+    "max_tokens": checks.count_or_zero,  # 0 = all
+    "batch_size": checks.count,  # method fwl: windows per forward pass
+    "add_bos": checks.boolean,
+}
 
 
-def windows(ids: list[int], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """tokens_NxL and mask_NxL of consecutive, non-overlapping windows."""
-  n = max(1, math.ceil(len(ids) / seq_len))
-  tokens_NxL = np.full((n, seq_len), pad_id, np.int32)
-  mask_NxL = np.zeros((n, seq_len), np.int32)
-  for i in range(n):
-    chunk = ids[i * seq_len:(i + 1) * seq_len]
-    tokens_NxL[i, :len(chunk)] = chunk
-    mask_NxL[i, :len(chunk)] = 1
-  return tokens_NxL, mask_NxL
+def _fwl_needs_its_workdir(c, at=""):
+  if c.method == "fwl" and not c.fwl_workdir:
+    return [f"{at}method='fwl' needs {at}fwl_workdir (the workdir of `python -m camels_jax.train` with an fwl "
+            f"config)"]
+  return []
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def nll_sum(graphdef, params, tokens_BxL, mask_BxL):
-  """Summed next-token NLL over real targets, and their count."""
-  nll_BxL = loss.token_nll(transformer.apply(graphdef, params, tokens_BxL, mask_BxL), tokens_BxL)
-  weight_BxL = loss.target_mask(mask_BxL)
-  return (nll_BxL * weight_BxL).sum(), weight_BxL.sum()
+CROSS = (checks.within("model", loading.CROSS) + checks.within("dynamic", dynamic_eval.CROSS)
+         + [_fwl_needs_its_workdir])
 
-
-def perplexity(graphdef, params, tokens_NxL: np.ndarray, mask_NxL: np.ndarray, batch_size: int,
-               progress: bool = True) -> dict[str, float]:
-  """{"ppl", "nll", "tokens"} of the windows, in batches of `batch_size` (padded with empty rows)."""
-  total, count = 0.0, 0.0
-  for i in tqdm.trange(0, len(tokens_NxL), batch_size, desc="perplexity", disable=not progress):
-    tokens_BxL, mask_BxL = tokens_NxL[i:i + batch_size], mask_NxL[i:i + batch_size]
-    short = batch_size - len(tokens_BxL)
-    if short:  # one shape for every batch: a single compilation
-      tokens_BxL = np.pad(tokens_BxL, ((0, short), (0, 0)))
-      mask_BxL = np.pad(mask_BxL, ((0, short), (0, 0)))
-    s, c = nll_sum(graphdef, params, tokens_BxL, mask_BxL)
-    total, count = total + float(s), count + float(c)
-  nll = total / max(count, 1.0)
-  return {"ppl": math.exp(nll), "nll": nll, "tokens": int(count)}
+# Fields a rerun in the same workdir may change: they do not change what the workdir holds.
+SAFE_ON_RESUME = ("batch_size", "method", "dynamic.*", "fwl_workdir", "text_file", "max_tokens",
+                  "generated_*", "add_bos")
 
 
 def load_text(config: ml_collections.ConfigDict) -> str:
   """The configured text file, or (by default) documents of the generated dataset."""
   if config.text_file:
-    with open(check_file(config.text_file), encoding="utf-8") as f:
-      return f.read()
+    return read_text(config.text_file)
   docs = generated.generate(config.generated_seed, "test", config.generated_docs)
   return "\n\n".join(d.text for d in docs)
 
 
+def fwl_job_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of the fwl train job in `config.fwl_workdir` (its config.json); its model must be ours."""
+  path = os.path.join(config.fwl_workdir, cli.CONFIG_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      job = ml_collections.ConfigDict(json.load(f))
+  except FileNotFoundError:
+    raise checks.UserError(f"{path}: not found; fwl_workdir must be the workdir of a finished `python -m "
+                           f"camels_jax.train` run with an fwl config") from None
+  except (OSError, ValueError) as e:
+    raise checks.UserError(f"{path}: unreadable ({cli.one_line(e)})") from None
+  if "fwl" not in job:
+    raise checks.UserError(f"{path}: that workdir's job has no fwl section (jobs={job.get('jobs')!r})")
+  diffs = cli.config_differences(job.model.to_dict(), config.model.to_dict())
+  if diffs:
+    listed = "; ".join(f"model.{k}: {a!r} there, {b!r} here" for k, (a, b) in diffs.items())
+    raise checks.ConfigError(f"the FWL head in {config.fwl_workdir} was trained on another model ({listed})")
+  return job
+
+
+def check_prerequisites(config: ml_collections.ConfigDict, workdir: str = "") -> None:
+  """The text is readable and, for method fwl, the train job's workdir holds its config (in seconds)."""
+  del workdir
+  if config.text_file:
+    read_text(config.text_file)
+  if config.method == "fwl":
+    fwl_job_config(config)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
   """Loads the model, measures perplexity and writes `perplexity.json` and TensorBoard scalars."""
+  text = load_text(config)  # before the model: a bad file fails in a second
   model = loading.load(config.model)
-  text = load_text(config)
   ids = model.tokenizer.encode(text, add_bos=config.add_bos)
   if config.max_tokens:
     ids = ids[:config.max_tokens]
-  if not ids:
-    raise DataError(f"{config.text_file or 'generated text'}: no tokens to score")
-  tokens_NxL, mask_NxL = windows(ids, min(config.seq_len, model.cfg.max_len), model.tokenizer.pad_id)
-  result = perplexity(model.graphdef, model.params, tokens_NxL, mask_NxL, config.batch_size, progress)
-  result |= {"source": config.model.source, "text": config.text_file or "generated"}
+  if len(ids) < 2:
+    raise DataError(f"{config.text_file or 'generated text'}: {len(ids)} token(s); at least 2 are needed")
+  c = config.dynamic
+  if config.method == "fwl":
+    job = fwl_job_config(config)
+    head_graphdef, trainable = fwl.load_trained(job, model, config.fwl_workdir)
+    window = min(c.window, model.cfg.max_len)
+    tokens_NxL, mask_NxL = text_lib.windows(ids, window, model.tokenizer.pad_id)
+    start = time.perf_counter()
+    m = fwl.score_windows(model.graphdef, trainable.get("body", model.params), head_graphdef, trainable["head"],
+                          tokens_NxL, mask_NxL, config.batch_size, job.fwl.chunk, progress)
+    result = {"nll": m["nll"], "ppl": m["ppl"], "tokens": m["tokens"], "time_s": time.perf_counter() - start,
+              "updates": 0, "static_same_windows": {"nll": m["static_nll"], "ppl": m["static_ppl"]}}
+  else:
+    dynamic_eval.check_model(c, model.cfg)
+    result = dynamic_eval.evaluate(model.graphdef, model.params, model.cfg, ids, c,
+                                   dynamic=config.method == "dynamic", progress=progress)
+  result |= {"method": config.method, "source": config.model.source, "text": config.text_file or "generated",
+             "manifest": cli.manifest_path(workdir)}
   writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)
-  writer.write_scalars(0, {"perplexity": result["ppl"], "nll": result["nll"]})
+  writer.write_scalars(0, {f"perplexity/{config.method}": result["ppl"], f"nll/{config.method}": result["nll"]})
   writer.close()
   io_utils.write_json(os.path.join(workdir, "perplexity.json"), result)
   return result
@@ -93,10 +134,13 @@ def main(argv):
   del argv
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or config.workdir
-  result = run(config, workdir)
-  logging.info("perplexity %.3f over %d tokens", result["ppl"], result["tokens"])
-  print(f"perplexity {result['ppl']:.3f} (nll {result['nll']:.4f}) over {result['tokens']} predicted tokens; "
-        f"results in {os.path.join(workdir, 'perplexity.json')}")
+  with cli.session("perplexity", config, workdir, RULES, CROSS, SAFE_ON_RESUME, prerequisites=check_prerequisites):
+    result = run(config, workdir)
+  extra = ""
+  if "static_same_windows" in result:
+    extra = f"; static on the same windows {result['static_same_windows']['ppl']:.3f}"
+  print(f"{config.method} perplexity {result['ppl']:.3f} (nll {result['nll']:.4f}) over {result['tokens']} "
+        f"predicted tokens in {result['time_s']:.1f} s{extra}; results in {os.path.join(workdir, 'perplexity.json')}")
 
 
 def define_flags():
@@ -107,4 +151,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -24,33 +24,68 @@ import optax
 import tqdm
 from flax import nnx
 
-from camels_jax import qa
+from camels_jax import checks, qa
 from camels_jax.adapt import loss
 from camels_jax.data import pipeline
 from camels_jax.models import transformer
 
 STOP_METRICS = {"nll": "min", "f1": "max", "em": "max", "prefix_em": "max"}
+OPTIMIZERS = ("adam", "adamw", "sgd")
 _TRAIN_KEYS = qa.LIKELIHOOD_KEYS
 
 
 def qa_tune_config() -> ml_collections.ConfigDict:
   """The `qa_tune` section of a job config (defaults sized for the generated dataset on 2 CPU cores)."""
   c = ml_collections.ConfigDict()
-  c.lr = 2.5e-5  # learning rate (reference: 2.5e-5)
+  c.lr = 2.5e-5  # learning rate, > 0 (reference: 2.5e-5)
   c.optimizer = "adam"  # "adam" (reference; torch defaults b1 0.9, b2 0.999, eps 1e-8), "adamw" or "sgd"
-  c.weight_decay = 0.0  # decoupled weight decay, "adamw" only (reference: none)
+  c.weight_decay = 0.0  # decoupled weight decay (>= 0), "adamw" only (reference: none)
   c.grad_clip = 100.0  # global gradient-norm clip (reference: 100); <= 0 disables it
-  c.grad_accum = 1  # micro-batches (of data.qa_batch_size) per update (reference: 2 x 32)
+  c.grad_accum = 1  # micro-batches (of data.qa_batch_size) per update, >= 1 (reference: 2 x 32)
   c.max_steps = 60  # updates at most: 5 epochs of the default generated QA-train (reference: unlimited)
-  c.val_every = 6  # updates between validations; step 0 is validated too (reference: 512)
-  c.patience = 3  # stop when the last `patience` validations are all worse than an earlier one (ref: 10)
+  c.val_every = 6  # updates between validations (>= 1); step 0 is validated too (reference: 512)
+  c.patience = 3  # stop when the last `patience` (>= 1) validations are all worse than an earlier one (ref: 10)
   c.stop_metric = "nll"  # "nll" (reference) or "f1" / "em" / "prefix_em" (need val_decoding)
   c.val_decoding = ""  # "" = NLL only; "greedy" (reference light-tune) or "beam" adds EM / F1
   c.max_new_tokens = 16  # answer budget of the validation decoding (reference: 16)
-  c.log_every = 10  # updates between train-metric scalars (means over the interval)
-  c.train_split = "qa_train"  # data split trained on
-  c.val_split = "qa_val"  # data split validated on
+  c.log_every = 10  # updates between train-metric scalars (means over the interval), >= 1
+  c.train_split = "qa_train"  # data split trained on (a key of data.split_sizes)
+  c.val_split = "qa_val"  # data split validated on (a key of data.split_sizes)
   return c
+
+
+RULES = {
+    "lr": checks.positive,
+    "optimizer": checks.one_of(*OPTIMIZERS),
+    "weight_decay": checks.non_negative,
+    "grad_clip": checks.any_number,  # <= 0 disables clipping
+    "grad_accum": checks.count,
+    "max_steps": checks.count,
+    "val_every": checks.count,
+    "patience": checks.count,
+    "stop_metric": checks.one_of(*STOP_METRICS),
+    "val_decoding": checks.one_of("", *qa.DECODINGS),
+    "max_new_tokens": checks.count,
+    "log_every": checks.count,
+    "train_split": checks.nonempty_string,
+    "val_split": checks.nonempty_string,
+}
+
+
+def _metric_decoded(c, at=""):
+  if c.stop_metric != "nll" and not c.val_decoding:
+    return [f"{at}stop_metric={c.stop_metric!r} needs {at}val_decoding ('greedy' or 'beam'): only decoded "
+            f"answers have an EM / F1"]
+  return []
+
+
+def _decay_used(c, at=""):
+  if c.weight_decay and c.optimizer != "adamw":  # adam and sgd would silently ignore it
+    return [f"{at}weight_decay={c.weight_decay} is used by {at}optimizer='adamw' only, not {c.optimizer!r}"]
+  return []
+
+
+CROSS = [_metric_decoded, _decay_used]
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -71,7 +106,7 @@ def _optimizer(name: str, lr: float, weight_decay: float, grad_clip: float) -> o
   elif name == "sgd":
     opt = optax.sgd(lr)
   else:
-    raise ValueError(f"qa_tune.optimizer={name!r} is not one of adam, adamw, sgd")
+    raise ValueError(f"qa_tune.optimizer={name!r} is not one of {', '.join(OPTIMIZERS)}")
   if grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
   return opt
@@ -221,16 +256,7 @@ def validate(model, data, config: ml_collections.ConfigDict, params,
 
 
 def _check(config: ml_collections.ConfigDict) -> None:
-  if config.stop_metric not in STOP_METRICS:
-    raise ValueError(f"qa_tune.stop_metric={config.stop_metric!r} is not one of {list(STOP_METRICS)}")
-  if config.stop_metric != "nll" and not config.val_decoding:
-    raise ValueError(f"qa_tune.stop_metric={config.stop_metric!r} needs qa_tune.val_decoding "
-                     f"('greedy' or 'beam')")
-  if config.val_decoding and config.val_decoding not in qa.DECODINGS:
-    raise ValueError(f"qa_tune.val_decoding={config.val_decoding!r} is not '', 'greedy' or 'beam'")
-  for name in ("grad_accum", "val_every", "patience", "log_every"):
-    if config[name] < 1:
-      raise ValueError(f"qa_tune.{name}={config[name]} must be >= 1")
+  checks.validate_section("qa_tune", config, RULES, CROSS)
 
 
 def qa_tune(model, data, config: ml_collections.ConfigDict, writer, progress: bool = True,

@@ -10,15 +10,89 @@ import os
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from camels_jax import checkpoint, io_utils, metrics, qa_tune, sharding
+from camels_jax import checkpoint, cli, io_utils, metrics, qa_tune, sharding
+from camels_jax import checks, evaluation
 from camels_jax import data as data_lib
-from camels_jax.methods import camels
+from camels_jax.data import config as data_config
+from camels_jax.data import text as text_lib
+from camels_jax.methods import camels, fwl
 from camels_jax.models import loading
 
-JOBS = ("qa_tune", "camels")
+JOBS = ("qa_tune", "camels", "fwl")
+QA_JOBS = ("qa_tune", "camels")  # the jobs that read the QA dataset (`data`)
+
+# Every field of a train / evaluate job config with its valid range (each section's RULES sits beside the
+# function that builds it), and the checks between fields: all run before a model or dataset is loaded.
+RULES = {
+    "workdir": checks.nonempty_string,
+    "jobs": checks.subset_of(*JOBS),
+    "model": loading.RULES,
+    "data": data_config.RULES,
+    "qa_tune": qa_tune.RULES,
+    "camels": camels.RULES,
+    "eval": evaluation.RULES,
+    "text": text_lib.RULES,
+    "fwl": fwl.RULES,
+}
+
+
+def _has(c, *sections) -> bool:
+  return all(name in c for name in sections)
+
+
+def _too_long(c, max_len: int, limit: str, at: str = "") -> list[str]:
+  if not _has(c, "data"):
+    return []
+  lengths = {"data.doc_buckets": max(c.data.doc_buckets), "data.qa_len": c.data.qa_len, "data.loc_len": c.data.loc_len}
+  return [f"{at}{key} reaches {n} tokens, more than {limit}={max_len}" for key, n in lengths.items() if n > max_len]
+
+
+def _fits_random_model(c, at=""):
+  """Sequences must fit a random model's positions (a loaded model's are checked by `check_model_fits`)."""
+  return _too_long(c, c.model.random.max_len, f"{at}model.random.max_len", at) if c.model.source == "random" else []
+
+
+def check_model_fits(config: ml_collections.ConfigDict, cfg) -> None:
+  """Once a model is loaded: every sequence the data section asks for fits its context (one ConfigError)."""
+  found = _too_long(config, cfg.max_len, f"the context of {config.model.source}")
+  if found:
+    raise checks.ConfigError("config: " + "; ".join(found))
+
+
+def _padded_lens(c, at=""):
+  """A "padded" loss divides by padded_len - 1: 0 (the longest bucket) or at least the longest document."""
+  if not _has(c, "data", "camels", "eval"):
+    return []
+  longest = max(c.data.doc_buckets)
+  return [f"{at}{key}={n} must be 0 or >= the longest of {at}data.doc_buckets={tuple(c.data.doc_buckets)}"
+          for key, n in (("camels.padded_len", c.camels.padded_len),
+                         ("eval.online.padded_len", c.eval.online.padded_len)) if 0 < n < longest]
+
+
+def _qa_tune_splits(c, at=""):
+  if not _has(c, "data", "qa_tune"):
+    return []
+  return [f"{at}qa_tune.{key}={c.qa_tune[key]!r} is not a split; expected one of {', '.join(c.data.split_sizes)}"
+          for key in ("train_split", "val_split") if c.qa_tune[key] not in c.data.split_sizes]
+
+
+def _weighting_layers(c, at=""):
+  if not _has(c, "camels"):
+    return []
+  w = c.camels.weighting
+  if c.model.source == "random" and w.backbone == "base" and w.base_layers > c.model.random.n_layers:
+    return [f"{at}camels.weighting.base_layers={w.base_layers} exceeds the base model's "
+            f"{at}model.random.n_layers={c.model.random.n_layers}"]
+  return []
+
+
+CROSS = (checks.within("model", loading.CROSS) + checks.within("data", data_config.CROSS)
+         + checks.within("qa_tune", qa_tune.CROSS) + checks.within("camels", camels.CROSS)
+         + checks.within("eval", evaluation.CROSS)
+         + [_fits_random_model, _padded_lens, _qa_tune_splits, _weighting_layers])
 
 
 def finished_qa_tune(model: loading.Loaded, workdir: str):
@@ -33,9 +107,12 @@ def finished_qa_tune(model: loading.Loaded, workdir: str):
 
 def qa_tuned_params(config, model: loading.Loaded, data, workdir: str, writer, progress: bool = True):
   """The QA-tuned base params: loaded from <workdir>/qa_tune if a finished run is there, else trained."""
+  say = cli.phase if progress else logging.info
   found = finished_qa_tune(model, workdir)
   if found is not None:
+    say(f"qa_tune: loaded the finished QA-tuning in {os.path.join(workdir, 'qa_tune')}")
     return found
+  say(f"qa_tune: QA-tuning the base model, at most {config.qa_tune.max_steps} steps")
   params, history = qa_tune.qa_tune(model, data, config.qa_tune, writer, progress=progress)
   with checkpoint.Checkpointer(os.path.join(workdir, "qa_tune"), max_to_keep=1) as ckpt:
     ckpt.save(history[-1]["step"] + 1, {"params": params}, meta={"history": history})
@@ -50,10 +127,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
   if unknown:
     raise ValueError(f"config.jobs: unknown job(s) {unknown}; expected a comma-separated subset of {JOBS}")
   sharding.initialize_distributed(distributed)
+  say = cli.phase if progress else logging.info
   model = loading.load(config.model)
-  data = data_lib.load(config.data, model.tokenizer, workdir)
+  check_model_fits(config, model.cfg)
+  say(f"model: {config.model.source}, {model.cfg.n_layers} blocks, d_model {model.cfg.d_model}")
+  data = None
+  if set(jobs) & set(QA_JOBS):
+    data = data_lib.load(config.data, model.tokenizer, workdir)
+    say(f"data: {config.data.dataset}, " + ", ".join(f"{k} {len(v)}" for k, v in data.splits.items())
+        + " documents")
   writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)
-  results = {}
+  results = {"manifest": cli.manifest_path(workdir)}
   base_params, base_name = model.params, "raw"
   if "qa_tune" in jobs:
     base_params, history = qa_tuned_params(config, model, data, workdir, writer, progress)
@@ -66,29 +150,57 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
     if found is not None:
       base_params, base_name = found[0], "qa_tuned"
     else:
-      logging.warning("camels: no finished QA-tuning in %s: meta-training the raw base model (add "
-                      "qa_tune to config.jobs to QA-tune it first, as the reference does)",
-                      os.path.join(workdir, "qa_tune"))
+      logging.warning("camels: no finished QA-tuning in %s", os.path.join(workdir, "qa_tune"))
+      say(f"camels: no finished QA-tuning in {os.path.join(workdir, 'qa_tune')}: meta-training the raw base "
+          f"model (add qa_tune to config.jobs to QA-tune it first, as the reference does)")
   if "camels" in jobs:
+    say(f"camels: meta-training the weighting model on the {base_name.replace('_', '-')} base model, "
+        f"{config.camels.steps} steps")
     _, _, results["camels"] = camels.fit(config, model, base_params, data, workdir, writer, progress)
     results["camels"]["base_model"] = base_name
+  if "fwl" in jobs:
+    c = config.fwl
+    say(f"fwl: training the fast-weight head{' and the body' if c.train_body else ''}, {c.steps} steps of "
+        f"{c.batch_size} x {c.seq_len} tokens, text: {config.text.text_file or 'generated documents'}")
+    _, _, results["fwl"] = fwl.fit(config, model, workdir, writer, progress)
+    b, first = results["fwl"]["best"], results["fwl"]["history"][0]
+    say(f"fwl: held-out perplexity {b['val_ppl']:.3f} at step {b['step']} (static {b['val_static_ppl']:.3f}; "
+        f"initial head {first['val_ppl']:.3f})")
   writer.close()
   io_utils.write_json(os.path.join(workdir, "train_results.json"), results)
   return results
 
 
+def check_sources(config: ml_collections.ConfigDict, workdir: str = "") -> None:
+  """The files the configured jobs read exist and are not empty (before anything is loaded)."""
+  del workdir
+  jobs = {j.strip() for j in config.jobs.split(",")}
+  if jobs & set(QA_JOBS):
+    data_lib.check_sources(config.data)
+  if "fwl" in jobs and config.text.text_file:
+    text_lib.read_text(config.text.text_file)
+
+
+# Fields a rerun in the same workdir may change (fnmatch patterns): more meta-training steps, how often
+# and on what it validates, and anything evaluation-only. The rest would mix two experiments in one workdir.
+SAFE_ON_RESUME = ("camels.steps", "camels.val_every", "camels.val_batches", "camels.compare",
+                  "camels.compare_batches", "qa_tune.log_every", "model.remat", "eval.*", "fwl.steps",
+                  "fwl.val_every")
+
+
 def main(argv):
   del argv
-  checkpoint.quiet_orbax_logs()
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or config.workdir
-  results = run(config, workdir, distributed=flags.FLAGS.distributed)
+  with cli.session("train", config, workdir, RULES, CROSS, SAFE_ON_RESUME,
+                   prerequisites=check_sources):
+    results = run(config, workdir, distributed=flags.FLAGS.distributed)
   if "qa_tune" in results:
     b = results["qa_tune"]["best"]
     print(f"qa_tune: best QA-val NLL {b['nll']:.4f} at step {b['step']}")
   if "camels" in results:
     print(camels_summary(results["camels"]))
-  print(f"results in {os.path.join(workdir, 'train_results.json')}")
+  print(f"results in {os.path.join(workdir, 'train_results.json')}; log and manifest in {workdir}")
 
 
 def _fmt(x, spec=".4f"):
@@ -142,4 +254,4 @@ def define_flags():
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

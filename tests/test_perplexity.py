@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 from camels_jax import perplexity
+from camels_jax.data import text
 from tests.tiny_config import REPO, load_config
 
 WIKITEXT = os.path.join(REPO, "..", "shared", "data", "wikitext2_raw_test.txt")
 
 
 def test_windows_cover_the_tokens_once():
-  tokens, mask = perplexity.windows(list(range(1, 11)), 4, pad_id=0)
+  tokens, mask = text.windows(list(range(1, 11)), 4, pad_id=0)
   assert tokens.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 0, 0]]
   assert mask.sum() == 10
 

@@ -1,4 +1,4 @@
-"""The default job config shrunk to a tiny random model and a few steps (what the tests run)."""
+"""Loading the shipped job configs in tests (configs/tiny.py is what most tests run)."""
 
 import importlib.util
 import os
@@ -14,35 +14,5 @@ def load_config(name: str):
 
 
 def tiny_default():
-  c = load_config("default")
-  c.model.source = "random"
-  c.model.tokenizer = "gpt2"
-  c.model.random.update(vocab_size=50257, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64,
-                        max_len=256)
-  c.data.split_sizes.update(qa_train=12, qa_val=4, meta_train=12, meta_val=6, test=6)
-  c.data.generated.loc_docs = 4
-  c.data.doc_buckets = (256,)
-  c.data.qa_len = 48
-  c.data.loc_len = 64
-  c.data.meta_batch_docs = 3
-  c.data.stream_docs = 4
-  c.data.qa_batch_size = 8
-  c.qa_tune.max_steps = 4
-  c.qa_tune.val_every = 2
-  c.camels.weighting.base_layers = 1
-  c.camels.weighting.hidden = 16
-  c.camels.steps = 8
-  c.camels.reset_every = 2
-  c.camels.grad_accum = 2
-  c.camels.val_every = 4
-  c.camels.inner_lr = 0.3
-  c.camels.outer_lr = 3e-3
-  c.eval.lrs = (1e-3, 1e-4)
-  c.eval.val_docs = 3
-  c.eval.num_beams, c.eval.num_groups = 4, 2
-  c.eval.max_new_tokens = 4
-  c.eval.curve_points = 2
-  c.eval.retention_docs = 2
-  c.eval.heatmap_docs = 2
-  c.eval.light_tune.update(max_steps=2, val_every=1, patience=1)
-  return c
+  """configs/tiny.py: the default job on a tiny random model."""
+  return load_config("tiny")

@@ -15,17 +15,27 @@ import optax
 import tqdm
 from flax import nnx
 
+from camels_jax import checks
 from camels_jax.adapt import inner
+from camels_jax.adapt.loss import NORMALIZATIONS
 
 
 def online_config() -> ml_collections.ConfigDict:
   """The `online` section of an evaluation config (reference values in comments)."""
   return ml_collections.ConfigDict(dict(
-      lr=1e-4,  # Adam lr (reference default 1e-4; its README sweeps 1e-4, 2.5e-5, 6.25e-6, 1.5625e-6)
-      grad_clip=750.0,  # global-norm gradient clip (reference: 750)
-      normalization="padded",  # per-document loss / (padded_len - 1) (reference) or / real tokens
-      padded_len=0,  # length "padded" divides by; 0 = the longest document bucket (reference: 1024)
+      lr=1e-4,  # Adam lr, > 0 (reference default 1e-4; its README sweeps 1e-4, 2.5e-5, 6.25e-6, 1.5625e-6)
+      grad_clip=750.0,  # global-norm gradient clip, > 0 (reference: 750)
+      normalization="padded",  # per-document loss / (padded_len - 1) ("padded", reference) or / real tokens ("tokens")
+      padded_len=0,  # length "padded" divides by, >= the longest document bucket; 0 = that bucket (ref.: 1024)
   ))
+
+
+RULES = {
+    "lr": checks.positive,
+    "grad_clip": checks.positive,
+    "normalization": checks.one_of(*NORMALIZATIONS),
+    "padded_len": checks.count_or_zero,  # against the document buckets: the job's check (it has the data section)
+}
 
 
 @functools.lru_cache

@@ -5,7 +5,7 @@ numpy batches (see `pipeline` for array names and masks).
 """
 
 from camels_jax.data.config import DATASETS, get_data_config
-from camels_jax.data.dataset import Data, load
+from camels_jax.data.dataset import Data, check_sources, load
 from camels_jax.data.sources import DataError
 
-__all__ = ["DATASETS", "Data", "DataError", "get_data_config", "load"]
+__all__ = ["DATASETS", "Data", "DataError", "check_sources", "get_data_config", "load"]

@@ -12,12 +12,15 @@ metadata.
 
 import abc
 import collections
+import contextlib
 import dataclasses
 import hashlib
+import io
 import os
 from typing import Mapping, Sequence
 
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
 
 from camels_jax.data import generated
@@ -155,9 +158,14 @@ def prepare(name: str, data_dir: str, **builder_kwargs) -> tuple[dict[str, Seque
     **builder_kwargs: the builder's source arguments (paths, seeds, ...).
   """
   tfds.display_progress_bar(False)  # The datasets are small; the bars only clutter logs.
-  sources = tfds.data_source(
-      name, data_dir=data_dir, builder_kwargs=builder_kwargs,
-      download_and_prepare_kwargs=dict(download_config=tfds.download.DownloadConfig(try_download_gcs=False)))
+  printed = io.StringIO()  # TFDS prints "Downloading and preparing dataset ..." to stdout: to the log instead
+  with contextlib.redirect_stdout(printed):
+    sources = tfds.data_source(
+        name, data_dir=data_dir, builder_kwargs=builder_kwargs,
+        download_and_prepare_kwargs=dict(download_config=tfds.download.DownloadConfig(try_download_gcs=False)))
+  for line in printed.getvalue().splitlines():
+    if line.strip():
+      logging.info("tfds: %s", line.strip())
   info = next(iter(sources.values())).dataset_info
   return sources, dict(info.metadata.get("counts", {}))
 

@@ -54,6 +54,18 @@ class Data:
     return pipeline.Stream(test, n, self.config.stream_seed, self.spec, self.pad_id)
 
 
+def check_sources(config: ml_collections.ConfigDict) -> None:
+  """Raises one `DataError` if a file `load` would read is missing or empty (before any model is loaded)."""
+  c = config
+  if c.dataset == "squad":
+    for p in [p.strip() for p in c.path.split(",") if p.strip()] or [""]:
+      check_file(p)
+  elif c.dataset in ("streamingqa", "archivalqa"):
+    builders.csv_files(c.dataset, c.path)
+  if c.loc_path:
+    check_file(c.loc_path)
+
+
 def load(config: ml_collections.ConfigDict, tokenizer: pipeline.Tokenizer, workdir: str) -> Data:
   """Prepares (once, as TFDS array_record datasets) and loads the configured dataset.
 

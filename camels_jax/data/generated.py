@@ -87,6 +87,7 @@ _FACTS = (
                         "{successor} became head of the {org} in {successor_year}."),
      "In what year did {successor} take over the {org}?", "{successor_year}"),
 )
+MAX_QUESTIONS = len(_FACTS)  # one question per fact a document can state
 
 
 class _Namer:
@@ -138,7 +139,7 @@ def generate(seed: int, split: str, n_docs: int, questions_per_doc: int = 3,
     seed: dataset seed; together with `split` it fixes every document.
     split: one of `SPLITS`; documents of "loc" carry no questions.
     n_docs: number of documents.
-    questions_per_doc: questions asked about each document (at most 9; 0 for "loc").
+    questions_per_doc: questions asked about each document (at most MAX_QUESTIONS = 9; 0 for "loc").
     filler: (min, max) number of filler sentences mixed into each document.
 
   Returns:
@@ -147,8 +148,8 @@ def generate(seed: int, split: str, n_docs: int, questions_per_doc: int = 3,
   """
   if split not in SPLITS:
     raise ValueError(f"unknown generated split {split!r}; expected one of {SPLITS}")
-  if not 0 <= questions_per_doc <= len(_FACTS):
-    raise ValueError(f"questions_per_doc={questions_per_doc} must be in [0, {len(_FACTS)}]")
+  if not 0 <= questions_per_doc <= MAX_QUESTIONS:
+    raise ValueError(f"questions_per_doc={questions_per_doc} must be in [0, {MAX_QUESTIONS}]")
   # A string seed is hashed with SHA-512 by `random`, so streams are stable across Python versions.
   rng = random.Random(f"camels-generated/{seed}/{split}")
   namer = _Namer(rng, split)

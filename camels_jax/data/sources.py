@@ -17,8 +17,10 @@ import re
 import sys
 from typing import Iterable, Sequence
 
+from camels_jax import checks
 
-class DataError(ValueError):
+
+class DataError(checks.UserError, ValueError):
   """A data source is missing, malformed, or names an unknown dataset."""
 
 
@@ -61,7 +63,24 @@ def check_file(path: str) -> str:
     raise DataError("no data file given (set config.data.path)")
   if not os.path.isfile(path):
     raise DataError(f"data file not found: {path}")
+  if os.path.getsize(path) == 0:
+    raise DataError(f"{path}: the file is empty")
   return path
+
+
+def read_text(path: str) -> str:
+  """The whole of a UTF-8 text file; one clear `DataError` if it is missing, unreadable, empty or not UTF-8."""
+  check_file(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); give a UTF-8 text file") from None
+  except OSError as e:
+    raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+  if not text.strip():
+    raise DataError(f"{path}: the file is empty; give a file with text in it")
+  return text
 
 
 def gold_answers(answers: Iterable[str]) -> tuple[str, ...]:

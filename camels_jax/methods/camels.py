@@ -22,7 +22,7 @@ import tqdm
 from absl import logging
 from flax import nnx
 
-from camels_jax import checkpoint, sharding, stats
+from camels_jax import checkpoint, checks, sharding, stats
 from camels_jax.data import pipeline
 from camels_jax.adapt import inner as inner_lib
 from camels_jax.adapt import loss
@@ -67,15 +67,41 @@ def weighting_config() -> ml_collections.ConfigDict:
       # "random": a small backbone (`random` shape, base vocabulary) from scratch; else a model source
       # (as model.source: .gguf, HF folder, "hub:NAME") sharing the base model's tokenizer.
       backbone="base",
-      base_layers=4,  # blocks taken from the base model when backbone == "base"
-      random=dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256),  # backbone == "random"
+      base_layers=4,  # blocks taken from the base model when backbone == "base" (1 to its n_layers)
+      # backbone == "random": sizes >= 1, d_model a multiple of n_heads, n_heads a multiple of n_kv_heads.
+      random=dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256),
       hidden=128,  # width of the MLP head (reference: 128)
-      beta=3.0,  # softplus sharpness (reference: 3)
+      beta=3.0,  # softplus sharpness, > 0 (reference: 3)
       # > 0: every document's weights are rescaled to this mean (over its predicted tokens), so meta-training
-      # learns where to put the weight, not how big a step to take (that is the inner lr). 0 = off (reference).
+      # learns where to put the weight, not how big a step to take (that is the inner lr). >= 0; 0 = off (ref.).
       mean_weight=0.0,
       seed=0,  # init seed of the head (and of a random backbone)
   ))
+
+
+WEIGHTING_RULES = {
+    "backbone": checks.nonempty_string,
+    "base_layers": checks.count,
+    "random": {name: checks.count for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")},
+    "hidden": checks.count,
+    "beta": checks.positive,
+    "mean_weight": checks.non_negative,
+    "seed": checks.seed,
+}
+
+
+def _random_backbone(c, at=""):
+  """A random backbone's heads must divide as a ModelConfig needs (its own check, at a stand-in vocabulary)."""
+  if c.backbone != "random":
+    return []
+  try:
+    ModelConfig(arch="llama", vocab_size=1, max_len=1, **c.random.to_dict())
+  except (TypeError, ValueError) as e:
+    return [f"{at}random: {e}"]
+  return []
+
+
+WEIGHTING_CROSS = [_random_backbone]
 
 
 def _flat(state) -> dict[tuple, Any]:
@@ -106,8 +132,6 @@ def build_weighting_model(wcfg: ml_collections.ConfigDict, base: loading.Loaded)
                        f"ids) differs from the base model's ({base.tokenizer.vocab_size})")
     bcfg = other.cfg.replace(tie_embeddings=True, remat=False)
     source = {p: v for p, v in _flat(other.params).items() if p[0] != "lm_head"}
-  if wcfg.mean_weight < 0:
-    raise ValueError(f"weighting.mean_weight={wcfg.mean_weight} must be >= 0 (0 = no rescaling)")
   graphdef, params = nnx.split(WeightingModel(bcfg, wcfg.hidden, wcfg.beta, wcfg.mean_weight, rngs=rngs))
   flat = []
   for path, var in nnx.to_flat_state(params):
@@ -272,29 +296,72 @@ def camels_config() -> ml_collections.ConfigDict:
   """The `camels` section of a job config (reference values in comments)."""
   return ml_collections.ConfigDict(dict(
       weighting=weighting_config(),
-      inner_steps=1,  # passes over a batch's documents, one SGD step per document each (reference: 1)
-      normalization="padded",  # inner loss / (padded_len - 1) ("padded", reference) or / real tokens
-      padded_len=0,  # length "padded" divides by; 0 = the longest document bucket (reference: 1024)
-      inner_lr=5e-4,  # inner SGD lr (reference: 5e-4)
+      inner_steps=1,  # passes (>= 1) over a batch's documents, one SGD step per document each (reference: 1)
+      normalization="padded",  # inner loss / (padded_len - 1) ("padded", reference) or / real tokens ("tokens")
+      padded_len=0,  # length "padded" divides by, >= the longest document bucket; 0 = that bucket (ref.: 1024)
+      inner_lr=5e-4,  # inner SGD lr, > 0 (reference: 5e-4)
       learn_inner_lr=False,  # meta-learn log(inner lr) as well
       first_order=False,  # drop second-order terms (inner gradients taken at constant params)
       mixing=False,  # average the outer loss over the params after each inner pass (inner_steps > 1)
       remat=True,  # recompute inner steps in the backward pass (memory ~ one step, not all of them)
-      c_kl=0.1,  # weight of the locality KL term (reference: 0.1)
-      outer_lr=1e-5,  # Adam lr of the weighting model (reference: 1e-5)
-      grad_accum=4,  # batches per outer update (reference: 4)
-      grad_clip=1e9,  # global-norm clip of the meta-gradient (reference: 1e9, i.e. none)
-      reset_every=4,  # batches the base model keeps its updates for before it is reset (reference: 4)
-      streams=1,  # P independent document streams per step, sharded over devices (data parallel)
-      steps=400,  # meta-training batches (per stream)
-      val_every=100,  # batches between validations; each is also a checkpoint (multiple of reset_every)
+      c_kl=0.1,  # weight of the locality KL term, >= 0 (reference: 0.1)
+      outer_lr=1e-5,  # Adam lr of the weighting model, > 0 (reference: 1e-5)
+      grad_accum=4,  # batches (>= 1) per outer update (reference: 4)
+      grad_clip=1e9,  # global-norm clip of the meta-gradient, > 0 (reference: 1e9, i.e. none)
+      reset_every=4,  # batches (>= 1) the base model keeps its updates for before it is reset (reference: 4)
+      streams=1,  # P independent document streams per step, sharded over devices (a multiple of their count)
+      steps=400,  # meta-training batches (per stream); 0 = only validate the initial weighting model
+      val_every=100,  # batches between validations; each is also a checkpoint (a multiple of reset_every)
       val_batches=0,  # meta-val batches per validation (0 = all of meta_val); each from the reset base
       # Fixed weightings whose uptake on all meta-val batches is measured after training at the learned
       # weights' mean weight per document (comma-separated subset of baselines.DOC_WEIGHTINGS; "" = none).
       compare="uniform,ssm,tfidf,oracle",
       compare_batches=0,  # meta-val batches of that comparison (0 = all of meta_val)
-      seed=0,  # RNG seed of the run
+      seed=0,  # RNG seed of the run (>= 0)
   ))
+
+
+RULES = {
+    "weighting": WEIGHTING_RULES,
+    "inner_steps": checks.count,
+    "normalization": checks.one_of(*loss.NORMALIZATIONS),
+    "padded_len": checks.count_or_zero,
+    "inner_lr": checks.positive,
+    "learn_inner_lr": checks.boolean,
+    "first_order": checks.boolean,
+    "mixing": checks.boolean,
+    "remat": checks.boolean,
+    "c_kl": checks.non_negative,
+    "outer_lr": checks.positive,
+    "grad_accum": checks.count,
+    "grad_clip": checks.positive,
+    "reset_every": checks.count,
+    "streams": checks.count,
+    "steps": checks.count_or_zero,
+    "val_every": checks.count,
+    "val_batches": checks.count_or_zero,
+    "compare": checks.subset_of(*baselines.DOC_WEIGHTINGS, allow_empty=True),
+    "compare_batches": checks.count_or_zero,
+    "seed": checks.seed,
+}
+
+
+def _checkpoints_at_resets(c, at=""):
+  if c.val_every % c.reset_every:
+    return [f"{at}val_every={c.val_every} must be a multiple of {at}reset_every={c.reset_every}: checkpoints "
+            f"are taken where the base model is reset"]
+  return []
+
+
+def _mixing_steps(c, at=""):
+  if c.mixing and c.inner_steps < 2:
+    return [f"{at}mixing=True needs {at}inner_steps >= 2 (it averages over the params after each pass), "
+            f"got {c.inner_steps}"]
+  return []
+
+
+# The device count check (streams a multiple of it) is in `_check`: it needs the devices.
+CROSS = checks.within("weighting", WEIGHTING_CROSS) + [_checkpoints_at_resets, _mixing_steps]
 
 
 def meta_config(c: ml_collections.ConfigDict, doc_buckets) -> MetaConfig:
@@ -311,13 +378,9 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
 
 
 def _check(c: ml_collections.ConfigDict, n_devices: int) -> None:
-  if c.val_every % c.reset_every:
-    raise ValueError(f"camels.val_every={c.val_every} must be a multiple of camels.reset_every="
-                     f"{c.reset_every}: checkpoints are taken where the base model is reset")
+  checks.validate_section("camels", c, RULES, CROSS)
   if c.streams % n_devices:
     raise ValueError(f"camels.streams={c.streams} must be a multiple of the {n_devices} devices")
-  if c.mixing and c.inner_steps < 2:
-    raise ValueError("camels.mixing needs camels.inner_steps >= 2")
 
 
 def _stack(batches):

@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from camels_jax import checks
 from camels_jax.models import transformer
 from camels_jax.models.config import ModelConfig
 
 
-class CheckpointError(ValueError):
+class CheckpointError(checks.UserError, ValueError):
   """A checkpoint that cannot be turned into this model's params; the message names the file."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from gguf import GGUFReader  # the PyPI package (absolute import; this module is camels_jax.models.gguf)
 from gguf.quants import dequantize
 
+from camels_jax import checks
 from camels_jax.models import convert, transformer
 from camels_jax.models import tokenizer as tokenizer_lib
 from camels_jax.models.config import ModelConfig
@@ -42,7 +43,7 @@ _NAMES = {
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
-class GGUFError(ValueError):
+class GGUFError(checks.UserError, ValueError):
   """A GGUF file this library cannot load; the message names the file (and tensor, when one is at fault)."""
 
 

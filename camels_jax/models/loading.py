@@ -6,9 +6,12 @@ import os
 import ml_collections
 from flax import nnx
 
+from camels_jax import checks
 from camels_jax.models import gguf, hf, transformer
 from camels_jax.models import tokenizer as tokenizer_lib
-from camels_jax.models.config import ModelConfig
+from camels_jax.models.config import ARCHS, ModelConfig
+
+DTYPES = ("float32", "bfloat16", "float16")  # compute / storage dtypes a config may ask for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +30,46 @@ def model_config(source: str = "smollm2", tokenizer: str = "", **random) -> ml_c
       source=source,
       # "" = the checkpoint's own tokenizer; "gpt2" = GPT-2 BPE; or a tokenizer folder / .gguf path.
       tokenizer=tokenizer,
-      dtype="float32",  # compute dtype; "bfloat16" on accelerators
-      param_dtype="float32",  # storage dtype of the parameters
+      dtype="float32",  # compute dtype, one of DTYPES; "bfloat16" on accelerators
+      param_dtype="float32",  # storage dtype of the parameters, one of DTYPES
       remat=False,  # rematerialise blocks in the backward pass
-      seed=0,  # init seed when source == "random"
-      # Shape of a randomly initialised model (source == "random"): ModelConfig fields.
+      seed=0,  # init seed when source == "random" (>= 0)
+      # Shape of a randomly initialised model (source == "random"): ModelConfig fields (arch "gpt2" or
+      # "llama", sizes >= 1; d_model a multiple of n_heads, n_heads a multiple of n_kv_heads).
       random=dict(arch="llama", vocab_size=49152, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                   d_ff=128, max_len=1024, tie_embeddings=True) | random,
   ))
+
+
+RULES = {
+    "source": checks.nonempty_string,
+    "tokenizer": checks.string,
+    "dtype": checks.one_of(*DTYPES),
+    "param_dtype": checks.one_of(*DTYPES),
+    "remat": checks.boolean,
+    "seed": checks.seed,
+    "random": {
+        "arch": checks.one_of(*ARCHS),
+        "vocab_size": checks.count, "d_model": checks.count, "n_layers": checks.count, "n_heads": checks.count,
+        "n_kv_heads": checks.count, "d_ff": checks.count, "max_len": checks.count,
+        "norm_eps": checks.positive, "rope_theta": checks.positive,  # optional ModelConfig fields
+        "tie_embeddings": checks.boolean,
+    },
+}
+
+
+def _random_shape(c, at=""):
+  """A random model's shape must make a ModelConfig (its own checks: heads divide, gpt2's constraints)."""
+  if c.source != "random":
+    return []
+  try:
+    ModelConfig(**c.random.to_dict())
+  except (TypeError, ValueError) as e:
+    return [f"{at}random: {e}"]
+  return []
+
+
+CROSS = [_random_shape]
 
 
 def _tokenizer(spec: str) -> tokenizer_lib.Tokenizer:

@@ -17,6 +17,8 @@ import os
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from camels_jax import checks
+
 # GGUF token types (llama.cpp's llama_token_type) that become added tokens, matched whole in raw text.
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
 
@@ -27,7 +29,7 @@ _GGUF_PRE_DIGITS_THEN_GPT2 = ("smollm", "starcoder", "refact", "command-r", "cod
                               "minerva")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(checks.UserError, ValueError):
   """A tokenizer that cannot be built or does not fit its model; the message names the file."""
 
 

@@ -1,0 +1,519 @@
+"""Fast Weight Layers (Clark et al. 2022, "Meta-Learning Fast Weight Language Models", EMNLP).
+
+A small head between the transformer body and the output softmax whose weights, for every token t, are
+the weights after one SGD step on the LM losses of all earlier tokens. Dynamic evaluation at the cost of
+linear attention, trained end to end (the step sizes too), so the model learns to use the update.
+
+Head (position-wise, on the body's final hidden states h_t):
+
+  y1 = W1 h + b1                 dense d -> m*d (m = hidden_mult, paper: 4)
+  a  = relu(y1)^2                squared ReLU
+  y2 = W2 a + b2                 dense m*d -> d
+  o  = gamma * norm(y2) + beta   LayerNorm
+  out = h + o  (residual=True)   or  out = o (residual=False, the paper's layout)
+  logits = unembed(out)          the base model's own unembedding: slow, never fast-updated
+
+Fast weights. Loss of position i: L_i = -log p(token_{i+1} | tokens <= i), counted where a real token
+predicts a real token (`adapt.loss.target_mask`). A first, slow pass at the original params gives each
+layer's input x_i and the per-token gradient of L_i w.r.t. the layer's output, g_i = dL_i/dy_i (the head
+is position-wise, so L_i depends on position i's outputs only). One SGD step on sum_{i<t} L_i changes a
+dense layer to W - eta_W sum_i g_i x_i^T, b - eta_b sum_i g_i, so its fast output at t is
+
+  y_t = W x_t + b - eta_W sum_{i<t} (x_t . x_i) g_i - eta_b sum_{i<t} g_i
+
+with x_t the layer's input in the fast pass (layer 2 sees layer 1's fast output): causal linear attention
+with queries x_t, keys x_i, values g_i. LayerNorm's gain and bias become
+gamma - eta_gamma sum_{i<t} g_i * norm(x_i) and beta - eta_beta sum_{i<t} g_i (g_i w.r.t. its output,
+norm(x_i) from the slow pass). Position t only uses losses i < t, whose targets are tokens <= t: causal.
+
+Computation: the slow pass is one forward and one backward (jax.grad w.r.t. zero perturbations of each
+layer's output) over the whole sequence; the fast pass is a lax.scan over chunks of `chunk` tokens: inside
+a chunk a strictly causal masked matmul, across chunks carried sums (a d_in x d_out matrix per dense
+layer plus the bias / LayerNorm vectors), so memory is linear in the length and all the work is matmuls.
+The last chunk is zero-padded (padded positions have g = 0, so they add nothing). Training is plain
+jax.grad through both passes (second order through the slow backward); there is no custom backward.
+
+Design choices (what the paper / its official code, google-research/fwl, does, and what is chosen here):
+- Layout: dense (4x), squared ReLU, dense, LayerNorm, as the official README and code. The paper's FWL
+  ends in its own (slow) Dense(vocab); here the base model's unembedding is reused (no new V x d matrix).
+- Residual: the paper has none (the LayerNorm's output goes straight to the softmax). With a pretrained
+  body the base unembedding expects h, so by default (residual=True) the head adds its LayerNorm's output
+  to h, with that LayerNorm's gain and bias initialised to 0: at init, and at step size 0, the model is
+  exactly the base model. The fast LayerNorm update is nonzero from the first step, so the head is not
+  inert at init. residual=False is the paper's layout (gain initialised to 1).
+- Step sizes: the official TF code learns one step size per parameter group (kernel and bias of each
+  dense layer, gain and bias of the LayerNorm; its JAX code one per layer), each a raw scalar initialised
+  to 0.01 and left unconstrained. Here: the same six groups (`STEP_GROUPS`), each eta = exp(log_step),
+  positive by construction (as camels.py's learned inner lr), initialised to `step_init`.
+- Losses feeding the update: the official code's slow loss is the weighted NLL averaged over every
+  weighted token of the *batch*, so a sequence's fast weights depend on which other sequences share its
+  batch and how long they are. Here g_i is the gradient of the per-token NLL, summed over earlier tokens
+  (a plain SGD step on sum_{i<t} L_i): a sequence's logits depend on its own tokens only, whatever the
+  batching or padding. The paper's 0.01 on a batch mean is therefore ~0.01 / (tokens per batch) here; the
+  default `step_init` is larger than that (1e-3) because the step sizes are learned in log space and the
+  LayerNorm groups (the only ones active at init with residual=True) need a sizeable step to matter.
+- Dtype: the head runs in at least float32 (`transformer.upcast`), sums over thousands of tokens.
+
+Shapes: B batch, L length, N chunks, C chunk size, D d_model, F hidden width (hidden_mult * D), V vocab.
+"""
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from flax import nnx
+
+from camels_jax import checkpoint, checks
+from camels_jax.adapt import loss
+from camels_jax.data import text as text_lib
+from camels_jax.models import transformer
+
+# The parameter groups with a learned step size, in the order of FWLHead.log_step (module path.name).
+STEP_GROUPS = ("fc1.kernel", "fc1.bias", "fc2.kernel", "fc2.bias", "norm.scale", "norm.bias")
+UnembedFn = Callable[[jax.Array], jax.Array]  # h_BxLxD -> logits_BxLxV
+
+
+def fwl_config() -> ml_collections.ConfigDict:
+  """The `fwl` section of a job config."""
+  return ml_collections.ConfigDict(dict(
+      hidden_mult=4,  # width of the head's hidden layer in units of d_model, >= 1 (paper: 4)
+      # True: out = h + LayerNorm(...), gain and bias 0 at init (starts as the base model); False: the paper's
+      # out = LayerNorm(...), gain 1 at init.
+      residual=True,
+      step_init=1e-3,  # initial step size of each of the 6 parameter groups, > 0 (per token, summed losses)
+      chunk=256,  # tokens per chunk of the causal linear attention, >= 1; any length works (paper: 4096 / 16)
+      train_body=False,  # also train the base model (else only the head is trained)
+      lr=1e-3,  # Adam lr of the head (its step sizes included), > 0
+      body_lr=1e-5,  # Adam lr of the base model when train_body, > 0
+      grad_clip=1.0,  # global-norm clip of the gradient, > 0
+      steps=1000,  # training steps, >= 0 (0 = evaluate the initial head)
+      seq_len=256,  # tokens per training / validation window, >= 2 (capped at the model's context)
+      batch_size=4,  # windows per training step, >= 1
+      val_every=50,  # steps between validations (each also a checkpoint), >= 1
+      val_windows=16,  # held-out windows scored at each validation, >= 0 (0 = all of them)
+      seed=0,  # init seed of the head and of the order of the training windows, >= 0
+  ))
+
+
+RULES = {
+    "hidden_mult": checks.count,
+    "residual": checks.boolean,
+    "step_init": checks.positive,
+    "chunk": checks.count,
+    "train_body": checks.boolean,
+    "lr": checks.positive,
+    "body_lr": checks.positive,
+    "grad_clip": checks.positive,
+    "steps": checks.count_or_zero,
+    "seq_len": checks.at_least(2, integer=True),
+    "batch_size": checks.count,
+    "val_every": checks.count,
+    "val_windows": checks.count_or_zero,
+    "seed": checks.seed,
+}
+CROSS = []  # no constraints between fields
+
+
+class FWLHead(nnx.Module):
+  """Dense d -> m*d, squared ReLU, dense m*d -> d, LayerNorm (+ h if residual), and the log step sizes."""
+
+  def __init__(self, d_model: int, hidden_mult: int = 4, residual: bool = True, step_init: float = 1e-3,
+               eps: float = 1e-5, param_dtype="float32", *, rngs: nnx.Rngs):
+    self.residual, self.eps = residual, eps
+    f = hidden_mult * d_model
+    self.fc1 = nnx.Linear(d_model, f, param_dtype=param_dtype, rngs=rngs)
+    self.fc2 = nnx.Linear(f, d_model, param_dtype=param_dtype, rngs=rngs)
+    scale_init = nnx.initializers.zeros_init() if residual else nnx.initializers.ones_init()
+    self.norm = nnx.LayerNorm(d_model, epsilon=eps, scale_init=scale_init, param_dtype=param_dtype, rngs=rngs)
+    self.log_step = nnx.Param(jnp.full((len(STEP_GROUPS),), math.log(step_init), param_dtype))
+
+  def weights(self) -> "_Weights":
+    return _Weights(self.fc1.kernel.get_value(), self.fc1.bias.get_value(), self.fc2.kernel.get_value(),
+                    self.fc2.bias.get_value(), self.norm.scale.get_value(), self.norm.bias.get_value())
+
+  def __call__(self, h_BxLxD):
+    """The slow head's output features (no update), out_BxLxD."""
+    w = self.weights()
+    h_BxLxD = _compute(h_BxLxD, w)
+    y2_BxLxD = _dense(_sqrelu(_dense(h_BxLxD, w.k1_DxF, w.b1_F)), w.k2_FxD, w.b2_D)
+    out_BxLxD = w.scale_D * _normalize(y2_BxLxD, self.eps) + w.bias_D
+    return h_BxLxD + out_BxLxD if self.residual else out_BxLxD
+
+
+class _Weights(NamedTuple):
+  k1_DxF: jax.Array
+  b1_F: jax.Array
+  k2_FxD: jax.Array
+  b2_D: jax.Array
+  scale_D: jax.Array
+  bias_D: jax.Array
+
+
+def _compute(h_BxLxD: jax.Array, w: _Weights) -> jax.Array:
+  """h in the head's compute dtype: at least float32, and at least the params' dtype."""
+  return transformer.upcast(h_BxLxD.astype(jnp.promote_types(h_BxLxD.dtype, w.k1_DxF.dtype)))
+
+
+def _dense(x, kernel, bias):
+  return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
+
+
+def _sqrelu(x):
+  return jnp.square(jax.nn.relu(x))
+
+
+def _normalize(x_BxLxD, eps):
+  mean = x_BxLxD.mean(-1, keepdims=True)
+  centred = x_BxLxD - mean
+  return centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)
+
+
+def init_head(cfg: ml_collections.ConfigDict, d_model: int, seed: int | None = None,
+              param_dtype="float32") -> tuple[nnx.GraphDef, transformer.Params]:
+  """(graphdef, params) of a freshly initialised head for a body of width d_model (seed None: cfg.seed)."""
+  seed = cfg.seed if seed is None else seed
+  return nnx.split(FWLHead(d_model, cfg.hidden_mult, cfg.residual, cfg.step_init, param_dtype=param_dtype,
+                           rngs=nnx.Rngs(seed)))
+
+
+def step_sizes(head_params: transformer.Params) -> dict[str, jax.Array]:
+  """{group: eta} of the head's learned step sizes (for logging)."""
+  eta_6 = jnp.exp(head_params["log_step"].get_value())
+  return {group: eta_6[i] for i, group in enumerate(STEP_GROUPS)}
+
+
+def with_step_sizes(head_params: transformer.Params, etas: float | dict[str, float]) -> transformer.Params:
+  """head_params with the step sizes set: one value for all groups, or {group: eta} for some (0 allowed)."""
+  if not isinstance(etas, dict):
+    etas = {group: etas for group in STEP_GROUPS}
+  unknown = set(etas) - set(STEP_GROUPS)
+  if unknown:
+    raise ValueError(f"with_step_sizes: unknown group(s) {sorted(unknown)}; expected some of {STEP_GROUPS}")
+  flat = []
+  for path, var in nnx.to_flat_state(head_params):
+    if path == ("log_step",):
+      log_step = var.get_value()
+      for group, eta in etas.items():
+        log_step = log_step.at[STEP_GROUPS.index(group)].set(jnp.log(jnp.asarray(eta, log_step.dtype)))
+      var = var.replace(log_step)
+    flat.append((path, var))
+  return nnx.from_flat_state(flat)
+
+
+def base_unembed(graphdef: nnx.GraphDef, params: transformer.Params) -> UnembedFn:
+  """The base model's output projection, h_BxLxD -> logits_BxLxV (tied or untied)."""
+  return nnx.merge(graphdef, params).unembed
+
+
+# ------------------------------------------------------------------------------------------------
+# Functional core.
+
+
+class _Slow(NamedTuple):
+  """What the fast pass needs from the slow one, per token (0 where a token's loss is not counted)."""
+
+  a_BxLxF: jax.Array  # input of fc2 (squared ReLU output)
+  n_BxLxD: jax.Array  # normalized input of the LayerNorm
+  g1_BxLxF: jax.Array  # dL_i/d(fc1 output)
+  g2_BxLxD: jax.Array  # dL_i/d(fc2 output)
+  g3_BxLxD: jax.Array  # dL_i/d(LayerNorm output)
+
+
+def _slow_pass(head: FWLHead, h_BxLxD, tokens_BxL, mask_BxL, unembed_fn: UnembedFn) -> _Slow:
+  w = head.weights()
+  lw_BxL = loss.target_mask(mask_BxL)
+
+  def total_loss(p1_BxLxF, p2_BxLxD, p3_BxLxD):
+    a_BxLxF = _sqrelu(_dense(h_BxLxD, w.k1_DxF, w.b1_F) + p1_BxLxF)
+    n_BxLxD = _normalize(_dense(a_BxLxF, w.k2_FxD, w.b2_D) + p2_BxLxD, head.eps)
+    out_BxLxD = w.scale_D * n_BxLxD + w.bias_D + p3_BxLxD
+    if head.residual:
+      out_BxLxD = h_BxLxD + out_BxLxD
+    nll_BxL = loss.token_nll(unembed_fn(out_BxLxD), tokens_BxL)
+    return (nll_BxL * lw_BxL.astype(nll_BxL.dtype)).sum(), (a_BxLxF, n_BxLxD)
+
+  b, l, d = h_BxLxD.shape
+  zeros = (jnp.zeros((b, l, w.k1_DxF.shape[1]), h_BxLxD.dtype), jnp.zeros((b, l, d), h_BxLxD.dtype),
+           jnp.zeros((b, l, d), h_BxLxD.dtype))
+  (g1, g2, g3), (a, n) = jax.grad(total_loss, argnums=(0, 1, 2), has_aux=True)(*zeros)
+  return _Slow(a, n, g1, g2, g3)
+
+
+def _fast_features(head: FWLHead, h_BxLxD, slow: _Slow, chunk: int) -> jax.Array:
+  """out_BxLxD: the head's output at every t with its weights after the SGD step on the losses i < t."""
+  w = head.weights()
+  dtype = h_BxLxD.dtype
+  eta_6 = jnp.exp(head.log_step.get_value()).astype(dtype)
+  b, l, d = h_BxLxD.shape
+  f = w.k1_DxF.shape[1]
+  c = min(chunk, l)
+  n_chunks = -(-l // c)
+
+  def chunked(x_BxLxX):  # -> NxBxCxX, zero-padded to a whole number of chunks
+    x_BxLxX = jnp.pad(x_BxLxX, ((0, 0), (0, n_chunks * c - l), (0, 0)))
+    return x_BxLxX.reshape(b, n_chunks, c, x_BxLxX.shape[-1]).swapaxes(0, 1)
+
+  earlier_CxC = jnp.tril(jnp.ones((c, c), dtype), -1)  # [t, i] = 1 where i < t
+
+  def attend(q_BxCxX, k_BxCxX, v_BxCxY):  # sum over i < t in the chunk of (q_t . k_i) v_i
+    s_BxCxC = jnp.einsum("btx,bix->bti", q_BxCxX, k_BxCxX) * earlier_CxC
+    return jnp.einsum("bti,biy->bty", s_BxCxC, v_BxCxY)
+
+  def prefix(v_BxCxY):  # sum over i < t in the chunk of v_i
+    return jnp.einsum("ti,biy->bty", earlier_CxC, v_BxCxY)
+
+  def step(carry, xs):
+    s1_BxDxF, c1_BxF, s2_BxFxD, c2_BxD, cs_BxD, cb_BxD = carry
+    h_BxCxD, a_BxCxF, n_BxCxD, g1_BxCxF, g2_BxCxD, g3_BxCxD = xs
+    # fc1: its fast input is h itself, so queries and keys are both h.
+    y1_BxCxF = (_dense(h_BxCxD, w.k1_DxF, w.b1_F)
+                - eta_6[0] * (attend(h_BxCxD, h_BxCxD, g1_BxCxF) + jnp.einsum("btd,bdf->btf", h_BxCxD, s1_BxDxF))
+                - eta_6[1] * (prefix(g1_BxCxF) + c1_BxF[:, None]))
+    fa_BxCxF = _sqrelu(y1_BxCxF)  # fc2's fast input (queries); a_BxCxF, its slow input, are the keys
+    y2_BxCxD = (_dense(fa_BxCxF, w.k2_FxD, w.b2_D)
+                - eta_6[2] * (attend(fa_BxCxF, a_BxCxF, g2_BxCxD) + jnp.einsum("btf,bfd->btd", fa_BxCxF, s2_BxFxD))
+                - eta_6[3] * (prefix(g2_BxCxD) + c2_BxD[:, None]))
+    gn_BxCxD = g3_BxCxD * n_BxCxD  # per-token gradient of the LayerNorm gain
+    scale_BxCxD = w.scale_D - eta_6[4] * (prefix(gn_BxCxD) + cs_BxD[:, None])
+    bias_BxCxD = w.bias_D - eta_6[5] * (prefix(g3_BxCxD) + cb_BxD[:, None])
+    out_BxCxD = scale_BxCxD * _normalize(y2_BxCxD, head.eps) + bias_BxCxD
+    if head.residual:
+      out_BxCxD = h_BxCxD + out_BxCxD
+    carry = (s1_BxDxF + jnp.einsum("bid,bif->bdf", h_BxCxD, g1_BxCxF), c1_BxF + g1_BxCxF.sum(1),
+             s2_BxFxD + jnp.einsum("bif,bid->bfd", a_BxCxF, g2_BxCxD), c2_BxD + g2_BxCxD.sum(1),
+             cs_BxD + gn_BxCxD.sum(1), cb_BxD + g3_BxCxD.sum(1))
+    return carry, out_BxCxD
+
+  carry = (jnp.zeros((b, d, f), dtype), jnp.zeros((b, f), dtype), jnp.zeros((b, f, d), dtype),
+           jnp.zeros((b, d), dtype), jnp.zeros((b, d), dtype), jnp.zeros((b, d), dtype))
+  xs = tuple(chunked(x) for x in (h_BxLxD, slow.a_BxLxF, slow.n_BxLxD, slow.g1_BxLxF, slow.g2_BxLxD,
+                                  slow.g3_BxLxD))
+  _, out_NxBxCxD = jax.lax.scan(step, carry, xs)
+  return out_NxBxCxD.swapaxes(0, 1).reshape(b, n_chunks * c, d)[:, :l]
+
+
+def head_logits(head_graphdef: nnx.GraphDef, head_params: transformer.Params, h_BxLxD: jax.Array,
+                tokens_BxL: jax.Array, mask_BxL: jax.Array, unembed_fn: UnembedFn, chunk: int) -> jax.Array:
+  """logits_BxLxV of the fast-weight head on right-padded sequences (position t: the head after one SGD
+  step on the losses of positions i < t of its own sequence). `chunk` (static) sets only the cost."""
+  if chunk < 1:
+    raise ValueError(f"head_logits: chunk={chunk} must be >= 1")
+  head = nnx.merge(head_graphdef, head_params)
+  h_BxLxD = _compute(h_BxLxD, head.weights())
+  slow = _slow_pass(head, h_BxLxD, tokens_BxL, mask_BxL, unembed_fn)
+  return unembed_fn(_fast_features(head, h_BxLxD, slow, chunk))
+
+
+def slow_logits(head_graphdef: nnx.GraphDef, head_params: transformer.Params, h_BxLxD: jax.Array,
+                unembed_fn: UnembedFn) -> jax.Array:
+  """logits_BxLxV of the plain head (its slow weights, no update)."""
+  return unembed_fn(nnx.merge(head_graphdef, head_params)(h_BxLxD))
+
+
+def logits(base_graphdef: nnx.GraphDef, base_params: transformer.Params, head_graphdef: nnx.GraphDef,
+           head_params: transformer.Params, tokens_BxL: jax.Array, mask_BxL: jax.Array, chunk: int) -> jax.Array:
+  """logits_BxLxV of the whole FWL model: base body, fast-weight head, base unembedding (right padding)."""
+  h_BxLxD = transformer.hidden(base_graphdef, base_params, tokens_BxL, mask_BxL)
+  return head_logits(head_graphdef, head_params, h_BxLxD, tokens_BxL, mask_BxL,
+                     base_unembed(base_graphdef, base_params), chunk)
+
+
+def lm_loss(base_graphdef: nnx.GraphDef, base_params: transformer.Params, head_graphdef: nnx.GraphDef,
+            head_params: transformer.Params, tokens_BxL: jax.Array, mask_BxL: jax.Array, chunk: int) -> jax.Array:
+  """Mean next-token NLL of the FWL model over every real target of the batch (pooled over sequences)."""
+  logits_BxLxV = logits(base_graphdef, base_params, head_graphdef, head_params, tokens_BxL, mask_BxL, chunk)
+  lw_BxL = loss.target_mask(mask_BxL)
+  return (loss.token_nll(logits_BxLxV, tokens_BxL) * lw_BxL).sum() / jnp.maximum(lw_BxL.sum(), 1.0)
+
+
+def reference_logits(head_graphdef: nnx.GraphDef, head_params: transformer.Params, h_BxLxD: jax.Array,
+                     tokens_BxL: jax.Array, mask_BxL: jax.Array, unembed_fn: UnembedFn) -> jax.Array:
+  """`head_logits` the slow, explicit way (tests only): for every sequence b and position t, jax.grad of
+  the summed losses of positions i < t w.r.t. the head's params (at the original params), one SGD step
+  with each group's step size, then the updated head's logits at t."""
+  lw_BxL = loss.target_mask(mask_BxL)
+  etas = step_sizes(head_params)
+  b, l, _ = h_BxLxD.shape
+
+  def earlier_loss(params, h_1xLxD, tokens_1xL, lw_1xL):
+    nll_1xL = loss.token_nll(slow_logits(head_graphdef, params, h_1xLxD, unembed_fn), tokens_1xL)
+    return (nll_1xL * lw_1xL).sum()
+
+  @jax.jit
+  def logits_at(t, h_1xLxD, tokens_1xL, lw_1xL):
+    grads = jax.grad(earlier_loss)(head_params, h_1xLxD, tokens_1xL, lw_1xL * (jnp.arange(l) < t))
+    flat_grads = dict(nnx.to_flat_state(grads))
+    flat = []
+    for path, var in nnx.to_flat_state(head_params):
+      group = ".".join(map(str, path))
+      if group in etas:
+        var = var.replace(var.get_value() - etas[group] * flat_grads[path].get_value())
+      flat.append((path, var))
+    return slow_logits(head_graphdef, nnx.from_flat_state(flat), h_1xLxD, unembed_fn)[0, t]
+
+  rows = [[logits_at(t, h_BxLxD[i:i + 1], tokens_BxL[i:i + 1], lw_BxL[i:i + 1]) for t in range(l)]
+          for i in range(b)]
+  return jnp.stack([jnp.stack(row) for row in rows])
+
+
+# ------------------------------------------------------------------------------------------------
+# Scoring and training (the `fwl` job of camels_jax.train, the `fwl` method of camels_jax.perplexity).
+
+
+@functools.partial(jax.jit, static_argnames=("base_graphdef", "head_graphdef", "chunk"))
+def nll_sums(base_graphdef, base_params, head_graphdef, head_params, tokens_BxL, mask_BxL, *, chunk: int):
+  """(summed next-token NLL over real targets, their count, the same sum for the plain base model)."""
+  h_BxLxD = transformer.hidden(base_graphdef, base_params, tokens_BxL, mask_BxL)
+  unembed = base_unembed(base_graphdef, base_params)
+  lw_BxL = loss.target_mask(mask_BxL)
+  fast = loss.token_nll(head_logits(head_graphdef, head_params, h_BxLxD, tokens_BxL, mask_BxL, unembed, chunk),
+                        tokens_BxL)
+  static = loss.token_nll(unembed(h_BxLxD), tokens_BxL)
+  return (fast * lw_BxL).sum(), lw_BxL.sum(), (static * lw_BxL).sum()
+
+
+def score_windows(base_graphdef, base_params, head_graphdef, head_params, tokens_NxL, mask_NxL, batch_size: int,
+                  chunk: int, progress: bool = False, desc: str = "fwl") -> dict[str, float]:
+  """{"nll", "ppl", "static_nll", "static_ppl", "tokens"} of the FWL model and the base model on windows."""
+  fast = static = count = 0.0
+  for i in tqdm.trange(0, len(tokens_NxL), batch_size, desc=desc, disable=not progress, leave=False):
+    t, m = tokens_NxL[i:i + batch_size], mask_NxL[i:i + batch_size]
+    if len(t) < batch_size:  # one shape: one compilation
+      t, m = np.pad(t, ((0, batch_size - len(t)), (0, 0))), np.pad(m, ((0, batch_size - len(m)), (0, 0)))
+    f, c, s = nll_sums(base_graphdef, base_params, head_graphdef, head_params, t, m, chunk=chunk)
+    fast, count, static = fast + float(f), count + float(c), static + float(s)
+  nll, static_nll = fast / max(count, 1.0), static / max(count, 1.0)
+  return {"nll": nll, "ppl": math.exp(nll), "static_nll": static_nll, "static_ppl": math.exp(static_nll),
+          "tokens": int(count)}
+
+
+@functools.lru_cache
+def make_optimizer(lr: float, body_lr: float, grad_clip: float, train_body: bool) -> optax.GradientTransformation:
+  """Clipped Adam on {"head": ..., "body": ...} (the body at its own lr); equal settings, the same object."""
+  adams = {"head": optax.adam(lr)} | ({"body": optax.adam(body_lr)} if train_body else {})
+  return optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.multi_transform(adams, {k: k for k in adams}))
+
+
+@functools.partial(jax.jit, static_argnames=("base_graphdef", "head_graphdef", "chunk", "optimizer"),
+                   donate_argnums=(1, 2))
+def train_step(base_graphdef, trainable, opt_state, frozen_body, tokens_BxL, mask_BxL, *, head_graphdef,
+               chunk: int, optimizer: optax.GradientTransformation):
+  """One Adam step on the FWL model's LM loss: through the fast weights, the step sizes included."""
+
+  def loss_fn(tr):
+    body = tr.get("body", frozen_body)
+    return lm_loss(base_graphdef, body, head_graphdef, tr["head"], tokens_BxL, mask_BxL, chunk)
+
+  value, grads = jax.value_and_grad(loss_fn)(trainable)
+  updates, opt_state = optimizer.update(grads, opt_state, trainable)
+  return optax.apply_updates(trainable, updates), opt_state, value
+
+
+def _order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n_windows)
+
+
+def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress: bool = True):
+  """Trains an FWL head (and the body when `fwl.train_body`) on `config.text`'s training articles; validates
+  on the held-out articles. Resumes from <workdir>/fwl's latest checkpoint (step = data position).
+
+  Args:
+    config: the job config (`fwl` and `text` sections).
+    base: the loaded base model (`models.loading.Loaded`).
+    workdir: checkpoints go to <workdir>/fwl.
+    writer: TensorBoard scalars (fwl/train_loss, fwl/val_ppl, fwl/val_static_ppl, fwl/eta/<group>).
+
+  Returns:
+    (head_graphdef, best head params, results: {"history", "best", "best_step", "train_windows",
+    "val_windows", ...}).
+  """
+  c = config.fwl
+  seq_len = min(c.seq_len, base.cfg.max_len)
+  train_articles, heldout = text_lib.load_articles(config.text)
+  tok = base.tokenizer
+  train_NxL, train_mask_NxL = text_lib.windows(text_lib.token_stream(tok, train_articles), seq_len, tok.pad_id)
+  val_NxL, val_mask_NxL = text_lib.windows(text_lib.token_stream(tok, heldout), seq_len, tok.pad_id)
+  if c.val_windows:
+    val_NxL, val_mask_NxL = val_NxL[:c.val_windows], val_mask_NxL[:c.val_windows]
+  if len(train_NxL) < c.batch_size:
+    raise checks.UserError(f"fwl: {len(train_NxL)} training windows of {seq_len} tokens, fewer than "
+                           f"fwl.batch_size={c.batch_size}; give more text or a smaller batch")
+  head_graphdef, head_params = init_head(c, base.cfg.d_model)
+  trainable = {"head": head_params} | ({"body": base.params} if c.train_body else {})
+  optimizer = make_optimizer(float(c.lr), float(c.body_lr), float(c.grad_clip), bool(c.train_body))
+  opt_state = optimizer.init(trainable)
+  frozen = None if c.train_body else base.params
+  history, start = [], 0
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "fwl"), max_to_keep=2, best_metric="val_nll")
+  if ckpt.latest_step() is not None:
+    restored = ckpt.restore(None, {"trainable": trainable, "opt": opt_state})
+    trainable, opt_state = restored.state["trainable"], restored.state["opt"]
+    history, start = list(restored.meta["history"]), int(restored.meta["step"])
+    logging.info("fwl: resumed at step %d from %s", start, ckpt.directory)
+
+  def validate(step, trainable):
+    body = trainable.get("body", frozen)
+    m = score_windows(base.graphdef, body, head_graphdef, trainable["head"], val_NxL, val_mask_NxL,
+                      c.batch_size, c.chunk)
+    etas = {g: float(v) for g, v in step_sizes(trainable["head"]).items()}
+    entry = {"step": step, "val_nll": m["nll"], "val_ppl": m["ppl"], "val_static_ppl": m["static_ppl"],
+             "val_tokens": m["tokens"], "eta": etas}
+    writer.write_scalars(step, {"fwl/val_ppl": m["ppl"], "fwl/val_static_ppl": m["static_ppl"]}
+                         | {f"fwl/eta/{g}": v for g, v in etas.items()})
+    return entry
+
+  if not history:
+    history.append(validate(0, trainable))
+  n_per_epoch = len(train_NxL) // c.batch_size
+  bar = tqdm.tqdm(range(start, c.steps), desc="fwl train", disable=not progress, initial=start, total=c.steps)
+  losses = []
+  for step in bar:
+    epoch, k = divmod(step, n_per_epoch)
+    idx = _order(len(train_NxL), c.seed, epoch)[k * c.batch_size:(k + 1) * c.batch_size]
+    trainable, opt_state, value = train_step(base.graphdef, trainable, opt_state, frozen, train_NxL[idx],
+                                             train_mask_NxL[idx], head_graphdef=head_graphdef, chunk=c.chunk,
+                                             optimizer=optimizer)
+    losses.append(float(value))
+    if not math.isfinite(losses[-1]):
+      raise FloatingPointError(f"fwl: non-finite training loss at step {step}")
+    if (step + 1) % c.val_every == 0 or step + 1 == c.steps:
+      entry = validate(step + 1, trainable) | {"train_loss": float(np.mean(losses))}
+      writer.write_scalars(step + 1, {"fwl/train_loss": entry["train_loss"]})
+      history.append(entry)
+      losses = []
+      bar.set_postfix(val_ppl=f"{entry['val_ppl']:.2f}", static=f"{entry['val_static_ppl']:.2f}")
+      ckpt.save(step + 1, {"trainable": trainable, "opt": opt_state}, meta={"step": step + 1, "history": history},
+                metrics={"val_nll": entry["val_nll"]})
+  ckpt.wait()
+  best = min(history, key=lambda h: h["val_nll"])
+  if ckpt.best_step() is not None and best["step"] != (c.steps if start < c.steps else start):
+    trainable = ckpt.restore_best({"trainable": trainable, "opt": opt_state}).state["trainable"]
+  ckpt.close()
+  results = {"history": history, "best": best, "best_step": best["step"], "seq_len": seq_len,
+             "train_windows": len(train_NxL), "val_windows": len(val_NxL), "train_articles": len(train_articles),
+             "heldout_articles": len(heldout)}
+  return head_graphdef, trainable, results
+
+
+def load_trained(config: ml_collections.ConfigDict, base, workdir: str):
+  """(head_graphdef, trainable {"head", ["body"]}) of the best checkpoint of the fwl job in `workdir`."""
+  c = config.fwl
+  head_graphdef, head_params = init_head(c, base.cfg.d_model)
+  trainable = {"head": head_params} | ({"body": base.params} if c.train_body else {})
+  opt_state = make_optimizer(float(c.lr), float(c.body_lr), float(c.grad_clip), bool(c.train_body)).init(trainable)
+  directory = os.path.join(workdir, "fwl")
+  with checkpoint.Checkpointer(directory, best_metric="val_nll") as ckpt:
+    if ckpt.best_step() is None:
+      raise checks.UserError(f"{directory}: no trained FWL head; run `python -m camels_jax.train` with an fwl "
+                             f"config (jobs=fwl) and this workdir first")
+    return head_graphdef, ckpt.restore_best({"trainable": trainable, "opt": opt_state}).state["trainable"]

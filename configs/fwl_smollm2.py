@@ -1,0 +1,31 @@
+"""Fast Weight Layers on SmolLM2-135M-Instruct: a fast-weight head trained on top of the frozen body.
+
+  python -m camels_jax.train --config configs/fwl_smollm2.py
+  python -m camels_jax.train --config configs/fwl_smollm2.py \
+      --config.text.text_file=../shared/data/wikitext2_raw_test.txt --workdir runs/fwl_smollm2_wikitext
+
+By default the text is the generated dataset's documents (no files); with WikiText-2 raw the last 10% of its
+articles are held out. Validation reports the held-out perplexity of the FWL model beside the static model's
+(the same body and unembedding without the head). Scoring with it: `python -m camels_jax.perplexity
+--config configs/ppl_smollm2.py --config.method=fwl --config.fwl_workdir=runs/fwl_smollm2`.
+"""
+
+import ml_collections
+
+from camels_jax.data.text import text_config
+from camels_jax.methods.fwl import fwl_config
+from camels_jax.models.loading import model_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/fwl_smollm2"  # checkpoints (fwl/), TensorBoard events (tb/), train_results.json
+  c.jobs = "fwl"
+  c.model = model_config("smollm2")  # the base model (camels_jax/models/loading.py)
+  c.text = text_config()  # training text and held-out articles (camels_jax/data/text.py)
+  c.fwl = fwl_config()  # the head and its training (camels_jax/methods/fwl.py)
+  c.fwl.chunk = 64
+  c.fwl.steps = 150  # CPU budget
+  c.fwl.val_every = 50
+  c.fwl.lr = 1e-3
+  return c

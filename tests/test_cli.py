@@ -1,0 +1,164 @@
+"""The command line every entry point shares (camels_jax/cli.py): one-line errors with exit status 2, the
+config checked before any work, the run manifest, quiet terminals. Entry points run as subprocesses."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from camels_jax import checks, cli
+from tests.tiny_config import REPO
+
+ENTRY_CONFIGS = {"train": "configs/tiny.py", "evaluate": "configs/tiny.py", "perplexity": "configs/ppl_smollm2.py"}
+# A library log line as absl formats it ("I1130 10:41:16.371314 140693 file.py:849] ..."), or what TFDS and
+# XLA print by themselves.
+LIBRARY_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d|Downloading and preparing|Unable to initialize backend|"
+                         r"array_record|Done writing|dataset_builder")
+
+
+def entry(name: str, workdir, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, "-m", f"camels_jax.{name}", f"--config={ENTRY_CONFIGS[name]}", f"--workdir={workdir}",
+         *args]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _files(tmp_path) -> dict[str, str]:
+  """Bad inputs: a missing file, an empty one, 3 KB of binary, malformed JSON."""
+  (tmp_path / "empty.json").write_text("")
+  (tmp_path / "binary.json").write_bytes(bytes(range(128, 256)) * 24)
+  (tmp_path / "bad.json").write_text('{"data": [\n  {"title": "A", "paragraphs": [\n')
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 24)
+  ckpt = tmp_path / "ckpt"
+  ckpt.mkdir()
+  (ckpt / "config.json").write_text('{"model_type": "llama",\n "hidden_size": \n')
+  return {"dir": str(tmp_path)}
+
+
+SQUAD = ("--config.data.dataset=squad", "--config.eval.methods=uniform")
+CASES = {
+    # entry: [(case, args (with {dir}), what the one line must name)]
+    "train": [
+        ("missing file", (*SQUAD, "--config.data.path={dir}/missing.json"), "missing.json"),
+        ("empty file", (*SQUAD, "--config.data.path={dir}/empty.json"), "empty.json"),
+        ("non-UTF-8 bytes", (*SQUAD, "--config.data.path={dir}/binary.json"), "binary.json"),
+        ("malformed JSON", (*SQUAD, "--config.data.path={dir}/bad.json"), "bad.json"),
+        ("unknown key", ("--config.camels.stepz=3",), "camels.stepz"),
+        ("unknown job", ("--config.jobs=foo",), "jobs"),
+        ("negative count", ("--config.camels.steps=-3",), "camels.steps"),
+    ],
+    "evaluate": [
+        ("missing file", (*SQUAD, "--config.data.path={dir}/missing.json"), "missing.json"),
+        ("empty file", (*SQUAD, "--config.data.path={dir}/empty.json"), "empty.json"),
+        ("non-UTF-8 bytes", (*SQUAD, "--config.data.path={dir}/binary.json"), "binary.json"),
+        ("malformed JSON", (*SQUAD, "--config.data.path={dir}/bad.json"), "bad.json"),
+        ("unknown key", ("--config.eval.lrz=3",), "eval.lrz"),
+        ("unknown method", ("--config.eval.methods=uniform,foo",), "eval.methods"),
+        ("negative count", ("--config.eval.curve_points=-1",), "eval.curve_points"),
+    ],
+    "perplexity": [
+        ("missing file", ("--config.text_file={dir}/missing.txt",), "missing.txt"),
+        ("empty file", ("--config.text_file={dir}/empty.txt",), "empty.txt"),
+        ("non-UTF-8 bytes", ("--config.text_file={dir}/binary.txt",), "binary.txt"),
+        ("malformed JSON", ("--config.model.source={dir}/ckpt",), "config.json"),
+        ("unknown key", ("--config.stepz=1",), "stepz"),
+        ("unknown choice", ("--config.model.dtype=float99",), "model.dtype"),
+        ("negative count", ("--config.batch_size=-1",), "batch_size"),
+    ],
+}
+
+
+@pytest.mark.parametrize("name,case,args,names",
+                         [(name, *c) for name, cases in CASES.items() for c in cases],
+                         ids=[f"{name}-{c[0]}" for name, cases in CASES.items() for c in cases])
+def test_expected_failures_print_one_line_and_exit_2(tmp_path, name, case, args, names):
+  files = _files(tmp_path)
+  result = entry(name, tmp_path / "wd", *(a.format(**files) for a in args))
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 2, (case, result.stderr[-3000:])
+  assert len(lines) == 1 and lines[0].startswith("error: "), (case, result.stderr[-3000:])
+  assert names in lines[0], (case, lines[0])
+  assert "Traceback" not in result.stderr + result.stdout
+  assert not os.path.exists(tmp_path / "wd" / "qa_tune"), "failed after starting to QA-tune"
+
+
+def test_verbosity_1_shows_the_traceback(tmp_path):
+  result = entry("perplexity", tmp_path, f"--config.text_file={tmp_path}/missing.txt", "--verbosity=1")
+  assert result.returncode != 0 and "Traceback" in result.stderr and "missing.txt" in result.stderr
+
+
+def test_several_config_violations_are_listed_at_once(tmp_path):
+  result = entry("train", tmp_path, "--config.camels.steps=-3", "--config.qa_tune.lr=0", "--config.jobs=foo")
+  assert result.returncode == 2
+  line = result.stderr.strip()
+  assert all(key in line for key in ("camels.steps", "qa_tune.lr", "jobs")), line
+  assert "3 invalid" in line
+
+
+def test_evaluate_without_a_weighting_model_fails_before_qa_tuning(tmp_path):
+  workdir = tmp_path / "wd"
+  result = entry("evaluate", workdir, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "no trained weighting model" in result.stderr and "camels" in result.stderr
+  assert not os.path.exists(workdir / "qa_tune")
+
+
+def test_manifest_quiet_terminal_and_resume_rules(tmp_path):
+  workdir = tmp_path / "wd"
+  first = entry("train", workdir, "--config.jobs=qa_tune")
+  assert first.returncode == 0, first.stderr[-3000:]
+  terminal = (first.stdout + first.stderr).replace("\r", "\n").splitlines()
+  assert not [line for line in terminal if LIBRARY_LOG.search(line)], "library logs on the terminal"
+  assert any(line.startswith("qa_tune:") for line in first.stdout.splitlines()), first.stdout
+  log = (workdir / cli.LOG_FILE).read_text()
+  assert LIBRARY_LOG.search(log), "the library logs went nowhere"
+
+  config = json.loads((workdir / cli.CONFIG_FILE).read_text())
+  assert config["model"]["random"]["d_model"] == 32 and config["jobs"] == "qa_tune"
+  manifest = json.loads((workdir / cli.MANIFEST_FILE).read_text())
+  (run,) = manifest["runs"]
+  assert run["entry"] == "train" and run["status"] == "ok" and run["end"] >= run["start"]
+  assert "--config.jobs=qa_tune" in run["command"]
+  assert run["libraries"]["jax"] and run["libraries"]["flax"] and run["process_count"] == 1 and run["devices"]
+  assert run["package"]["camels_jax"]
+  results = json.loads((workdir / "train_results.json").read_text())
+  assert results["manifest"] == cli.manifest_path(str(workdir))
+
+  changed = entry("train", workdir, "--config.jobs=qa_tune", "--config.model.random.d_model=64")
+  assert changed.returncode == 2, changed.stderr[-2000:]
+  assert "model.random.d_model: 32 -> 64" in changed.stderr and "another workdir" in changed.stderr
+
+  more = entry("train", workdir, "--config.jobs=qa_tune", "--config.camels.steps=12")
+  assert more.returncode == 0, more.stderr[-2000:]
+  runs = json.loads((workdir / cli.MANIFEST_FILE).read_text())["runs"]
+  assert [r["status"] for r in runs] == ["ok", "ok"]  # the refused run wrote nothing
+  assert runs[1]["config_changes"] == {"camels.steps": [8, 12]}
+  assert json.loads((workdir / cli.CONFIG_FILE).read_text())["camels"]["steps"] == 12
+
+
+def test_flag_errors_name_the_override():
+  e = AttributeError("'stepz'\nDid you mean \"steps\" instead of \"stepz\"?")
+  message = cli._flag_error_message(e, ["prog", "--config=x.py", "--config.camels.stepz=3"])
+  assert message == "--config.camels.stepz: the config has no field 'stepz' (did you mean \"steps\"?)"
+
+
+def test_config_differences_and_safe_fields():
+  old = {"model": {"source": "smollm2"}, "camels": {"steps": 8}, "eval": {"lrs": [1e-4]}}
+  new = {"model": {"source": "random"}, "camels": {"steps": 16}, "eval": {"lrs": [3e-5]}}
+  diffs = cli.config_differences(old, new)
+  assert diffs == {"model.source": ("smollm2", "random"), "camels.steps": (8, 16), "eval.lrs": ([1e-4], [3e-5])}
+  assert cli._is_safe("eval.lrs", ("eval.*",)) and cli._is_safe("camels.steps", ("camels.steps",))
+  assert not cli._is_safe("model.source", ("eval.*", "camels.steps"))
+
+
+def test_user_errors_are_the_expected_ones():
+  from camels_jax.data.sources import DataError
+  from camels_jax.models.convert import CheckpointError
+  from camels_jax.models.gguf import GGUFError
+  from camels_jax.models.tokenizer import TokenizerError
+
+  for error in (DataError, CheckpointError, GGUFError, TokenizerError, checks.ConfigError):
+    assert issubclass(error, checks.UserError) and issubclass(error, ValueError)

@@ -1,0 +1,62 @@
+"""The fwl train job (checkpoints, resume) and FWL scoring in the perplexity job, on a tiny random model."""
+
+import os
+
+import pytest
+
+from camels_jax import cli, io_utils, perplexity, train
+from tests.tiny_config import load_config
+
+
+def tiny_fwl():
+  c = load_config("fwl_small")
+  c.model.random.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64, max_len=128)
+  c.text.generated_docs = 24
+  c.fwl.update(seq_len=64, batch_size=2, steps=4, val_every=2, val_windows=2, chunk=16, lr=1e-2, body_lr=1e-2)
+  return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("fwl"))
+  config = tiny_fwl()
+  results = train.run(config, workdir, progress=False)
+  io_utils.write_json(os.path.join(workdir, cli.CONFIG_FILE), cli.config_dict(config))  # as cli.session does
+  return config, workdir, results
+
+
+def test_training_lowers_the_held_out_loss_and_validates_on_schedule(trained):
+  _, _, results = trained
+  history = results["fwl"]["history"]
+  assert [h["step"] for h in history] == [0, 2, 4]
+  assert history[-1]["val_nll"] < history[0]["val_nll"] - 0.1
+  assert results["fwl"]["heldout_articles"] >= 1 and results["fwl"]["train_windows"] >= 2
+
+
+def test_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):
+  config, workdir, _ = trained
+  longer = tiny_fwl()
+  longer.fwl.steps = 6
+  resumed = train.run(longer, workdir, progress=False)["fwl"]["history"]
+  fresh = train.run(longer, str(tmp_path), progress=False)["fwl"]["history"]
+  assert [h["step"] for h in resumed] == [0, 2, 4, 6]
+  assert resumed[-1]["val_nll"] == pytest.approx(fresh[-1]["val_nll"], abs=1e-5)
+
+
+def test_perplexity_scores_with_the_trained_head(trained, tmp_path):
+  config, workdir, results = trained
+  ppl = load_config("ppl_smollm2")
+  ppl.model = config.model
+  ppl.update(method="fwl", fwl_workdir=workdir, generated_docs=2)
+  ppl.dynamic.window = 64
+  result = perplexity.run(ppl, str(tmp_path), progress=False)
+  assert result["method"] == "fwl" and result["tokens"] > 100
+  assert 1.0 < result["ppl"] < 1e6 and 1.0 < result["static_same_windows"]["ppl"] < 1e6
+
+
+def test_perplexity_refuses_a_head_trained_on_another_model(trained, tmp_path):
+  _, workdir, _ = trained
+  ppl = load_config("ppl_smollm2")
+  ppl.update(method="fwl", fwl_workdir=workdir)
+  with pytest.raises(Exception, match="trained on another model"):
+    perplexity.check_prerequisites(ppl)
