@@ -4,8 +4,10 @@ method, on the generated dataset (fictional people, organisations and towns; no 
   python -m camels_jax.train --config configs/default.py
   python -m camels_jax.evaluate --config configs/default.py
 
-Measured on 2 CPU cores. Train: 13 min 17 s on a quiet machine, peak RSS 12.2 GB, with the comparison
-below on 6 of the 12 meta-val documents; on all 12 it adds about 2 minutes. QA-tuning lowers the QA-val
+Measured on 2 CPU cores, quiet, the two commands one after the other: 26 min 49 s in all. Train: 13 min 26 s,
+peak RSS 12.6 GB, with the comparison below on 6 of the 12 meta-val documents (on all 12 it adds about 2
+minutes); evaluate: 13 min 23 s, peak RSS 7.6 GB (per method about 160 s: lr sweep, 34 adaptation steps,
+the curve and the test answers). QA-tuning lowers the QA-val
 answer NLL from 7.44 to about 3.0. Meta-training runs 16 steps of about 30 s each.
 Meta-val (6 documents, 36 questions), one inner step per document from the QA-tuned model:
 
@@ -20,8 +22,7 @@ After training, on all 12 meta-val documents (72 questions), every weighting at 
   learned - uniform per question +0.31 [+0.18, +0.44], learned - SSM +0.16 [+0.06, +0.27] (95% paired
   bootstrap); facts/filler 7.14 (SSM 4.22, TF-IDF 2.71).
 
-Evaluate: 19 min 4 s on a quiet machine, before uniform + light-tune reused uniform's stream, which saves
-about 3 min. With that reuse it took 21 min 24 s while two other jobs shared the cores. Test stream of 34
+Evaluate (the same numbers in two separate runs): test stream of 34
 documents and 204 questions, Adam online adaptation, greedy decoding. F1 [95% CI] / answer NLL:
 
   no adaptation 0.010 [0.000, 0.025] / 3.067    uniform 0.005 [0.000, 0.015] / 3.056
