@@ -5,7 +5,9 @@
 
 A 4-block, 256-wide Llama-style decoder with SmolLM2's tokenizer, randomly initialised and trained with the
 FWL head end to end (`fwl.train_body`). Validation compares the held-out perplexity of the FWL model with the
-same model's static perplexity (the head off).
+same model's static perplexity (the head off). Not yet run to its 300 steps; a 20-step smoke run on the
+generated text (2 CPU cores, shared, 10 s/step) reached held-out perplexity 274.9 with the head against 281.8
+without it.
 """
 
 import ml_collections
