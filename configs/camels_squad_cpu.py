@@ -1,4 +1,4 @@
-"""CaMeLS on real SQuAD paragraphs, sized for 2 CPU cores (about an hour): QA-tune SmolLM2-135M on the
+"""CaMeLS on real SQuAD paragraphs, sized for 2 CPU cores (41 minutes): QA-tune SmolLM2-135M on the
 QA-train articles, meta-train the weighting model with the embedded default's levers, then evaluate every
 method on a 40-paragraph test stream.
 
@@ -13,8 +13,8 @@ Differences from configs/camels_squad.py (the reference's settings), all for the
 - evaluation: lr picked by validation answer NLL on 4 meta-val paragraphs, greedy decoding, a 40-paragraph
   test stream (about 190 questions) instead of all 224 test paragraphs with diverse beam search.
 
-Measured (2 CPU cores, while other jobs shared them): train 39 min (QA-tuning 30 steps: QA-val NLL 6.92 ->
-3.05; meta-training 16 steps, best at step 8), plus 7 min for the comparison of weightings. On 12 meta-val
+Measured (2 CPU cores): QA-tuning 30 steps: QA-val NLL 6.92 ->
+3.05, meta-training 16 steps (best at step 8), then the comparison of weightings. On 12 meta-val
 paragraphs (about 60 questions), one inner step per paragraph at the learned weights' mean weight:
 
   weighting  uptake (nats)  x uniform  locality KL  facts/filler  per-question uptake - uniform [95% CI]
@@ -41,8 +41,8 @@ method), greedy decoding. F1 [95% CI] (reference gold), official SQuAD F1, F1 - 
 CaMeLS is the only method whose paired interval against uniform excludes 0: about 1.9x uniform's F1, as in
 the paper (StreamingQA, DistilGPT2: 5.79 vs 3.76). Every adaptation still raises the answer NLL over no
 adaptation (uniform by 0.87 nats, CaMeLS by 0.25); only the light-tune lowers it.
-Timing: train 39 min + 7 min of comparison measured while other jobs shared the cores, evaluate 20.5 min
-quiet: 66 min as measured, over the 60-minute budget by the contended train; a quiet train was not re-timed.
+Timing on a quiet machine: train 20 min 37 s (peak RSS 12.5 GB; the comparison included, the same numbers
+as above to the fourth decimal), evaluate 20 min 29 s: 41 min for the two commands.
 """
 
 import importlib.util
