@@ -122,10 +122,8 @@ def qa_tuned_params(config, model: loading.Loaded, data, workdir: str, writer, p
 def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
         distributed: bool | None = None) -> dict:
   """Runs the configured jobs in order; returns (and writes to train_results.json) their results."""
+  checks.validate(config, RULES, CROSS)  # cli.session has done it for the command line; callers in code too
   jobs = [j.strip() for j in config.jobs.split(",") if j.strip()]
-  unknown = sorted(set(jobs) - set(JOBS))
-  if unknown:
-    raise ValueError(f"config.jobs: unknown job(s) {unknown}; expected a comma-separated subset of {JOBS}")
   sharding.initialize_distributed(distributed)
   say = cli.phase if progress else logging.info
   model = loading.load(config.model)

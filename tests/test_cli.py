@@ -39,22 +39,20 @@ def _files(tmp_path) -> dict[str, str]:
 
 
 SQUAD = ("--config.data.dataset=squad", "--config.eval.methods=uniform")
+# The bad data files, as train and evaluate meet them (both read the SQuAD file of the data section).
+DATA_CASES = [(case, (*SQUAD, f"--config.data.path={{dir}}/{name}"), name)
+              for case, name in (("missing file", "missing.json"), ("empty file", "empty.json"),
+                                 ("non-UTF-8 bytes", "binary.json"), ("malformed JSON", "bad.json"))]
 CASES = {
     # entry: [(case, args (with {dir}), what the one line must name)]
     "train": [
-        ("missing file", (*SQUAD, "--config.data.path={dir}/missing.json"), "missing.json"),
-        ("empty file", (*SQUAD, "--config.data.path={dir}/empty.json"), "empty.json"),
-        ("non-UTF-8 bytes", (*SQUAD, "--config.data.path={dir}/binary.json"), "binary.json"),
-        ("malformed JSON", (*SQUAD, "--config.data.path={dir}/bad.json"), "bad.json"),
+        *DATA_CASES,
         ("unknown key", ("--config.camels.stepz=3",), "camels.stepz"),
         ("unknown job", ("--config.jobs=foo",), "jobs"),
         ("negative count", ("--config.camels.steps=-3",), "camels.steps"),
     ],
     "evaluate": [
-        ("missing file", (*SQUAD, "--config.data.path={dir}/missing.json"), "missing.json"),
-        ("empty file", (*SQUAD, "--config.data.path={dir}/empty.json"), "empty.json"),
-        ("non-UTF-8 bytes", (*SQUAD, "--config.data.path={dir}/binary.json"), "binary.json"),
-        ("malformed JSON", (*SQUAD, "--config.data.path={dir}/bad.json"), "bad.json"),
+        *DATA_CASES,
         ("unknown key", ("--config.eval.lrz=3",), "eval.lrz"),
         ("unknown method", ("--config.eval.methods=uniform,foo",), "eval.methods"),
         ("negative count", ("--config.eval.curve_points=-1",), "eval.curve_points"),

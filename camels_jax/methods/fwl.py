@@ -496,7 +496,7 @@ def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress:
                 metrics={"val_nll": entry["val_nll"]})
   ckpt.wait()
   best = min(history, key=lambda h: h["val_nll"])
-  if ckpt.best_step() is not None and best["step"] != (c.steps if start < c.steps else start):
+  if best["step"] != history[-1]["step"]:  # the params in hand are the last step's
     trainable = ckpt.restore_best({"trainable": trainable, "opt": opt_state}).state["trainable"]
   ckpt.close()
   results = {"history": history, "best": best, "best_step": best["step"], "seq_len": seq_len,
