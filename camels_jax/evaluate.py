@@ -41,6 +41,9 @@ def main(argv):
                    prerequisites=evaluation.check_prerequisites):
     results = run(config, workdir)
   print(evaluation.table(results))
+  cost = evaluation.cost_lines(results)
+  if cost:
+    print("\n".join(["Adaptation cost:"] + cost) + "\n")
   print(f"outputs in {os.path.join(workdir, 'eval')}; log and manifest in {workdir}")
 
 

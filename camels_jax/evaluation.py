@@ -5,8 +5,13 @@ sweep, the QA-tuned base model is adapted on a validation stream (meta-val docum
 questions (the lr is picked by answer NLL or F1, `eval.select`); the chosen lr is then used on the test
 stream, scored by EM, prefix EM, F1 and the official SQuAD EM / F1, with F1 measured at points along the
 stream and the retention of the first documents. Each method's phases are timed (results.md says where the
-time went). Every method goes through
-`adapt.online.adapt_stream`; only the token weights differ.
+time went). Every gradient method goes through `adapt.online.adapt_stream`; only the token weights differ.
+
+MAC (`evaluate_mac`) takes no gradient step: each test document is amortized into its memory bank as it
+arrives, and each question is answered by the frozen QA-tuned model with the prefix aggregated for it from
+the bank; the same curve points, retention, test score and intervals, and a paired interval against CaMeLS.
+Beside every method's scores: its adaptation time per document and XLA's compiled memory of its
+per-document adaptation step (`cost_lines`).
 
 Every test score comes with its 95% bootstrap interval over questions, and every method's difference from
 uniform with a paired interval on the same questions (`camels_jax.stats`); the answers themselves, with
@@ -32,10 +37,11 @@ from camels_jax import checkpoint, checks, cli, io_utils, plots, qa, qa_tune, st
 from camels_jax import data as data_lib
 from camels_jax.adapt import online, uptake
 from camels_jax.data import pipeline
-from camels_jax.methods import baselines, camels
+from camels_jax.methods import baselines, camels, mac
 from camels_jax.models import loading
 
-METHODS = ("uniform", "ssm", "tfidf", "camels", "uniform+qa_lt")
+METHODS = ("uniform", "ssm", "tfidf", "camels", "uniform+qa_lt", "mac")
+GRADIENT_METHODS = ("uniform", "ssm", "tfidf", "camels", "uniform+qa_lt")  # adapt by Adam steps on weighted losses
 
 # Learning-rate selection rules (`eval.select`) and how the outputs describe them.
 SELECT_RULES = {
@@ -129,8 +135,9 @@ def _generate_kwargs(ec, decoding):
   return kw
 
 
-def score(ctx: Context, params, docs, decoding: str, desc: str) -> dict:
-  """QA metrics of `params` on every question about `docs`, with the per-question scores and answers.
+def score(ctx: Context, params, docs, decoding: str, desc: str, prefix_fn=None) -> dict:
+  """QA metrics of `params` (conditioned by `prefix_fn`, see `qa.evaluate_qa`) on every question about
+  `docs`, with the per-question scores and answers.
 
   `qa.evaluate_qa`'s result with `return_predictions`: the aggregates plus "per_question" and
   "predictions" (see `summary` for the aggregates alone).
@@ -138,7 +145,7 @@ def score(ctx: Context, params, docs, decoding: str, desc: str) -> dict:
   batches = list(pipeline.qa_eval_batches(docs, ctx.data.spec, ctx.data.pad_id, ctx.ec.batch_size))
   return qa.evaluate_qa(ctx.model.graphdef, params, ctx.model.cfg, ctx.model.tokenizer, batches,
                         pipeline.questions(docs), decoding, progress=ctx.progress, desc=desc,
-                        return_predictions=True, **_generate_kwargs(ctx.ec, decoding))
+                        return_predictions=True, prefix_fn=prefix_fn, **_generate_kwargs(ctx.ec, decoding))
 
 
 def summary(scores: dict) -> dict:
@@ -272,6 +279,15 @@ def _no_weighting_model(directory: str) -> checks.UserError:
 def check_prerequisites(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Fails before anything is loaded (or QA-tuned) when the data or a configured method cannot be had."""
   data_lib.check_sources(config.data)
+  if "mac" in _methods(config.eval):
+    if "mac" not in config:
+      raise checks.ConfigError("config: eval.methods has mac but the config has no mac section (configs/mac_default.py)")
+    directory = os.path.join(workdir, "mac")
+    if not os.path.isdir(directory):
+      raise mac.no_trained_mac(directory)
+    with checkpoint.Checkpointer(directory, best_metric="val_nll") as ckpt:
+      if ckpt.best_step() is None:
+        raise mac.no_trained_mac(directory)
   if "camels" in _methods(config.eval):
     directory = os.path.join(workdir, "camels")
     if not os.path.isdir(directory):
@@ -366,53 +382,120 @@ def evaluate_method(ctx: Context, method: str, val_docs, test_docs, weights, wri
     logging.info("%s lr=%g: val F1 %.4f, answer NLL %.4f", method, lr, m["f1"], m["nll"])
   lr = select_lr(sweep, ec.select) if sweep else lrs[0]
 
-  n = len(test_docs)
-  points = sorted({max(1, round(n * (k + 1) / ec.curve_points)) for k in range(ec.curve_points)})
-  retention_n = min(ec.retention_docs, n)
-  curve, curve_scores, retention = [], [], {}
-
-  def on_doc(i, params):
-    seen = i + 1
-    with clock("curve"):
-      if seen == retention_n:
-        retention["right_after"] = score(ctx, params, test_docs[:retention_n], "greedy", "retention")["f1"]
-      if seen in points:
-        m = score(ctx, params, test_docs[:seen], "greedy", "curve")
-        ci = stats.bootstrap_ci(m["per_question"]["f1"], **_boot_kwargs(ec.bootstrap))
-        curve.append({"docs": seen, "f1": m["f1"], "lo": ci["lo"], "hi": ci["hi"]})
-        curve_scores.append((seen, m))
-
+  along = _StreamScoring(ctx, test_docs, clock, lambda params, docs, decoding, desc: score(ctx, params, docs,
+                                                                                         decoding, desc))
   if stream is not None and stream["lr"] == lr:
-    params, curve = stream["params"], [dict(p) for p in stream["curve"]]
-    curve_scores = list(stream["curve_scores"])
-    retention = dict(stream["retention"])
+    params = stream["params"]
+    along.curve, along.curve_scores = [dict(p) for p in stream["curve"]], list(stream["curve_scores"])
+    along.retention = dict(stream["retention"])
     clock.totals["adapt"] = 0.0
   else:
     with clock("adapt"):
-      params = adapt(ctx, test_docs, weights, lr, on_doc=on_doc, desc=f"{method} lr={lr:g} (test)")
+      params = adapt(ctx, test_docs, weights, lr, on_doc=along.on_doc, desc=f"{method} lr={lr:g} (test)")
     clock.totals["adapt"] -= clock.totals.get("curve", 0.0)  # the curve is scored inside the adaptation
-  stream_out = {"lr": lr, "params": params, "curve": list(curve), "curve_scores": list(curve_scores),
-                "retention": dict(retention)}
+  stream_out = {"lr": lr, "params": params, "curve": list(along.curve), "curve_scores": list(along.curve_scores),
+                "retention": dict(along.retention)}
   if method == "uniform+qa_lt":
     with clock("light_tune"):
       params = light_tune(ctx, params)
-  with clock("test_score"):
-    if curve_scores and curve_scores[-1][0] == n and ec.decoding == "greedy" and method != "uniform+qa_lt":
-      test = curve_scores[-1][1]  # the last curve point is the test score: same params, same decoding
-    else:
-      test = score(ctx, params, test_docs, ec.decoding, desc=f"{method} test QA")
-    if ec.decoding == "greedy":  # the first documents' questions are the test's first rows
-      first = len(pipeline.questions(test_docs[:retention_n]))
-      retention["at_end"] = float(np.mean(test["per_question"]["f1"][:first])) if first else None
-    else:
-      retention["at_end"] = score(ctx, params, test_docs[:retention_n], "greedy", "retention")["f1"]
+  test = along.test_score(params, reuse_curve=method != "uniform+qa_lt", desc=f"{method} test QA")
+  curve, retention, n = along.curve, along.retention, len(test_docs)
   writer.write_scalars(0, {f"eval/{method}/{k}": v for k, v in test.items() if k in CI_METRICS})
   diagnostics = weight_diagnostics([doc_weights(ctx, weights, d) for d in test_docs],
                                    [d.answer_mask for d in test_docs])
   time_s = dict(clock.totals, adapt_per_doc=clock.totals["adapt"] / max(n, 1), total=clock.elapsed())
   result = {"sweep": sweep, "lr": lr, "test": with_ci(test, ec.bootstrap), "curve": curve,
             "retention": retention, "weights": diagnostics, "time_s": time_s}
-  return result, {"test": test, "curve": curve_scores, "stream": stream_out}
+  return result, {"test": test, "curve": along.curve_scores, "stream": stream_out}
+
+
+class _StreamScoring:
+  """F1 at points along a test stream, retention of its first documents, and its final test score.
+
+  `score_at(state, docs, decoding, desc)` scores the questions of `docs` with a method's state after some
+  documents (adapted params, or MAC's bank); `on_doc(i, state)` is called after document i.
+  """
+
+  def __init__(self, ctx: Context, test_docs, clock: "_Clock", score_at):
+    ec = ctx.ec
+    n = len(test_docs)
+    self.ctx, self.docs, self.clock, self.score_at = ctx, test_docs, clock, score_at
+    self.points = sorted({max(1, round(n * (k + 1) / ec.curve_points)) for k in range(ec.curve_points)})
+    self.retention_n = min(ec.retention_docs, n)
+    self.curve, self.curve_scores, self.retention = [], [], {}
+
+  def on_doc(self, i: int, state) -> None:
+    seen, ec = i + 1, self.ctx.ec
+    with self.clock("curve"):
+      if seen == self.retention_n:
+        self.retention["right_after"] = self.score_at(state, self.docs[:seen], "greedy", "retention")["f1"]
+      if seen in self.points:
+        m = self.score_at(state, self.docs[:seen], "greedy", "curve")
+        ci = stats.bootstrap_ci(m["per_question"]["f1"], **_boot_kwargs(ec.bootstrap))
+        self.curve.append({"docs": seen, "f1": m["f1"], "lo": ci["lo"], "hi": ci["hi"]})
+        self.curve_scores.append((seen, m))
+
+  def test_score(self, state, reuse_curve: bool, desc: str) -> dict:
+    """The test score after the whole stream (the last curve point's when it is the same computation), and
+    the retention at the end."""
+    ec, n = self.ctx.ec, len(self.docs)
+    with self.clock("test_score"):
+      if reuse_curve and self.curve_scores and self.curve_scores[-1][0] == n and ec.decoding == "greedy":
+        test = self.curve_scores[-1][1]  # the last curve point is the test score: same state, same decoding
+      else:
+        test = self.score_at(state, self.docs, ec.decoding, desc)
+      if ec.decoding == "greedy":  # the first documents' questions are the test's first rows
+        first = len(pipeline.questions(self.docs[:self.retention_n]))
+        self.retention["at_end"] = float(np.mean(test["per_question"]["f1"][:first])) if first else None
+      else:
+        self.retention["at_end"] = self.score_at(state, self.docs[:self.retention_n], "greedy", "retention")["f1"]
+    return test
+
+
+def evaluate_mac(ctx: Context, test_docs, writer):
+  """MAC on the test stream: each document amortized into the bank as it arrives (no gradient step), every
+  question answered by the frozen QA-tuned model with the prefix aggregated from the bank for it.
+
+  Returns (result, raw) shaped as `evaluate_method`'s (no lr sweep: MAC has no test-time lr), with "bank"
+  (documents, tokens, bytes) and the bank saved with orbax in <workdir>/eval_mac_bank.
+  """
+  c = ctx.config.mac
+  graphdef, params = mac.load_trained(ctx.config, ctx.model, ctx.workdir)
+  clock, n = _Clock(), len(test_docs)
+
+  def score_at(bank, docs, decoding, desc):
+    return score(ctx, ctx.params, docs, decoding, desc, prefix_fn=mac.prefix_fn(graphdef, params, bank, n, c.window))
+
+  along = _StreamScoring(ctx, test_docs, clock, score_at)
+  first = pipeline.doc_batch([test_docs[0]], ctx.data.spec, ctx.data.pad_id)
+  # Compiled before the clock starts, as the gradient methods' steps are by their lr sweep.
+  jax.block_until_ready(mac.amortize_jit(graphdef, params, first["doc_tokens_BxL"], first["doc_mask_BxL"]))
+  with clock("adapt"):
+    bank = mac.stream_bank(graphdef, params, test_docs, ctx.data.spec, ctx.data.pad_id, c.tokens,
+                           ctx.model.cfg.d_model, on_doc=along.on_doc, progress=ctx.progress, desc="mac (test)")
+  clock.totals["adapt"] -= clock.totals.get("curve", 0.0)
+  bank.save(os.path.join(ctx.workdir, "eval_mac_bank"))
+  test = along.test_score(bank, reuse_curve=True, desc="mac test QA")
+  writer.write_scalars(0, {f"eval/mac/{k}": v for k, v in test.items() if k in CI_METRICS})
+  time_s = dict(clock.totals, adapt_per_doc=clock.totals["adapt"] / max(n, 1), total=clock.elapsed())
+  result = {"sweep": [], "lr": None, "test": with_ci(test, ctx.ec.bootstrap), "curve": along.curve,
+            "retention": along.retention, "weights": {}, "time_s": time_s,
+            "bank": {"docs": bank.docs, "tokens": bank.size_tokens, "bytes": bank.nbytes}}
+  result["memory_bytes"] = mac_memory(ctx, graphdef, params, first, bank)
+  return result, {"test": test, "curve": along.curve_scores}
+
+
+def mac_memory(ctx: Context, graphdef, params, doc_batch, bank) -> dict:
+  """XLA's compiled memory of MAC's per-document amortization and of one batch's prefix, and the bank's."""
+  amortize = mac.amortize_jit.lower(graphdef, params, doc_batch["doc_tokens_BxL"], doc_batch["doc_mask_BxL"])
+  batch = next(iter(pipeline.qa_eval_batches(ctx.data.splits["meta_val"][:1], ctx.data.spec, ctx.data.pad_id,
+                                             ctx.ec.batch_size)))
+  bank_MxTxD, valid_M = bank.padded(bank.docs)
+  answer = mac._prefix_jit.lower(graphdef, params, {k: batch[k] for k in ("qa_tokens_BxS", "qa_mask_BxS",
+                                                                        "qa_loss_mask_BxS")},
+                                 bank_MxTxD, valid_M, window=ctx.config.mac.window)
+  return {"adapt": online.compiled_bytes(amortize.compile()), "prefix": online.compiled_bytes(answer.compile()),
+          "bank": bank.nbytes}
 
 
 class _Clock:
@@ -440,7 +523,7 @@ def _difference(a, b):
 def add_comparisons(results: dict, raw: dict, bc) -> None:
   """Adds, per method of `results`, "uptake" (no-adaptation test answer NLL − the method's) and, when
   uniform was run, "vs_uniform" ({metric: paired interval of method − uniform} on the test questions)
-  and each curve point's "vs_uniform" (F1, same documents' questions).
+  and each curve point's "vs_uniform" (F1, same documents' questions); MAC also gets "vs_camels".
 
   Args:
     results: `run`'s results, updated in place.
@@ -451,6 +534,8 @@ def add_comparisons(results: dict, raw: dict, bc) -> None:
   uniform = raw.get("uniform")
   for method, r in results["methods"].items():
     r["uptake"] = _difference(na_nll, r["test"]["nll"])
+    if method == "mac" and "camels" in raw:  # the paper's comparison: amortization against learned weights
+      r["vs_camels"] = paired(raw["mac"]["test"], raw["camels"]["test"], bc)
     if uniform is None or method == "uniform":
       continue
     r["vs_uniform"] = paired(raw[method]["test"], uniform["test"], bc)
@@ -482,6 +567,13 @@ def run(ctx: Context, writer) -> dict:
   raw = {"no_adaptation": {"test": no_adapt}}
   heat = []
   for method in methods:
+    if method == "mac":
+      results["methods"]["mac"], raw["mac"] = evaluate_mac(ctx, test_docs, writer)
+      r = results["methods"]["mac"]
+      say(f"mac: test F1 {r['test']['f1']:.4f}, answer NLL {r['test']['nll']:.4f}; bank of {r['bank']['docs']} "
+          f"documents, {r['bank']['tokens']} tokens, {r['bank']['bytes'] / 2**20:.2f} MiB "
+          f"({r['time_s']['total']:.0f} s)")
+      continue
     lrs = None
     if method == "uniform+qa_lt" and "uniform" in results["methods"]:
       # The light-tune follows uniform adaptation at uniform's chosen lr: a sweep would light-tune 4 times.
@@ -499,6 +591,14 @@ def run(ctx: Context, writer) -> dict:
       heat.append((method, weights))
   for r in raw.values():
     r.pop("stream", None)
+  if set(methods) & set(GRADIENT_METHODS):
+    # One step shape serves every gradient method (their weights are inputs), so one analysis covers them.
+    oc = ec.online.copy_and_resolve_references()
+    length = max(ctx.data.spec.doc_buckets)
+    step = online.step_bytes(ctx.model.graphdef, ctx.params, length, oc, online.inner_config(oc, ctx.data.spec.doc_buckets))
+    for method in methods:
+      if method in GRADIENT_METHODS:
+        results["methods"][method]["memory_bytes"] = {"adapt": step}
   add_comparisons(results, raw, ec.bootstrap)
   write_outputs(ctx, results, {name: r["test"] for name, r in raw.items()}, heat, test_docs[:ec.heatmap_docs])
   return results
@@ -530,6 +630,30 @@ def _best_method(results: dict):
   return max(results["methods"], key=f1, default=None)
 
 
+def _lr(r: dict) -> str:
+  return "-" if r.get("lr") is None else f"{r['lr']:g}"
+
+
+def cost_lines(results: dict) -> list[str]:
+  """Adaptation time per document and memory of each method, and MAC against CaMeLS (Markdown table)."""
+  methods = results["methods"]
+  if not methods:
+    return []
+  lines = ["| method | adapt s / document | adapt memory (MiB) | memory bank (MiB) |", "|---|---|---|---|"]
+  mib = lambda x: _num(None if x is None else x / 2**20, ".2f")
+  for method, r in methods.items():
+    mem = r.get("memory_bytes", {})
+    lines.append(f"| {method} | {_num(r.get('time_s', {}).get('adapt_per_doc'), '.3f')} | {mib(mem.get('adapt'))} | "
+                 f"{mib(mem.get('bank'))} |")
+  if "mac" in methods and "camels" in methods:
+    t = lambda m: methods[m].get("time_s", {}).get("adapt_per_doc")
+    ratio = t("mac") / t("camels") if t("mac") is not None and t("camels") else None
+    vs = methods["mac"].get("vs_camels", {}).get("f1")
+    lines += ["", f"MAC / CaMeLS adaptation time per document: {_num(ratio, '.3f')}x (goal <= 0.15x); MAC - CaMeLS "
+              f"F1 {_ci_cell(vs, True)} (paired, same questions)."]
+  return lines
+
+
 def _rule(results: dict) -> str:
   return SELECT_RULES.get(results.get("select"), str(results.get("select")))
 
@@ -551,7 +675,7 @@ def table(results: dict) -> str:
            _num(na["nll"], ".3f"), "-", "-"]]
   for method, r in results["methods"].items():
     t = r["test"]
-    rows.append([method, f"{r['lr']:g}", _metric_cell(t, "f1"), _ci_cell(r.get("vs_uniform", {}).get("f1"), True),
+    rows.append([method, _lr(r), _metric_cell(t, "f1"), _ci_cell(r.get("vs_uniform", {}).get("f1"), True),
                  _num(t["em"], ".3f"), _num(t["prefix_em"], ".3f"), _num(t["nll"], ".3f"),
                  _num(r.get("uptake"), "+.3f"), _num(r.get("weights", {}).get("facts_filler"), ".2f")])
   notes = [
@@ -583,7 +707,7 @@ def report(results: dict) -> str:
   for method, r in results["methods"].items():
     t, w = r["test"], r.get("weights", {})
     cells = [_metric_cell(t, m) + (" **best**" if m == "f1" and method == best else "") for m in CI_METRICS]
-    lines.append(f"| {method} | {r['lr']:g} | {' | '.join(cells)} | "
+    lines.append(f"| {method} | {_lr(r)} | {' | '.join(cells)} | "
                  f"{_ci_cell(r.get('vs_uniform', {}).get('f1'), True)} | {_num(t['nll'])} | "
                  f"{_num(r.get('uptake'), '+.4f')} | {_num(w.get('facts_filler'), '.3f')} | "
                  f"{_num(w.get('mean_weight'), '.3f')} |")
@@ -610,6 +734,9 @@ def report(results: dict) -> str:
   for method, r in results["methods"].items():
     ret = r["retention"]
     lines.append(f"- {method}: {_num(ret.get('right_after'))} -> {_num(ret.get('at_end'))}")
+  lines += ["", "Adaptation cost (adapt: the test stream's updates per document, without the curve points; memory: "
+            "XLA's compiled memory of one document's adaptation step, arguments and temporaries; MAC's answers also "
+            "aggregate the bank per question batch, in its test QA time):", ""] + cost_lines(results)
   lines += ["", "Where the time went (wall-clock seconds; adapt = the test stream's updates, without the curve "
             "points scored along it):", "",
             "| method | lr sweep | adapt | adapt / document | curve + retention | light-tune | test QA | total |",

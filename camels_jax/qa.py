@@ -131,9 +131,9 @@ def _device_batch(batch: Batch) -> dict[str, Any]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _answer_logprobs(graphdef, params, batch):
+def _answer_logprobs(graphdef, params, batch, prefix=None):
   tokens_BxS, mask_BxS, loss_mask_BxS = _qa_arrays(batch)
-  nll_B, count_B = _answer_nll_B(transformer.apply(graphdef, params, tokens_BxS, mask_BxS), tokens_BxS,
+  nll_B, count_B = _answer_nll_B(transformer.apply(graphdef, params, tokens_BxS, mask_BxS, prefix), tokens_BxS,
                                  loss_mask_BxS)
   return -nll_B, count_B
 
@@ -145,18 +145,20 @@ def _qa_nll(graphdef, params, batch):
                          loss_mask_BxS)
 
 
-def answer_logprobs(graphdef: nnx.GraphDef, params: transformer.Params, batch: Batch):
+def answer_logprobs(graphdef: nnx.GraphDef, params: transformer.Params, batch: Batch,
+                    prefix: transformer.Prefix | None = None):
   """Per-row answer log-likelihood and answer length (jitted).
 
   Args:
     graphdef, params: the model.
     batch: a QA batch (qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, qa_valid_B are read).
+    prefix: a `transformer.Prefix` with one row per batch row conditioning the model (MAC), or None.
 
   Returns:
     (logp_B, count_B): the summed log-probability of each row's answer tokens and EOS, and their
     number; both 0 on invalid rows.
   """
-  return _answer_logprobs(graphdef, params, _device_batch(batch))
+  return _answer_logprobs(graphdef, params, _device_batch(batch), prefix)
 
 
 def qa_nll(graphdef: nnx.GraphDef, params: transformer.Params, batch: Batch):
@@ -221,15 +223,16 @@ def answer_text(tokenizer, ids, eos_id: int) -> str:
 
 def generate(graphdef: nnx.GraphDef, params: transformer.Params, cfg: ModelConfig, tokenizer,
              batch: Batch, decoding: str = "greedy", max_new_tokens: int = 16, num_beams: int = 12,
-             num_groups: int = 4, diversity_penalty: float = 10.0) -> decoding_lib.Decoded:
+             num_groups: int = 4, diversity_penalty: float = 10.0,
+             prefix: transformer.Prefix | None = None) -> decoding_lib.Decoded:
   """Generated ids (after the prompt) for every row of a QA batch; see `answer`."""
   prompt_BxP, mask_BxP = prompts(batch, tokenizer.pad_id, tokenizer.eos_id)
   if decoding == "greedy":
-    return decoding_lib.greedy(graphdef, params, prompt_BxP, mask_BxP, cfg=cfg,
+    return decoding_lib.greedy(graphdef, params, prompt_BxP, mask_BxP, prefix, cfg=cfg,
                                max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
   if decoding == "beam":
     return decoding_lib.diverse_beam_search(
-        graphdef, params, prompt_BxP, mask_BxP, cfg=cfg, max_new_tokens=max_new_tokens,
+        graphdef, params, prompt_BxP, mask_BxP, prefix, cfg=cfg, max_new_tokens=max_new_tokens,
         eos_id=tokenizer.eos_id, num_beams=num_beams, num_groups=num_groups,
         diversity_penalty=float(diversity_penalty))
   raise ValueError(f"decoding={decoding!r} is not one of {DECODINGS}")
@@ -237,7 +240,8 @@ def generate(graphdef: nnx.GraphDef, params: transformer.Params, cfg: ModelConfi
 
 def answer(graphdef: nnx.GraphDef, params: transformer.Params, cfg: ModelConfig, tokenizer,
            batch: Batch, decoding: str = "greedy", max_new_tokens: int = 16, num_beams: int = 12,
-           num_groups: int = 4, diversity_penalty: float = 10.0) -> list[str]:
+           num_groups: int = 4, diversity_penalty: float = 10.0,
+           prefix: transformer.Prefix | None = None) -> list[str]:
   """The model's answer to every question of a QA batch.
 
   Args:
@@ -248,12 +252,13 @@ def answer(graphdef: nnx.GraphDef, params: transformer.Params, cfg: ModelConfig,
       reference's final evaluation).
     max_new_tokens: generation budget (reference: 16).
     num_beams, num_groups, diversity_penalty: diverse beam search settings (reference: 12, 4, 10.0).
+    prefix: a `transformer.Prefix` of B rows conditioning the model, or None.
 
   Returns:
     B answer strings; "" for invalid rows.
   """
   out = generate(graphdef, params, cfg, tokenizer, batch, decoding, max_new_tokens, num_beams, num_groups,
-                 diversity_penalty)
+                 diversity_penalty, prefix)
   tokens_BxT = np.asarray(out.tokens_BxT)
   valid_B = np.asarray(batch["qa_valid_B"], bool)
   return [answer_text(tokenizer, row, tokenizer.eos_id) if ok else "" for row, ok in zip(tokens_BxT, valid_B)]
@@ -297,7 +302,7 @@ def question_scores(prediction: str, gold: Gold) -> dict[str, float]:
 def evaluate_qa(graphdef: nnx.GraphDef, params: transformer.Params, cfg: ModelConfig, tokenizer,
                 batches: Iterable[Batch], golds: Sequence[Any], decoding: str | None = "greedy",
                 progress: bool = False, desc: str = "qa eval", return_predictions: bool = False,
-                **generate_kwargs) -> dict[str, Any]:
+                prefix_fn=None, **generate_kwargs) -> dict[str, Any]:
   """Answer NLL and (with a decoding) EM / prefix EM / F1 / official EM / official F1 over the valid rows.
 
   Args:
@@ -311,6 +316,8 @@ def evaluate_qa(graphdef: nnx.GraphDef, params: transformer.Params, cfg: ModelCo
     progress: show a tqdm bar.
     desc: the bar's label.
     return_predictions: also return per-question scores and answers (below).
+    prefix_fn: prefix_fn(batch) -> the `transformer.Prefix` that conditions the model on that batch's rows
+      (MAC: aggregated from its memory bank per question); None = the model alone.
     **generate_kwargs: max_new_tokens, num_beams, num_groups, diversity_penalty (see `answer`).
 
   Returns:
@@ -325,7 +332,8 @@ def evaluate_qa(graphdef: nnx.GraphDef, params: transformer.Params, cfg: ModelCo
   rows = []
   total = len(batches) if hasattr(batches, "__len__") else None
   for batch in tqdm.tqdm(batches, desc=desc, total=total, disable=not progress, leave=False):
-    rows += _score_batch(graphdef, params, cfg, tokenizer, batch, golds, decoding, generate_kwargs)
+    prefix = None if prefix_fn is None else prefix_fn(batch)
+    rows += _score_batch(graphdef, params, cfg, tokenizer, batch, golds, decoding, generate_kwargs, prefix)
   rows.sort(key=lambda r: r["index"])
   result = _aggregate(rows, generated=decoding is not None)
   if return_predictions:
@@ -335,11 +343,11 @@ def evaluate_qa(graphdef: nnx.GraphDef, params: transformer.Params, cfg: ModelCo
 
 
 def _score_batch(graphdef, params, cfg, tokenizer, batch: Batch, golds: Sequence[Any], decoding: str | None,
-                 generate_kwargs) -> list[dict[str, Any]]:
+                 generate_kwargs, prefix=None) -> list[dict[str, Any]]:
   """One record per valid row: its question, answer NLL, and (with a decoding) answer and scores."""
-  logp_B, count_B = (np.asarray(x, np.float64) for x in answer_logprobs(graphdef, params, batch))
+  logp_B, count_B = (np.asarray(x, np.float64) for x in answer_logprobs(graphdef, params, batch, prefix))
   texts = None if decoding is None else answer(graphdef, params, cfg, tokenizer, batch, decoding,
-                                               **generate_kwargs)
+                                               prefix=prefix, **generate_kwargs)
   rows = []
   for i in np.flatnonzero(np.asarray(batch["qa_valid_B"], bool)):
     index = int(batch["qa_index_B"][i])

@@ -1,4 +1,5 @@
-"""Training jobs: QA-tuning of the base model, then CaMeLS meta-training of the weighting model.
+"""Training jobs: QA-tuning of the base model, then CaMeLS meta-training of the weighting model, MAC's
+networks, an FWL head.
 
   python -m camels_jax.train --config configs/default.py [--workdir DIR] [--config.camels.inner_lr=1e-3]
 
@@ -18,11 +19,12 @@ from camels_jax import checks, evaluation
 from camels_jax import data as data_lib
 from camels_jax.data import config as data_config
 from camels_jax.data import text as text_lib
-from camels_jax.methods import camels, fwl
+from camels_jax.methods import camels, fwl, mac
 from camels_jax.models import loading
 
-JOBS = ("qa_tune", "camels", "fwl")
-QA_JOBS = ("qa_tune", "camels")  # the jobs that read the QA dataset (`data`)
+JOBS = ("qa_tune", "camels", "mac", "fwl")
+QA_JOBS = ("qa_tune", "camels", "mac")  # the jobs that read the QA dataset (`data`)
+ON_QA_TUNED = ("camels", "mac")  # the jobs that train on the QA-tuned base model
 
 # Every field of a train / evaluate job config with its valid range (each section's RULES sits beside the
 # function that builds it), and the checks between fields: all run before a model or dataset is loaded.
@@ -36,6 +38,7 @@ RULES = {
     "eval": evaluation.RULES,
     "text": text_lib.RULES,
     "fwl": fwl.RULES,
+    "mac": mac.RULES,
 }
 
 
@@ -97,6 +100,8 @@ CROSS = (checks.within("model", loading.CROSS) + checks.within("data", data_conf
 
 def finished_qa_tune(model: loading.Loaded, workdir: str):
   """(params, history) of the finished QA-tuning in <workdir>/qa_tune, or None if there is none."""
+  if not os.path.isdir(os.path.join(workdir, "qa_tune")):
+    return None
   with checkpoint.Checkpointer(os.path.join(workdir, "qa_tune"), max_to_keep=1) as ckpt:
     if ckpt.latest_step() is None:
       return None
@@ -128,6 +133,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
   say = cli.phase if progress else logging.info
   model = loading.load(config.model)
   check_model_fits(config, model.cfg)
+  if "mac" in jobs:
+    mac.check_fits(config.mac, model.cfg)
   say(f"model: {config.model.source}, {model.cfg.n_layers} blocks, d_model {model.cfg.d_model}")
   data = None
   if set(jobs) & set(QA_JOBS):
@@ -141,21 +148,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
     base_params, history = qa_tuned_params(config, model, data, workdir, writer, progress)
     results["qa_tune"] = {"history": history, "best": min(history, key=lambda h: h["nll"])}
     base_name = "qa_tuned"
-  elif "camels" in jobs:
-    # Meta-training alone continues the experiment in this workdir: it adapts the QA-tuned model the
-    # qa_tune job left here, as `jobs=qa_tune,camels` would, never silently the raw base model.
+  elif set(jobs) & set(ON_QA_TUNED):
+    # Meta-training (or MAC) alone continues the experiment in this workdir: it trains on the QA-tuned
+    # model the qa_tune job left here, as `jobs=qa_tune,camels` would, never silently the raw base model.
     found = finished_qa_tune(model, workdir)
     if found is not None:
       base_params, base_name = found[0], "qa_tuned"
     else:
-      logging.warning("camels: no finished QA-tuning in %s", os.path.join(workdir, "qa_tune"))
-      say(f"camels: no finished QA-tuning in {os.path.join(workdir, 'qa_tune')}: meta-training the raw base "
-          f"model (add qa_tune to config.jobs to QA-tune it first, as the reference does)")
+      logging.warning("no finished QA-tuning in %s", os.path.join(workdir, "qa_tune"))
+      say(f"{'/'.join(j for j in jobs if j in ON_QA_TUNED)}: no finished QA-tuning in "
+          f"{os.path.join(workdir, 'qa_tune')}: training on the raw base model (add qa_tune to config.jobs to "
+          f"QA-tune it first, as the reference does)")
   if "camels" in jobs:
     say(f"camels: meta-training the weighting model on the {base_name.replace('_', '-')} base model, "
         f"{config.camels.steps} steps")
     _, _, results["camels"] = camels.fit(config, model, base_params, data, workdir, writer, progress)
     results["camels"]["base_model"] = base_name
+  if "mac" in jobs:
+    c = config.mac
+    say(f"mac: training the amortization and aggregation networks on the {base_name.replace('_', '-')} base "
+        f"model (frozen), {c.steps} steps of {c.bank_docs}-document banks, {c.questions} questions each")
+    _, _, results["mac"] = mac.fit(config, model, base_params, data, workdir, writer, progress)
+    results["mac"]["base_model"] = base_name
   if "fwl" in jobs:
     c = config.fwl
     say(f"fwl: training the fast-weight head{' and the body' if c.train_body else ''}, {c.steps} steps of "
@@ -183,7 +197,7 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str = "") -> None:
 # and on what it validates, and anything evaluation-only. The rest would mix two experiments in one workdir.
 SAFE_ON_RESUME = ("camels.steps", "camels.val_every", "camels.val_batches", "camels.compare",
                   "camels.compare_batches", "qa_tune.log_every", "model.remat", "eval.*", "fwl.steps",
-                  "fwl.val_every")
+                  "fwl.val_every", "mac.steps", "mac.val_every")
 
 
 def main(argv):
@@ -198,7 +212,17 @@ def main(argv):
     print(f"qa_tune: best QA-val NLL {b['nll']:.4f} at step {b['step']}")
   if "camels" in results:
     print(camels_summary(results["camels"]))
+  if "mac" in results:
+    print(mac_summary(results["mac"]))
   print(f"results in {os.path.join(workdir, 'train_results.json')}; log and manifest in {workdir}")
+
+
+def mac_summary(r: dict) -> str:
+  """What MAC's training reached on meta-val: answer NLL with the bank, with another bank, without a prefix."""
+  first, best = r["history"][0], r["best"]
+  return (f"mac: meta-val answer NLL {first['val_nll']:.4f} at init -> {best['val_nll']:.4f} (best, step "
+          f"{r['best_step']}); with another batch's bank {best['val_nll_other_bank']:.4f}; base model alone "
+          f"{best['val_nll_base']:.4f}")
 
 
 def _fmt(x, spec=".4f"):

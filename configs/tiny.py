@@ -10,6 +10,8 @@ Its numbers mean nothing (a random 2-block model, 6 test documents); it checks t
 import importlib.util
 import os
 
+from camels_jax.methods.mac import mac_config
+
 
 def _default():
   spec = importlib.util.spec_from_file_location("default", os.path.join(os.path.dirname(__file__), "default.py"))
@@ -43,6 +45,9 @@ def get_config():
   c.camels.val_every = 4
   c.camels.inner_lr = 0.3
   c.camels.outer_lr = 3e-3
+  c.mac = mac_config()  # MAC on the tiny model (jobs / eval.methods add "mac" to run it)
+  c.mac.update(tokens=2, heads=2, base_layers=1, window=2, bank_docs=3, questions=4, steps=4, val_every=2,
+               mlp_mult=1, lr=1e-3)
   c.eval.lrs = (1e-3, 1e-4)
   c.eval.val_docs = 3
   c.eval.num_beams, c.eval.num_groups = 4, 2

@@ -50,12 +50,15 @@ CASES = {
         ("unknown key", ("--config.camels.stepz=3",), "camels.stepz"),
         ("unknown job", ("--config.jobs=foo",), "jobs"),
         ("negative count", ("--config.camels.steps=-3",), "camels.steps"),
+        ("MAC with T = 0", ("--config.jobs=qa_tune,mac", "--config.mac.tokens=0"), "mac.tokens"),
+        ("MAC heads that do not divide the width", ("--config.jobs=mac", "--config.mac.heads=3"), "mac.heads=3"),
     ],
     "evaluate": [
         *DATA_CASES,
         ("unknown key", ("--config.eval.lrz=3",), "eval.lrz"),
         ("unknown method", ("--config.eval.methods=uniform,foo",), "eval.methods"),
         ("negative count", ("--config.eval.curve_points=-1",), "eval.curve_points"),
+        ("MAC not trained", ("--config.eval.methods=uniform,mac",), "no trained MAC"),
     ],
     "perplexity": [
         ("missing file", ("--config.text_file={dir}/missing.txt",), "missing.txt"),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from camels_jax import evaluate, evaluation, io_utils, plots, train
+from camels_jax.methods import mac
 from tests.tiny_config import REPO, tiny_default
 
 SQUAD = os.path.join(REPO, "..", "shared", "data", "squad_v1.1_dev_part.json")
@@ -17,6 +18,8 @@ SQUAD = os.path.join(REPO, "..", "shared", "data", "squad_v1.1_dev_part.json")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("eval"))
   config = tiny_default()
+  config.jobs = "qa_tune,camels,mac"
+  config.eval.methods = ",".join(evaluation.METHODS)
   train.run(config, workdir, progress=False)
   return config, workdir
 
@@ -29,7 +32,7 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   assert results["select"] == config.eval.select
   _assert_ci(results["no_adaptation"], n)
   for method, r in results["methods"].items():
-    assert r["lr"] in config.eval.lrs
+    assert r["lr"] in config.eval.lrs or (method == "mac" and r["lr"] is None)
     if r["sweep"]:
       assert r["lr"] == evaluation.select_lr(r["sweep"], config.eval.select)
     assert 0.0 <= r["test"]["f1"] <= 1.0 and r["test"]["n"] == n
@@ -39,7 +42,10 @@ def test_all_methods_produce_the_table_and_outputs(trained):
       assert p["lo"] <= p["f1"] <= p["hi"]
     assert set(r["retention"]) == {"right_after", "at_end"}
     assert r["uptake"] == pytest.approx(results["no_adaptation"]["nll"] - r["test"]["nll"])
-    assert r["weights"]["facts_tokens"] > 0 and r["weights"]["facts_filler"] > 0 and r["weights"]["mean_weight"] > 0
+    if method != "mac":  # MAC weighs no tokens
+      assert r["weights"]["facts_tokens"] > 0 and r["weights"]["facts_filler"] > 0 and r["weights"]["mean_weight"] > 0
+    assert r["memory_bytes"]["adapt"] > 0
+    assert r["time_s"]["adapt_per_doc"] > 0 or method == "uniform+qa_lt"  # it reuses uniform's adapted stream
     if method == "uniform":
       assert "vs_uniform" not in r
     else:
@@ -57,6 +63,14 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   assert lt["retention"]["right_after"] == uniform["retention"]["right_after"]
   assert all("vs_uniform" not in p for p in uniform["curve"])
   assert lt["time_s"]["adapt"] == 0.0 and lt["time_s"]["light_tune"] > 0
+  # MAC: the bank holds T tokens per test document, saved with orbax; compared with CaMeLS, paired.
+  m = results["methods"]["mac"]
+  docs = results["test_docs"]
+  assert m["bank"] == {"docs": docs, "tokens": config.mac.tokens * docs,
+                       "bytes": 4 * config.mac.tokens * docs * config.model.random.d_model}
+  assert m["sweep"] == [] and m["weights"] == {} and m["vs_camels"]["f1"]["n"] == n
+  assert m["vs_camels"]["f1"]["mean"] == pytest.approx(m["test"]["f1"] - results["methods"]["camels"]["test"]["f1"])
+  assert mac.Bank.restore(os.path.join(workdir, "eval_mac_bank")).docs == docs
   out = os.path.join(workdir, "eval")
   names = set(os.listdir(out))
   assert {"results.json", "results.md", "f1_curve.png", "predictions"} <= names
@@ -81,6 +95,7 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   with open(os.path.join(out, "results.md")) as f:
     md = f.read()
   assert md.count("**best**") == 1 and "| camels |" in md and "| no adaptation |" in md
+  assert "MAC / CaMeLS adaptation time per document" in md and "| mac | - |" in md
   assert "F1 − uniform [95% CI]" in md and f"{n} questions" in md and evaluation.SELECT_RULES[config.eval.select] in md
   printed = evaluation.table(results)
   assert "nan" not in printed.lower() and max(len(line) for line in printed.splitlines()) <= 160

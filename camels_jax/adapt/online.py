@@ -93,3 +93,22 @@ def adapt_stream(graphdef: nnx.GraphDef, params, doc_batches: Sequence[dict[str,
     if on_doc is not None:
       on_doc(i, params)
   return params, losses
+
+
+def step_bytes(graphdef: nnx.GraphDef, params, length: int, c: ml_collections.ConfigDict,
+               icfg: inner.InnerConfig) -> int:
+  """Device memory of one adaptation step on a document of `length` tokens (XLA's compiled memory analysis:
+  arguments + outputs + temporaries - donated buffers), without running it."""
+  direction = adam_direction(float(c.grad_clip))
+  spec = lambda dtype: jax.ShapeDtypeStruct((1, length), dtype)
+  lowered = adapt_step.lower(graphdef, params, jax.eval_shape(direction.init, params), spec(np.int32),
+                             spec(np.int32), spec(np.float32), float(c.lr), direction=direction, icfg=icfg)
+  return compiled_bytes(lowered.compile())
+
+
+def compiled_bytes(compiled) -> int:
+  """Peak device bytes of a compiled computation by XLA's memory analysis (0 where a backend has none)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return 0
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)

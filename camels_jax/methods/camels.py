@@ -104,41 +104,13 @@ def _random_backbone(c, at=""):
 WEIGHTING_CROSS = [_random_backbone]
 
 
-def _flat(state) -> dict[tuple, Any]:
-  return {path: var for path, var in nnx.to_flat_state(state)}
-
-
 def build_weighting_model(wcfg: ml_collections.ConfigDict, base: loading.Loaded):
   """(graphdef, params) of the weighting model described by `wcfg`, sharing `base`'s tokenizer."""
-  rngs = nnx.Rngs(wcfg.seed)
-  if wcfg.backbone == "base":
-    if not 1 <= wcfg.base_layers <= base.cfg.n_layers:
-      raise ValueError(f"weighting.base_layers={wcfg.base_layers}: the base model has "
-                       f"{base.cfg.n_layers} layers")
-    bcfg = base.cfg.replace(n_layers=wcfg.base_layers, tie_embeddings=True, remat=False)
-    source = {path: var for path, var in _flat(transformer.first_layers(base.params, wcfg.base_layers)).items()
-              if path[0] != "lm_head"}
-  elif wcfg.backbone == "random":
-    r = wcfg.random
-    bcfg = ModelConfig(arch="llama", vocab_size=base.cfg.vocab_size, max_len=base.cfg.max_len,
-                       d_model=r.d_model, n_layers=r.n_layers, n_heads=r.n_heads, n_kv_heads=r.n_kv_heads,
-                       d_ff=r.d_ff, dtype=base.cfg.dtype, param_dtype=base.cfg.param_dtype)
-    source = {}
-  else:
-    other = loading.load(loading.model_config(wcfg.backbone) | {"dtype": base.cfg.dtype,
-                                                                "param_dtype": base.cfg.param_dtype})
-    if other.tokenizer.vocab_size != base.tokenizer.vocab_size:
-      raise ValueError(f"weighting.backbone={wcfg.backbone}: its tokenizer ({other.tokenizer.vocab_size} "
-                       f"ids) differs from the base model's ({base.tokenizer.vocab_size})")
-    bcfg = other.cfg.replace(tie_embeddings=True, remat=False)
-    source = {p: v for p, v in _flat(other.params).items() if p[0] != "lm_head"}
-  graphdef, params = nnx.split(WeightingModel(bcfg, wcfg.hidden, wcfg.beta, wcfg.mean_weight, rngs=rngs))
-  flat = []
-  for path, var in nnx.to_flat_state(params):
-    if path[0] == "backbone" and path[1:] in source:
-      var = var.replace(source[path[1:]].get_value())
-    flat.append((path, var))
-  return graphdef, nnx.from_flat_state(flat)
+  bcfg, source = loading.backbone(wcfg.backbone, wcfg.base_layers, wcfg.random, base,
+                                  "weighting.backbone" if wcfg.backbone != "base" else "weighting.base_layers")
+  graphdef, params = nnx.split(WeightingModel(bcfg, wcfg.hidden, wcfg.beta, wcfg.mean_weight,
+                                              rngs=nnx.Rngs(wcfg.seed)))
+  return graphdef, loading.start_from(params, source, "backbone")
 
 
 def token_weights(wm_graphdef, wm_params, tokens_BxL, mask_BxL):

@@ -29,25 +29,26 @@ class Decoded(NamedTuple):
   length_B: jax.Array  # generated tokens up to and including EOS
 
 
-def _prefill(graphdef, params, cfg: ModelConfig, prompt_BxP, mask_BxP, max_new_tokens):
+def _prefill(graphdef, params, cfg: ModelConfig, prompt_BxP, mask_BxP, max_new_tokens, prefix=None):
   cache = transformer.empty_cache(cfg, prompt_BxP.shape[0], prompt_BxP.shape[1] + max_new_tokens)
   pos_BxP = transformer.positions(mask_BxP)
-  logits_BxPxV, cache = transformer.decode_step(graphdef, params, prompt_BxP, pos_BxP, mask_BxP, cache)
+  logits_BxPxV, cache = transformer.decode_step(graphdef, params, prompt_BxP, pos_BxP, mask_BxP, cache, prefix)
   return logits_BxPxV[:, -1], pos_BxP[:, -1], cache
 
 
-def _step(graphdef, params, tok_B, pos_B, cache):
+def _step(graphdef, params, tok_B, pos_B, cache, prefix=None):
   logits_Bx1xV, cache = transformer.decode_step(graphdef, params, tok_B[:, None], pos_B[:, None],
-                                                jnp.ones_like(tok_B)[:, None], cache)
+                                                jnp.ones_like(tok_B)[:, None], cache, prefix)
   return logits_Bx1xV[:, 0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id"))
-def greedy(graphdef: nnx.GraphDef, params, prompt_BxP, mask_BxP, *, cfg: ModelConfig,
+def greedy(graphdef: nnx.GraphDef, params, prompt_BxP, mask_BxP, prefix=None, *, cfg: ModelConfig,
            max_new_tokens: int, eos_id: int) -> Decoded:
-  """Greedy decoding of `max_new_tokens` tokens at most, stopping each row at EOS."""
+  """Greedy decoding of `max_new_tokens` tokens at most, stopping each row at EOS (conditioned on a
+  `transformer.Prefix` of B rows when one is given)."""
   b = prompt_BxP.shape[0]
-  logits_BxV, pos_B, cache = _prefill(graphdef, params, cfg, prompt_BxP, mask_BxP, max_new_tokens)
+  logits_BxV, pos_B, cache = _prefill(graphdef, params, cfg, prompt_BxP, mask_BxP, max_new_tokens, prefix)
 
   # A while loop rather than a scan: it stops as soon as every row has emitted EOS (short answers are the
   # rule), and the tokens it did not generate are EOS, as a finished row's would be.
@@ -60,7 +61,7 @@ def greedy(graphdef: nnx.GraphDef, params, prompt_BxP, mask_BxP, *, cfg: ModelCo
     tok_B = jnp.where(finished_B, eos_id, jnp.argmax(logits_BxV, axis=-1))
     tokens_BxT = jax.lax.dynamic_update_slice(tokens_BxT, tok_B[:, None].astype(tokens_BxT.dtype), (0, t))
     pos_B = pos_B + 1
-    logits_BxV, cache = _step(graphdef, params, tok_B, pos_B, cache)
+    logits_BxV, cache = _step(graphdef, params, tok_B, pos_B, cache, prefix)
     return t + 1, logits_BxV, pos_B, cache, finished_B | (tok_B == eos_id), tokens_BxT
 
   tokens_BxT = jnp.full((b, max_new_tokens), eos_id, jnp.asarray(prompt_BxP).dtype)
@@ -103,7 +104,7 @@ def _keep_best(hyps: _Hyps, g: int, score_BxC, tokens_BxCxT, length_BxC) -> _Hyp
 @functools.partial(jax.jit, static_argnames=(
     "cfg", "max_new_tokens", "eos_id", "num_beams", "num_groups", "diversity_penalty",
     "length_penalty", "early_stopping"))
-def diverse_beam_search(graphdef: nnx.GraphDef, params, prompt_BxP, mask_BxP, *, cfg: ModelConfig,
+def diverse_beam_search(graphdef: nnx.GraphDef, params, prompt_BxP, mask_BxP, prefix=None, *, cfg: ModelConfig,
                         max_new_tokens: int, eos_id: int, num_beams: int = 12, num_groups: int = 4,
                         diversity_penalty: float = 10.0, length_penalty: float = 1.0,
                         early_stopping: bool = True) -> Decoded:
@@ -112,6 +113,7 @@ def diverse_beam_search(graphdef: nnx.GraphDef, params, prompt_BxP, mask_BxP, *,
   Args:
     graphdef, params: the model.
     prompt_BxP, mask_BxP: left-padded prompts and their masks.
+    prefix: a `transformer.Prefix` of B rows conditioning every beam of its row, or None.
     cfg: the model's config (static).
     max_new_tokens: generation budget T.
     eos_id: end-of-sequence id, also used as the padding a finished group emits.
@@ -129,13 +131,15 @@ def diverse_beam_search(graphdef: nnx.GraphDef, params, prompt_BxP, mask_BxP, *,
   s = n // g_count
   if s * g_count != n:
     raise ValueError(f"num_beams={n} is not a multiple of num_groups={g_count}")
-  logits_BxV, pos_B, cache = _prefill(graphdef, params, cfg, prompt_BxP, mask_BxP, max_new_tokens)
+  logits_BxV, pos_B, cache = _prefill(graphdef, params, cfg, prompt_BxP, mask_BxP, max_new_tokens, prefix)
   v = logits_BxV.shape[-1]
   prompt_len_B = mask_BxP.sum(-1).astype(jnp.float32)
   # Every beam starts from its row's prompt; only the first beam of each group is live at step 0.
   rep = lambda x, axis: jnp.repeat(x, n, axis=axis)
   cache = transformer.KVCache(rep(cache.k_NxBxSxKxE, 1), rep(cache.v_NxBxSxKxE, 1),
                               rep(cache.mask_BxS, 0), cache.index)
+  if prefix is not None:  # beams never leave their row, so the row's prefix serves all of them
+    prefix = transformer.Prefix(rep(prefix.k_NxBxPxKxE, 1), rep(prefix.v_NxBxPxKxE, 1))
   logits_BNxV, pos_BN = rep(logits_BxV, 0), rep(pos_B, 0)
   first_of_group_N = (jnp.arange(n) % s) == 0
   beam_score_BxN = jnp.where(first_of_group_N, 0.0, -1e9)[None].repeat(b, 0)
@@ -194,7 +198,7 @@ def diverse_beam_search(graphdef: nnx.GraphDef, params, prompt_BxP, mask_BxP, *,
     cache = transformer.KVCache(cache.k_NxBxSxKxE[:, flat_src_BN], cache.v_NxBxSxKxE[:, flat_src_BN],
                                 cache.mask_BxS[flat_src_BN], cache.index)
     pos_BN = pos_BN[flat_src_BN] + 1
-    logits_BNxV, cache = _step(graphdef, params, token_BxN.reshape(-1), pos_BN, cache)
+    logits_BNxV, cache = _step(graphdef, params, token_BxN.reshape(-1), pos_BN, cache, prefix)
     return t + 1, logits_BNxV, pos_BN, cache, beam_score_BxN, seqs_BxNxT, hyps, done_BxG
 
   def not_finished(carry):

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -106,3 +107,61 @@ def load(mc: ml_collections.ConfigDict) -> Loaded:
   tokenizer_lib.check_fits(tok, cfg, source if source != "random" else "random model")
   graphdef, _ = transformer.abstract(cfg)
   return Loaded(cfg, graphdef, params, tok)
+
+
+def _flat(state) -> dict:
+  return {path: var for path, var in nnx.to_flat_state(state)}
+
+
+def backbone(name: str, base_layers: int, random_shape, base: Loaded, key: str) -> tuple[ModelConfig, dict]:
+  """A transformer for a network that reads the base model's tokens (CaMeLS's weighting model, MAC's
+  encoder), and the weights it starts from.
+
+  Args:
+    name: "base" (the first `base_layers` blocks of `base`, from its weights), "random" (`random_shape`:
+      d_model, n_layers, n_heads, n_kv_heads, d_ff; from scratch) or a model source as `model.source`
+      (.gguf, HF folder, "hub:NAME"), which must share the base model's tokenizer.
+    base_layers: blocks taken from the base model when name == "base".
+    random_shape: the sizes of a random backbone.
+    base: the loaded base model.
+    key: the config key `name` came from, for errors.
+
+  Returns:
+    (its ModelConfig with tied embeddings and no remat, {flat param path: Variable} of the weights to
+    start from: empty for "random"; no "lm_head").
+
+  Raises:
+    checks.ConfigError: too many base layers, or a tokenizer that is not the base model's.
+  """
+  if name == "base":
+    if not 1 <= base_layers <= base.cfg.n_layers:
+      raise checks.ConfigError(f"{key}: {base_layers} blocks of the base model, which has {base.cfg.n_layers}")
+    cfg = base.cfg.replace(n_layers=base_layers, tie_embeddings=True, remat=False)
+    source = _flat(transformer.first_layers(base.params, base_layers))
+  elif name == "random":
+    r = random_shape
+    cfg = ModelConfig(arch="llama", vocab_size=base.cfg.vocab_size, max_len=base.cfg.max_len,
+                      d_model=r.d_model, n_layers=r.n_layers, n_heads=r.n_heads, n_kv_heads=r.n_kv_heads,
+                      d_ff=r.d_ff, dtype=base.cfg.dtype, param_dtype=base.cfg.param_dtype)
+    source = {}
+  else:
+    mc = model_config(name)
+    mc.update(dtype=base.cfg.dtype, param_dtype=base.cfg.param_dtype)
+    other = load(mc)
+    if other.tokenizer.vocab_size != base.tokenizer.vocab_size:
+      raise checks.ConfigError(f"{key}={name}: its tokenizer ({other.tokenizer.vocab_size} ids) is not the base "
+                               f"model's ({base.tokenizer.vocab_size}); it must read the same tokens")
+    cfg = other.cfg.replace(tie_embeddings=True, remat=False)
+    source = _flat(other.params)
+  return cfg, {path: var for path, var in source.items() if path[0] != "lm_head"}
+
+
+def start_from(params, source: dict, prefix: str):
+  """`params` with every leaf under `prefix` that `source` (from `backbone`) holds replaced by a copy of its
+  value (a copy: a training step that donates these params must not delete the base model's buffers)."""
+  flat = []
+  for path, var in nnx.to_flat_state(params):
+    if path[0] == prefix and path[1:] in source:
+      var = var.replace(jnp.array(source[path[1:]].get_value(), copy=True))
+    flat.append((path, var))
+  return nnx.from_flat_state(flat)

@@ -31,6 +31,17 @@ class KVCache(NamedTuple):
   index: jax.Array  # scalar int32: the next slot to write
 
 
+class Prefix(NamedTuple):
+  """Keys and values of every layer that every query attends to in a softmax of its own (`Attention`).
+
+  A frozen model conditioned on P vectors per layer (MAC's modulation): a prefix with zero values leaves
+  the model's outputs exactly unchanged, whatever its keys.
+  """
+
+  k_NxBxPxKxE: jax.Array  # N = n_layers; no rotary embedding: prefix slots have no position
+  v_NxBxPxKxE: jax.Array
+
+
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, use_bias=cfg.arch == "gpt2", dtype=cfg.compute_dtype,
                     param_dtype=cfg.storage_dtype, rngs=rngs)
@@ -73,7 +84,7 @@ class Attention(nnx.Module):
     self.v = _linear(cfg, cfg.d_model, cfg.n_kv_heads * e, rngs)
     self.o = _linear(cfg, cfg.n_heads * e, cfg.d_model, rngs)
 
-  def __call__(self, x_BxLxD, pos_BxL, kvmask_BxS, kv_cache=None, index=None):
+  def __call__(self, x_BxLxD, pos_BxL, kvmask_BxS, kv_cache=None, index=None, prefix=None):
     cfg = self.cfg
     b, l, _ = x_BxLxD.shape
     k_heads, e = cfg.n_kv_heads, cfg.head_dim
@@ -107,6 +118,14 @@ class Attention(nnx.Module):
     scores_BxKxGxLxS = scores_BxKxGxLxS + bias_BxLxS[:, None, None]
     probs = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(cfg.compute_dtype)
     out_BxLxKxGxE = jnp.einsum("bkgls,bske->blkge", probs, values.astype(cfg.compute_dtype))
+    if prefix is not None:
+      # A separate softmax over the prefix slots, added to the attention output (zero-init attention of
+      # LLaMA-Adapter rather than P-tuning v2's joint softmax): the model's own attention pattern is never
+      # diluted, and zero prefix values are exactly the unconditioned model.
+      pk_BxPxKxE, pv_BxPxKxE = prefix
+      pscores_BxKxGxLxP = jnp.einsum("blkge,bpke->bkglp", q_BxLxKxGxE, pk_BxPxKxE.astype(q_BxLxKxGxE.dtype))
+      pprobs = jax.nn.softmax(upcast(pscores_BxKxGxLxP) / math.sqrt(e), axis=-1).astype(cfg.compute_dtype)
+      out_BxLxKxGxE = out_BxLxKxGxE + jnp.einsum("bkglp,bpke->blkge", pprobs, pv_BxPxKxE.astype(cfg.compute_dtype))
     return self.o(out_BxLxKxGxE.reshape(b, l, cfg.n_heads * e)), new_cache
 
 
@@ -138,8 +157,8 @@ class Block(nnx.Module):
     self.ln2 = _norm(cfg, rngs)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x_BxLxD, pos_BxL, kvmask_BxS, kv_cache=None, index=None):
-    h_BxLxD, kv_cache = self.attn(self.ln1(x_BxLxD), pos_BxL, kvmask_BxS, kv_cache, index)
+  def __call__(self, x_BxLxD, pos_BxL, kvmask_BxS, kv_cache=None, index=None, prefix=None):
+    h_BxLxD, kv_cache = self.attn(self.ln1(x_BxLxD), pos_BxL, kvmask_BxS, kv_cache, index, prefix)
     x_BxLxD = x_BxLxD + h_BxLxD
     return x_BxLxD + self.mlp(self.ln2(x_BxLxD)), kv_cache
 
@@ -173,8 +192,9 @@ class Decoder(nnx.Module):
       self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                                 param_dtype=cfg.storage_dtype, rngs=rngs)
 
-  def features(self, tokens_BxL, pos_BxL, kvmask_BxS, cache: KVCache | None = None):
-    """Final-norm hidden states, and the updated cache when one is given."""
+  def features(self, tokens_BxL, pos_BxL, kvmask_BxS, cache: KVCache | None = None,
+               prefix: Prefix | None = None):
+    """Final-norm hidden states, and the updated cache when one is given; `prefix` conditions every layer."""
     x_BxLxD = self.embed(tokens_BxL)
     if self.cfg.arch == "gpt2":
       x_BxLxD = x_BxLxD + self.pos_embed(pos_BxL)
@@ -182,16 +202,17 @@ class Decoder(nnx.Module):
     index = None if cache is None else cache.index
 
     def layer(x_BxLxD, xs):
-      layer_params, layer_cache = xs
+      layer_params, layer_cache, layer_prefix = xs
       block = nnx.merge(block_def, layer_params)
-      return block(x_BxLxD, pos_BxL, kvmask_BxS, layer_cache, index)
+      return block(x_BxLxD, pos_BxL, kvmask_BxS, layer_cache, index, layer_prefix)
 
     if self.cfg.remat:
       # A pure function of (activations, layer params), so jax.checkpoint composes with any outer
       # jax.grad, including one that does not differentiate the base params.
       layer = jax.checkpoint(layer)
     layer_cache = None if cache is None else (cache.k_NxBxSxKxE, cache.v_NxBxSxKxE)
-    x_BxLxD, new_kv = jax.lax.scan(layer, x_BxLxD, (block_params, layer_cache))
+    layer_prefix = None if prefix is None else (prefix.k_NxBxPxKxE, prefix.v_NxBxPxKxE)
+    x_BxLxD, new_kv = jax.lax.scan(layer, x_BxLxD, (block_params, layer_cache, layer_prefix))
     h_BxLxD = self.ln_f(x_BxLxD)
     if cache is None:
       return h_BxLxD, None
@@ -203,10 +224,10 @@ class Decoder(nnx.Module):
       return upcast(self.embed.attend(h_BxLxD))
     return upcast(self.lm_head(h_BxLxD))
 
-  def __call__(self, tokens_BxL, mask_BxL=None):
+  def __call__(self, tokens_BxL, mask_BxL=None, prefix: Prefix | None = None):
     if mask_BxL is None:
       mask_BxL = jnp.ones_like(tokens_BxL)
-    h_BxLxD, _ = self.features(tokens_BxL, positions(mask_BxL), mask_BxL)
+    h_BxLxD, _ = self.features(tokens_BxL, positions(mask_BxL), mask_BxL, prefix=prefix)
     return self.unembed(h_BxLxD)
 
 
@@ -230,9 +251,9 @@ def abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params]:
 
 
 def apply(graphdef: nnx.GraphDef, params: Params, tokens_BxL: jax.Array,
-          mask_BxL: jax.Array | None = None) -> jax.Array:
+          mask_BxL: jax.Array | None = None, prefix: Prefix | None = None) -> jax.Array:
   """Next-token logits (at least float32) of right- or left-padded sequences: logits_BxLxV."""
-  return nnx.merge(graphdef, params)(tokens_BxL, mask_BxL)
+  return nnx.merge(graphdef, params)(tokens_BxL, mask_BxL, prefix)
 
 
 def hidden(graphdef: nnx.GraphDef, params: Params, tokens_BxL: jax.Array,
@@ -242,6 +263,11 @@ def hidden(graphdef: nnx.GraphDef, params: Params, tokens_BxL: jax.Array,
   return h_BxLxD
 
 
+def zero_prefix(cfg: ModelConfig, batch: int, size: int, dtype=jnp.float32) -> Prefix:
+  shape = (cfg.n_layers, batch, size, cfg.n_kv_heads, cfg.head_dim)
+  return Prefix(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
 def empty_cache(cfg: ModelConfig, batch: int, size: int) -> KVCache:
   shape = (cfg.n_layers, batch, size, cfg.n_kv_heads, cfg.head_dim)
   return KVCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
@@ -249,12 +275,12 @@ def empty_cache(cfg: ModelConfig, batch: int, size: int) -> KVCache:
 
 
 def decode_step(graphdef: nnx.GraphDef, params: Params, tokens_BxL: jax.Array, pos_BxL: jax.Array,
-                mask_BxL: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+                mask_BxL: jax.Array, cache: KVCache, prefix: Prefix | None = None) -> tuple[jax.Array, KVCache]:
   """Feeds L new tokens (a prefill when L > 1) at cache.index; returns their logits and the cache."""
   cache = cache._replace(mask_BxS=jax.lax.dynamic_update_slice(
       cache.mask_BxS, mask_BxL.astype(jnp.int32), (0, cache.index)))
   model = nnx.merge(graphdef, params)
-  h_BxLxD, cache = model.features(tokens_BxL, pos_BxL, cache.mask_BxS, cache)
+  h_BxLxD, cache = model.features(tokens_BxL, pos_BxL, cache.mask_BxS, cache, prefix)
   return model.unembed(h_BxLxD), cache
 
 

@@ -1,0 +1,548 @@
+"""MAC: a memory of amortized contexts (Tack et al. 2024), conditioning a frozen base model with no
+gradient step at test time.
+
+- **Amortization** `amortize`: an encoder (the first blocks of the base model, or any model sharing its
+  tokenizer) reads a document; T learned query tokens cross-attend to its hidden states; an MLP on each
+  output token gives T modulation tokens of the base model's width.
+- **Memory bank** `Bank`: the stream's modulation tokens, T more per document, in arrival order.
+- **Aggregation** `aggregate`: the question is amortized the same way; its T tokens cross-attend over the
+  whole bank in a few blocks, with no positions, so the result does not depend on the order of the
+  documents. Banks of more than `window` documents are aggregated hierarchically: each window of
+  `window` documents is reduced to T tokens for this question, those summaries form the next level's
+  bank, until one window is left.
+- **Prefix** `prefix`: each aggregated token is projected to a key and a value for every layer and kv head
+  of the frozen (QA-tuned) base model (`transformer.Prefix`, P-tuning v2's per-layer prefix).
+- **Training** `fit`: the base model's answer NLL given the prefix, on banks of `bank_docs` meta-train
+  documents and questions sampled from them; the gradient is taken with respect to MAC's parameters only
+  (the base model's is never formed). Only a random `backprop_fraction` of a bank's documents is
+  amortized under the gradient; the others under `stop_gradient`, which stores nothing for the backward
+  pass (the paper's memory saving).
+
+Deviations from the paper, and why:
+- The prefix is attended in a softmax of its own whose output is added to the layer's attention (the
+  zero-init attention of LLaMA-Adapter), where P-tuning v2 joins it to the model's softmax. With the value
+  projection initialised at zero, training starts exactly at the QA-tuned base model, and a zero prefix
+  leaves the model unchanged (tested); a joint softmax would dilute the model's own attention from the
+  first step.
+- The encoder is a causal decoder (the base model's first blocks) where the paper uses a T5 encoder: one
+  tokenizer, one model family, no download. Any model source with the base model's tokenizer works.
+- The question is amortized by the same network as the documents (the paper uses the amortization network
+  as the question encoder too) and its T tokens are the aggregation's queries.
+
+Memory: the bank holds T x d_model numbers per document (`Bank.nbytes`), growing linearly with the
+stream. One aggregation pass over a window attends T query tokens to window x T bank tokens, so its
+attention memory is O(window T^2) per question, and a bank of M documents costs M / window + M / window^2
++ ... < M / (window - 1) passes: time linear in M, peak attention memory independent of M.
+"""
+
+import dataclasses
+import functools
+import math
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from flax import nnx
+
+from camels_jax import checkpoint, checks
+from camels_jax.adapt import loss
+from camels_jax.data import pipeline
+from camels_jax.models import loading, transformer
+
+_MASKED = -1e30
+
+
+def mac_config() -> ml_collections.ConfigDict:
+  """The `mac` section of a job config (paper values in comments)."""
+  return ml_collections.ConfigDict(dict(
+      tokens=8,  # T: modulation tokens per document, >= 1 (the bank grows by T per document)
+      # "base": the first `base_layers` blocks of the base model, from its weights (trained); "random": a
+      # `random`-shaped encoder from scratch; else a model source (as model.source) with the base tokenizer.
+      encoder="base",
+      base_layers=2,  # encoder blocks taken from the base model when encoder == "base"
+      random=dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=256),  # sizes when encoder == "random"
+      heads=8,  # heads of the cross-attention blocks; must divide the base model's d_model
+      amortizer_blocks=1,  # cross-attention blocks of the T query tokens over a document, >= 1
+      aggregator_blocks=2,  # cross-attention blocks of the question's tokens over the bank, >= 1
+      mlp_mult=2,  # width of the blocks' and the output MLPs in units of d_model, >= 1
+      window=4,  # documents aggregated in one pass; larger banks are aggregated hierarchically (>= 2)
+      bank_docs=8,  # meta-train documents in a training bank (> window trains the hierarchy too)
+      questions=16,  # questions per training step, sampled from the bank's documents' questions
+      backprop_fraction=0.5,  # fraction of a bank's documents amortized under the gradient, in (0, 1]
+      lr=1e-4,  # Adam lr, > 0
+      grad_clip=1.0,  # global-norm clip, > 0
+      steps=200,  # training steps, >= 0 (0 = only validate the initial networks)
+      val_every=50,  # steps between validations, each also a checkpoint, >= 1
+      seed=0,  # init seed, and seed of the banks, the questions and the back-propagated documents
+  ))
+
+
+RULES = {
+    "tokens": checks.count,
+    "encoder": checks.nonempty_string,
+    "base_layers": checks.count,
+    "random": {name: checks.count for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")},
+    "heads": checks.count,
+    "amortizer_blocks": checks.count,
+    "aggregator_blocks": checks.count,
+    "mlp_mult": checks.count,
+    "window": checks.at_least(2, integer=True),
+    "bank_docs": checks.count,
+    "questions": checks.count,
+    "backprop_fraction": checks.Rule(lambda x: checks._is_number(x) and 0 < x <= 1, "a number in (0, 1]",
+                                     bad_example=0),
+    "lr": checks.positive,
+    "grad_clip": checks.positive,
+    "steps": checks.count_or_zero,
+    "val_every": checks.count,
+    "seed": checks.seed,
+}
+
+
+CROSS = []  # no constraints between fields (bank_docs below window simply aggregates in one pass)
+
+
+# ------------------------------------------------------------------------------------------------
+# Networks.
+
+
+class CrossBlock(nnx.Module):
+  """Pre-norm cross-attention of a few query tokens over a memory, then an MLP; residual, no positions."""
+
+  def __init__(self, d: int, d_memory: int, heads: int, mlp_mult: int, *, rngs: nnx.Rngs):
+    self.heads = heads
+    self.ln_q, self.ln_m = nnx.LayerNorm(d, rngs=rngs), nnx.LayerNorm(d_memory, rngs=rngs)
+    self.q, self.o = nnx.Linear(d, d, rngs=rngs), nnx.Linear(d, d, rngs=rngs)
+    self.k, self.v = nnx.Linear(d_memory, d, rngs=rngs), nnx.Linear(d_memory, d, rngs=rngs)
+    self.ln_mlp = nnx.LayerNorm(d, rngs=rngs)
+    self.fc, self.proj = nnx.Linear(d, mlp_mult * d, rngs=rngs), nnx.Linear(mlp_mult * d, d, rngs=rngs)
+
+  def __call__(self, x_BxTxD, m_BxSxC, mask_BxS):
+    b, t, d = x_BxTxD.shape
+    s, h = m_BxSxC.shape[1], self.heads
+    e = d // h
+    m_BxSxC = self.ln_m(m_BxSxC)
+    q_BxTxHxE = self.q(self.ln_q(x_BxTxD)).reshape(b, t, h, e)
+    k_BxSxHxE, v_BxSxHxE = self.k(m_BxSxC).reshape(b, s, h, e), self.v(m_BxSxC).reshape(b, s, h, e)
+    scores_BxHxTxS = jnp.einsum("bthe,bshe->bhts", q_BxTxHxE, k_BxSxHxE) / math.sqrt(e)
+    scores_BxHxTxS = scores_BxHxTxS + jnp.where(mask_BxS > 0, 0.0, _MASKED)[:, None, None, :]
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+    attended_BxTxD = jnp.einsum("bhts,bshe->bthe", probs_BxHxTxS, v_BxSxHxE).reshape(b, t, d)
+    # A memory with nothing valid in it (an empty window) contributes nothing, not an average of padding.
+    attended_BxTxD = attended_BxTxD * (mask_BxS > 0).any(-1)[:, None, None]
+    x_BxTxD = x_BxTxD + self.o(attended_BxTxD)
+    return x_BxTxD + self.proj(jax.nn.gelu(self.fc(self.ln_mlp(x_BxTxD))))
+
+
+class MAC(nnx.Module):
+  """Encoder, amortization (T query tokens + blocks + output MLP), aggregation blocks, prefix projection."""
+
+  def __init__(self, encoder: transformer.ModelConfig, base: transformer.ModelConfig, c: ml_collections.ConfigDict,
+               *, rngs: nnx.Rngs):
+    d = base.d_model
+    self.base_shape = (base.n_layers, base.n_kv_heads, base.head_dim)
+    self.encoder = transformer.Decoder(encoder, rngs=rngs)
+    self.queries = nnx.Param(0.02 * jax.random.normal(rngs.params(), (c.tokens, d)))
+    self.amortizer = nnx.List([CrossBlock(d, encoder.d_model, c.heads, c.mlp_mult, rngs=rngs)
+                               for _ in range(c.amortizer_blocks)])
+    self.out_ln = nnx.LayerNorm(d, rngs=rngs)
+    self.out_fc, self.out_proj = nnx.Linear(d, c.mlp_mult * d, rngs=rngs), nnx.Linear(c.mlp_mult * d, d, rngs=rngs)
+    self.aggregator = nnx.List([CrossBlock(d, d, c.heads, c.mlp_mult, rngs=rngs) for _ in range(c.aggregator_blocks)])
+    self.prefix_ln = nnx.LayerNorm(d, rngs=rngs)
+    n, k, e = self.base_shape
+    self.to_k = nnx.Linear(d, n * k * e, rngs=rngs)
+    # Zero values: the prefix starts as no prefix at all, i.e. exactly the frozen base model.
+    self.to_v = nnx.Linear(d, n * k * e, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+  def amortize(self, tokens_BxL, mask_BxL):
+    h_BxLxC, _ = self.encoder.features(tokens_BxL, transformer.positions(mask_BxL), mask_BxL)
+    x_BxTxD = jnp.broadcast_to(self.queries.get_value(), (tokens_BxL.shape[0],) + self.queries.shape)
+    for block in self.amortizer:
+      x_BxTxD = block(x_BxTxD, transformer.upcast(h_BxLxC), mask_BxL)
+    return self.out_proj(jax.nn.gelu(self.out_fc(self.out_ln(x_BxTxD))))
+
+  def aggregate(self, q_BxTxD, m_BxSxD, mask_BxS):
+    x_BxTxD = q_BxTxD
+    for block in self.aggregator:
+      x_BxTxD = block(x_BxTxD, m_BxSxD, mask_BxS)
+    return x_BxTxD
+
+  def prefix(self, a_BxTxD) -> transformer.Prefix:
+    b, t, _ = a_BxTxD.shape
+    a_BxTxD = self.prefix_ln(a_BxTxD)
+    to_layers = lambda y: y.reshape(b, t, *self.base_shape).transpose(2, 0, 1, 3, 4)  # NxBxTxKxE
+    return transformer.Prefix(to_layers(self.to_k(a_BxTxD)), to_layers(self.to_v(a_BxTxD)))
+
+
+def check_fits(c: ml_collections.ConfigDict, base_cfg: transformer.ModelConfig) -> None:
+  """The config's networks can be built on this base model (once it is loaded, before any training)."""
+  if base_cfg.d_model % c.heads:
+    raise checks.ConfigError(f"mac.heads={c.heads} must divide the base model's d_model={base_cfg.d_model}")
+  if c.encoder == "base" and c.base_layers > base_cfg.n_layers:
+    raise checks.ConfigError(f"mac.base_layers: {c.base_layers} blocks of the base model, which has "
+                             f"{base_cfg.n_layers}")
+
+
+def init(c: ml_collections.ConfigDict, base: loading.Loaded):
+  """(graphdef, params) of MAC's networks for `base`; the encoder starts from `c.encoder`'s weights.
+
+  Raises:
+    checks.ConfigError: an encoder that cannot read the base model's tokens, too many base layers, or
+      cross-attention heads that do not divide the base model's width.
+  """
+  check_fits(c, base.cfg)
+  key = "mac.base_layers" if c.encoder == "base" else "mac.encoder"
+  ecfg, source = loading.backbone(c.encoder, c.base_layers, c.random, base, key)
+  ecfg = ecfg.replace(dtype="float32", param_dtype="float32")
+  graphdef, params = nnx.split(MAC(ecfg, base.cfg, c, rngs=nnx.Rngs(c.seed)))
+  return graphdef, loading.start_from(params, source, "encoder")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure functions of (graphdef, params, arrays).
+
+
+def amortize(graphdef, params, tokens_BxL, mask_BxL):
+  """m_BxTxD: the T modulation tokens of each of B documents (or questions)."""
+  return nnx.merge(graphdef, params).amortize(tokens_BxL, mask_BxL)
+
+
+def question_mask(qa_mask_BxS, qa_loss_mask_BxS):
+  """1 on the question's tokens of QA sequences: the real tokens before the first answer token."""
+  before_answer_BxS = jnp.cumsum(jnp.asarray(qa_loss_mask_BxS, jnp.int32), axis=-1) == 0
+  return (jnp.asarray(qa_mask_BxS) > 0) & before_answer_BxS
+
+
+def aggregate(graphdef, params, q_BxTxD, bank_MxTxD, valid_M, window: int):
+  """a_BxTxD: each question's tokens after attending over the bank, hierarchically in windows.
+
+  The result depends only on the bank's valid documents in their order: padding documents (anywhere) and
+  the bank's capacity change nothing, so a stream's bank padded to a fixed shape (one compilation) gives
+  what the unpadded one would.
+
+  Args:
+    graphdef, params: MAC.
+    q_BxTxD: the questions' modulation tokens (`amortize` of the questions).
+    bank_MxTxD, valid_M: the memory bank (one shared by every question) and which of its rows are documents.
+    window: documents per aggregation pass (static).
+  """
+  b, t, d = q_BxTxD.shape
+  model = nnx.merge(graphdef, params)
+  order_M = jnp.argsort(~jnp.asarray(valid_M, bool), stable=True)  # valid documents first, in order
+  mem_BxMxTxD = jnp.broadcast_to(bank_MxTxD[order_M], (b,) + bank_MxTxD.shape)
+  valid_BxM = jnp.broadcast_to(jnp.asarray(valid_M, bool)[order_M], (b, bank_MxTxD.shape[0]))
+
+  def one_pass(m_BxNxTxD, v_BxN):
+    return model.aggregate(q_BxTxD, m_BxNxTxD.reshape(b, -1, d), jnp.repeat(v_BxN, t, axis=1))
+
+  def levels(mem_BxMxTxD, valid_BxM):
+    m = mem_BxMxTxD.shape[1]
+    if m <= window:
+      return one_pass(mem_BxMxTxD, valid_BxM)
+    w = -(-m // window)
+    mem_BxMxTxD = jnp.pad(mem_BxMxTxD, ((0, 0), (0, w * window - m), (0, 0), (0, 0)))
+    valid_BxWxN = jnp.pad(valid_BxM, ((0, 0), (0, w * window - m))).reshape(b, w, window)
+    # Each window reduced to T tokens for this question; windows with a document stay first.
+    summaries_BxWxTxD = jax.vmap(one_pass, in_axes=1, out_axes=1)(mem_BxMxTxD.reshape(b, w, window, t, d),
+                                                                 valid_BxWxN)
+    deeper_BxTxD = levels(summaries_BxWxTxD, valid_BxWxN.any(-1))
+    # Documents that fit one window take one pass whatever the capacity: the padding adds no level.
+    fits_B = valid_BxM.sum(-1) <= window
+    return jnp.where(fits_B[:, None, None], one_pass(mem_BxMxTxD[:, :window], valid_BxWxN[:, 0]), deeper_BxTxD)
+
+  return levels(mem_BxMxTxD, valid_BxM)
+
+
+def prefix(graphdef, params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, bank_MxTxD, valid_M, window: int):
+  """The `transformer.Prefix` that conditions the base model on the bank for each question row."""
+  q_mask_BxS = question_mask(qa_mask_BxS, qa_loss_mask_BxS).astype(jnp.int32)
+  q_BxTxD = amortize(graphdef, params, qa_tokens_BxS, q_mask_BxS)
+  a_BxTxD = aggregate(graphdef, params, q_BxTxD, bank_MxTxD, valid_M, window)
+  return nnx.merge(graphdef, params).prefix(a_BxTxD)
+
+
+def answer_nll(graphdef, params, base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS,
+               bank_MxTxD, valid_M, window: int):
+  """(summed answer NLL, answer tokens) of the frozen base model conditioned on the bank."""
+  pfx = prefix(graphdef, params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, bank_MxTxD, valid_M, window)
+  logits_BxSxV = transformer.apply(base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS, pfx)
+  return loss.answer_nll(logits_BxSxV, qa_tokens_BxS, qa_loss_mask_BxS)
+
+
+class StepConfig(NamedTuple):
+  """Static settings of a training step (hashable)."""
+
+  window: int
+  questions: int  # question rows sampled per step
+  backprop_docs: int  # bank documents amortized under the gradient
+
+
+def step_config(c: ml_collections.ConfigDict) -> StepConfig:
+  return StepConfig(c.window, c.questions, max(1, math.ceil(c.backprop_fraction * c.bank_docs)))
+
+
+def _bank_of(graphdef, params, batch, rng, backprop_docs: int):
+  """The batch's documents amortized into a bank; only `backprop_docs` random ones carry a gradient."""
+  order_K = jax.random.permutation(rng, batch["doc_tokens_BxL"].shape[0])
+  tokens_KxL, mask_KxL = batch["doc_tokens_BxL"][order_K], batch["doc_mask_BxL"][order_K]
+  n = backprop_docs
+  with_grad_NxTxD = amortize(graphdef, params, tokens_KxL[:n], mask_KxL[:n])
+  # Constant params, not a stop_gradient on the output: no tangent enters, so no residual is stored.
+  frozen_RxTxD = amortize(graphdef, jax.lax.stop_gradient(params), tokens_KxL[n:], mask_KxL[n:])
+  bank_KxTxD = jnp.concatenate([with_grad_NxTxD, frozen_RxTxD], axis=0)  # the aggregation is order-free
+  return bank_KxTxD, batch["doc_valid_B"][order_K]
+
+
+def _sampled_questions(batch, rng, n: int):
+  """n question rows drawn without replacement from the batch's valid (document, slot) rows."""
+  tokens_BQxS = batch["qa_tokens_BxQxS"].reshape(-1, batch["qa_tokens_BxQxS"].shape[-1])
+  flat = lambda k: batch[k].reshape(tokens_BQxS.shape[0], -1)
+  valid_BQ = batch["qa_valid_BxQ"].reshape(-1)
+  # Valid rows first, in random order; padding rows only where there are fewer than n valid ones.
+  idx_N = jnp.argsort(jax.random.uniform(rng, valid_BQ.shape) - 2.0 * valid_BQ)[:n]
+  return (tokens_BQxS[idx_N], flat("qa_mask_BxQxS")[idx_N],
+          flat("qa_loss_mask_BxQxS")[idx_N] & valid_BQ[idx_N, None])
+
+
+def train_loss(params, base_params, batch, rng, *, graphdef, base_graphdef, scfg: StepConfig):
+  """Mean answer NLL of sampled questions given the prefix aggregated over the batch's bank."""
+  bank_rng, q_rng = jax.random.split(rng)
+  bank_KxTxD, valid_K = _bank_of(graphdef, params, batch, bank_rng, scfg.backprop_docs)
+  tokens, mask, loss_mask = _sampled_questions(batch, q_rng, scfg.questions)
+  total, count = answer_nll(graphdef, params, base_graphdef, base_params, tokens, mask, loss_mask, bank_KxTxD,
+                            valid_K, scfg.window)
+  return total / jnp.maximum(count, 1.0)
+
+
+def train_step(params, opt_state, base_params, batch, rng, *, graphdef, base_graphdef, scfg: StepConfig,
+               optimizer: optax.GradientTransformation):
+  """One Adam step on MAC's parameters; the base model is an input only, never differentiated."""
+  value, grads = jax.value_and_grad(train_loss)(params, base_params, batch, rng, graphdef=graphdef,
+                                                base_graphdef=base_graphdef, scfg=scfg)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, {"loss": value, "grad_norm": optax.tree.norm(grads)}
+
+
+def eval_sums(params, base_params, batch, bank_KxTxD, other_bank_KxTxD, other_valid_K, *, graphdef, base_graphdef,
+              window: int):
+  """Answer NLL sums of every question of a batch given its own documents' bank, given another bank (whose
+  documents do not hold its answers), and with no prefix (the base model)."""
+  shape = batch["qa_tokens_BxQxS"].shape
+  rows = lambda k: batch[k].reshape(shape[0] * shape[1], shape[2])
+  tokens, mask = rows("qa_tokens_BxQxS"), rows("qa_mask_BxQxS")
+  loss_mask = rows("qa_loss_mask_BxQxS") & batch["qa_valid_BxQ"].reshape(-1)[:, None]
+  nll = lambda bank, valid: answer_nll(graphdef, params, base_graphdef, base_params, tokens, mask, loss_mask,
+                                       bank, valid, window)[0]
+  base_total, count = loss.answer_nll(transformer.apply(base_graphdef, base_params, tokens, mask), tokens, loss_mask)
+  return {"nll": nll(bank_KxTxD, batch["doc_valid_B"]), "nll_other_bank": nll(other_bank_KxTxD, other_valid_K),
+          "nll_base": base_total, "tokens": count}
+
+
+# ------------------------------------------------------------------------------------------------
+# The memory bank of a stream.
+
+
+@dataclasses.dataclass(frozen=True)
+class Bank:
+  """The modulation tokens of the documents read so far, T per document, in arrival order."""
+
+  tokens_MxTxD: np.ndarray
+
+  @classmethod
+  def empty(cls, tokens: int, d_model: int) -> "Bank":
+    return cls(np.zeros((0, tokens, d_model), np.float32))
+
+  def append(self, m_TxD) -> "Bank":
+    return Bank(np.concatenate([self.tokens_MxTxD, np.asarray(m_TxD, np.float32)[None]], axis=0))
+
+  @property
+  def docs(self) -> int:
+    return self.tokens_MxTxD.shape[0]
+
+  @property
+  def size_tokens(self) -> int:
+    return self.tokens_MxTxD.shape[0] * self.tokens_MxTxD.shape[1]
+
+  @property
+  def nbytes(self) -> int:
+    return self.tokens_MxTxD.nbytes
+
+  def padded(self, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bank_MxTxD, valid_M) zero-padded to `capacity` documents: one compiled shape for a whole stream."""
+    m, t, d = self.tokens_MxTxD.shape
+    capacity = max(capacity, m)
+    bank = np.zeros((capacity, t, d), np.float32)
+    bank[:m] = self.tokens_MxTxD
+    return bank, np.arange(capacity) < m
+
+  def save(self, directory: str) -> None:
+    """An orbax checkpoint of the bank (step = its document count), as any other state."""
+    with checkpoint.Checkpointer(directory, max_to_keep=1) as ckpt:
+      ckpt.save(self.docs, {"bank": self.tokens_MxTxD}, meta={"shape": list(self.tokens_MxTxD.shape)})
+
+  @classmethod
+  def restore(cls, directory: str) -> "Bank":
+    if not os.path.isdir(directory):
+      raise checks.UserError(f"{directory}: no saved memory bank")
+    with checkpoint.Checkpointer(directory, max_to_keep=1) as ckpt:
+      if ckpt.latest_step() is None:
+        raise checks.UserError(f"{directory}: no saved memory bank")
+      meta = ckpt.restore(None, None).meta
+      abstract = {"bank": np.zeros(meta["shape"], np.float32)}
+      return cls(np.asarray(ckpt.restore(None, abstract).state["bank"]))
+
+
+def stream_bank(graphdef, params, docs, spec: pipeline.Spec, pad_id: int, tokens: int, d_model: int,
+                on_doc=None, progress: bool = False, desc: str = "mac bank"):
+  """The bank of `docs` read in order (`on_doc(i, bank)` after each); each document costs one `amortize`."""
+  bank = Bank.empty(tokens, d_model)
+  for i, d in enumerate(tqdm.tqdm(docs, desc=desc, disable=not progress, leave=False)):
+    b = pipeline.doc_batch([d], spec, pad_id)
+    m_1xTxD = amortize_jit(graphdef, params, b["doc_tokens_BxL"], b["doc_mask_BxL"])
+    bank = bank.append(np.asarray(m_1xTxD)[0])
+    if on_doc is not None:
+      on_doc(i, bank)
+  return bank
+
+
+amortize_jit = jax.jit(amortize, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "window"))
+def _prefix_jit(graphdef, params, batch, bank_MxTxD, valid_M, *, window):
+  return prefix(graphdef, params, batch["qa_tokens_BxS"], batch["qa_mask_BxS"],
+                batch["qa_loss_mask_BxS"], bank_MxTxD, valid_M, window)
+
+
+def prefix_fn(graphdef, params, bank: Bank, capacity: int, window: int):
+  """batch -> the prefix of its question rows given `bank` (what `qa.evaluate_qa(prefix_fn=)` takes)."""
+  bank_MxTxD, valid_M = bank.padded(capacity)
+  return lambda batch: _prefix_jit(graphdef, params, {k: batch[k] for k in ("qa_tokens_BxS", "qa_mask_BxS",
+                                                                             "qa_loss_mask_BxS")},
+                                   bank_MxTxD, valid_M, window=window)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training.
+
+
+def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(c.grad_clip), optax.adam(c.lr))
+
+
+def bank_loader(docs, spec: pipeline.Spec, pad_id: int, bank_docs: int, seed: int) -> pipeline.Loader:
+  """Endless shuffled banks of `bank_docs` documents with all their questions (checkpointable position)."""
+  items = pipeline.meta_items(docs, spec.qa_slots)
+  return pipeline.Loader(lambda docs: _bank_batch([items[i] for i in docs], spec, pad_id),
+                         docs=pipeline.Batcher(len(items), bank_docs, seed))
+
+
+def _bank_batch(items, spec, pad_id):
+  batch = pipeline.meta_batch(items, [], spec, pad_id)
+  batch.pop("loc_tokens_KxT"), batch.pop("loc_mask_KxT")
+  batch.pop("doc_answer_mask_BxL")
+  return batch
+
+
+def val_batches(docs, spec: pipeline.Spec, pad_id: int, bank_docs: int):
+  """`docs` in order as banks of `bank_docs` documents (the last padded with empty ones)."""
+  items = pipeline.meta_items(docs, spec.qa_slots)
+  chunks = [items[i:i + bank_docs] for i in range(0, len(items), bank_docs)]
+  return [_bank_batch(chunk + [None] * (bank_docs - len(chunk)), spec, pad_id) for chunk in chunks]
+
+
+def _state(c, base):
+  graphdef, params = init(c, base)
+  optimizer = make_optimizer(c)
+  return graphdef, params, optimizer, optimizer.init(params)
+
+
+def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, data, workdir: str, writer,
+        progress: bool = True):
+  """Trains MAC on the meta-train split with the (QA-tuned) base model frozen; validates on meta-val.
+
+  Resumes from <workdir>/mac's latest checkpoint (data position and RNG included).
+
+  Returns:
+    (graphdef, best params by validation answer NLL, results {"history", "best", "best_step", ...}).
+  """
+  c = config.mac
+  graphdef, params, optimizer, opt_state = _state(c, base)
+  scfg = step_config(c)
+  spec, pad = data.spec, data.pad_id
+  loader = bank_loader(data.splits["meta_train"], spec, pad, c.bank_docs, c.seed)
+  vals = val_batches(data.splits["meta_val"], spec, pad, c.bank_docs)
+  kw = dict(graphdef=graphdef, base_graphdef=base.graphdef)
+  step_fn = jax.jit(functools.partial(train_step, scfg=scfg, optimizer=optimizer, **kw), donate_argnums=(0, 1))
+  eval_fn = jax.jit(functools.partial(eval_sums, window=c.window, **kw))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "mac"), max_to_keep=2, best_metric="val_nll")
+  step, rng, history = 0, jax.random.key(c.seed), []
+  if ckpt.latest_step() is not None:
+    restored = ckpt.restore(None, {"params": params, "opt": opt_state})
+    params, opt_state = restored.state["params"], restored.state["opt"]
+    loader.restore(restored.meta["data"])
+    step, rng, history = restored.step, restored.rng, restored.meta["history"]
+    logging.info("mac: resumed from step %d of %s", step, ckpt.directory)
+
+  def validate(params):
+    banks = [amortize_jit(graphdef, params, b["doc_tokens_BxL"], b["doc_mask_BxL"]) for b in vals]
+    sums = {}
+    for i, batch in enumerate(vals):
+      # The other bank: the next batch's documents, which do not hold this batch's answers (an empty bank
+      # when meta-val fills one batch only).
+      j = (i + 1) % len(vals)
+      other = (banks[j], vals[j]["doc_valid_B"]) if j != i else (banks[i], np.zeros_like(batch["doc_valid_B"]))
+      for k, v in eval_fn(params, base_params, batch, banks[i], *other).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    n = max(sums["tokens"], 1.0)
+    return {"val_nll": sums["nll"] / n, "val_nll_other_bank": sums["nll_other_bank"] / n,
+            "val_nll_base": sums["nll_base"] / n, "val_tokens": int(sums["tokens"])}
+
+  def checkpoint_now(step, val):
+    checkpoint.check_finite(step, validation_nll=jnp.asarray(val["val_nll"]))
+    history.append({"step": step} | val)
+    writer.write_scalars(step, {f"mac/{k}": v for k, v in val.items()})
+    ckpt.save(step, {"params": params, "opt": opt_state}, meta={"data": loader.state, "history": history},
+              rng=rng, metrics=val)
+
+  if step == 0:
+    checkpoint_now(0, validate(params))
+  bar = tqdm.tqdm(range(step, c.steps), initial=step, total=c.steps, desc="mac train", disable=not progress)
+  for step in bar:
+    rng, step_rng = jax.random.split(rng)
+    params, opt_state, m = step_fn(params, opt_state, base_params, next(loader), step_rng)
+    checkpoint.check_finite(step, loss=m["loss"], gradient=m["grad_norm"])
+    m = {k: float(v) for k, v in m.items()}
+    bar.set_postfix(loss=f"{m['loss']:.4f}")
+    writer.write_scalars(step + 1, {f"mac/train_{k}": v for k, v in m.items()})
+    if (step + 1) % c.val_every == 0 or step + 1 == c.steps:
+      checkpoint_now(step + 1, validate(params))
+  ckpt.wait()
+  best = ckpt.restore_best({"params": params, "opt": opt_state})
+  ckpt.close()
+  results = {"best_step": best.step, "best": best.metrics, "history": history,
+             "params": int(sum(x.size for x in jax.tree.leaves(params))),
+             "bank_bytes_per_doc": c.tokens * base.cfg.d_model * 4}
+  return graphdef, best.state["params"], results
+
+
+def load_trained(config: ml_collections.ConfigDict, base: loading.Loaded, workdir: str):
+  """(graphdef, params) of the best checkpoint of the mac job in `workdir`."""
+  graphdef, params, _, opt_state = _state(config.mac, base)
+  directory = os.path.join(workdir, "mac")
+  with checkpoint.Checkpointer(directory, best_metric="val_nll") as ckpt:
+    if ckpt.best_step() is None:
+      raise no_trained_mac(directory)
+    return graphdef, ckpt.restore_best({"params": params, "opt": opt_state}).state["params"]
+
+
+def no_trained_mac(directory: str) -> checks.UserError:
+  return checks.UserError(f"{directory}: no trained MAC networks, which eval.methods=mac needs; run "
+                          f"`python -m camels_jax.train` with this config and workdir first (jobs ...,mac), or "
+                          f"drop mac from eval.methods")

@@ -1,0 +1,269 @@
+"""MAC: an untrained MAC is exactly the base model, the bank grows by T tokens per document and restores
+bit-exactly, the prefix depends on the question and the bank but not on the order inside a window, the base
+model is never differentiated, the networks can learn, bad configs get one clear error."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from camels_jax import checks
+from camels_jax.methods import mac
+from camels_jax.models import loading, transformer
+from camels_jax.models.config import ModelConfig
+
+V, D, F, L, S = 61, 32, 64, 12, 10
+
+
+@dataclasses.dataclass
+class _Tok:
+  vocab_size: int = V
+
+
+def _base(seed=0):
+  cfg = ModelConfig(arch="llama", vocab_size=V, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=F, max_len=64)
+  graphdef, params = transformer.init(cfg, seed)
+  return loading.Loaded(cfg, graphdef, params, _Tok())
+
+
+def _config(**kw):
+  c = mac.mac_config()
+  c.update(tokens=3, heads=4, base_layers=1, window=2, bank_docs=4, questions=6, mlp_mult=3, lr=3e-3)
+  c.update(**kw)
+  return c
+
+
+def _randomized(params, seed=1):
+  """Every parameter random (the value projection too), so the prefix is not the zero-init one."""
+  keys = iter(jax.random.split(jax.random.key(seed), 200))
+  return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape, x.dtype), params)
+
+
+def _docs(k, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = jnp.asarray(rng.integers(1, V, (k, L)), jnp.int32)
+  mask = jnp.asarray(np.arange(L)[None, :] < rng.integers(L // 2, L + 1, (k, 1)), jnp.int32)
+  return tokens, mask
+
+
+def _qa(b, seed=0):
+  """Question tokens, then an answer of 3 tokens (loss mask), then right padding."""
+  rng = np.random.default_rng(seed + 100)
+  tokens = jnp.asarray(rng.integers(1, V, (b, S)), jnp.int32)
+  q_len = rng.integers(3, 6, b)
+  pos = np.arange(S)[None, :]
+  mask = jnp.asarray(pos < (q_len + 3)[:, None], jnp.int32)
+  loss_mask = jnp.asarray((pos >= q_len[:, None]) & (pos < (q_len + 3)[:, None]))
+  return tokens, mask, loss_mask
+
+
+def _prefix(graphdef, params, qa, bank, valid, window=2):
+  return jax.jit(mac.prefix, static_argnums=(0, 7))(graphdef, params, *qa, bank, valid, window)
+
+
+def test_untrained_mac_is_exactly_the_base_model():
+  base = _base()
+  graphdef, params = mac.init(_config(), base)
+  qa = _qa(3)
+  bank = mac.amortize(graphdef, params, *_docs(4))
+  pfx = _prefix(graphdef, params, qa, bank, jnp.ones(4, bool))
+  assert float(jnp.abs(pfx.k_NxBxPxKxE).max()) > 0  # keys are live; values start at zero
+  with_prefix = transformer.apply(base.graphdef, base.params, qa[0], qa[1], pfx)
+  np.testing.assert_array_equal(with_prefix, transformer.apply(base.graphdef, base.params, qa[0], qa[1]))
+  # A trained (random) MAC does change them.
+  moved = _prefix(graphdef, _randomized(params), qa, bank, jnp.ones(4, bool))
+  assert float(jnp.abs(transformer.apply(base.graphdef, base.params, qa[0], qa[1], moved) - with_prefix).max()) > 1e-3
+
+
+def test_encoder_starts_from_the_base_models_first_blocks_without_sharing_buffers():
+  base = _base()
+  _, params = mac.init(_config(base_layers=1), base)
+  enc = nnx.to_flat_state(params["encoder"])
+  src = dict(nnx.to_flat_state(transformer.first_layers(base.params, 1)))
+  for path, var in enc:
+    np.testing.assert_array_equal(var.get_value(), src[path].get_value())
+    assert var.get_value().unsafe_buffer_pointer() != src[path].get_value().unsafe_buffer_pointer()
+
+
+def test_bank_grows_by_t_tokens_per_document_and_restores_bit_exactly(tmp_path):
+  base = _base()
+  c = _config()
+  graphdef, params = mac.init(c, base)
+  tokens, mask = _docs(5)
+  bank = mac.Bank.empty(c.tokens, D)
+  for i in range(5):
+    before = bank.size_tokens
+    bank = bank.append(mac.amortize(graphdef, params, tokens[i:i + 1], mask[i:i + 1])[0])
+    assert bank.size_tokens == before + c.tokens and bank.docs == i + 1
+  assert bank.nbytes == 5 * c.tokens * D * 4
+  bank.save(str(tmp_path / "bank"))
+  restored = mac.Bank.restore(str(tmp_path / "bank"))
+  assert restored.tokens_MxTxD.dtype == bank.tokens_MxTxD.dtype
+  np.testing.assert_array_equal(restored.tokens_MxTxD, bank.tokens_MxTxD)
+  with pytest.raises(checks.UserError, match="no saved memory bank"):
+    mac.Bank.restore(str(tmp_path / "none"))
+
+
+def test_prefix_depends_on_question_and_bank_not_on_order_within_a_window():
+  base = _base()
+  graphdef, params = mac.init(_config(), base)
+  params = _randomized(params)
+  qa = _qa(3)
+  bank = mac.amortize(graphdef, params, *_docs(4))
+  valid = jnp.ones(4, bool)
+  pfx = _prefix(graphdef, params, qa, bank, valid)
+  # window 2: documents {0, 1} and {2, 3} are windows; swapping inside each changes nothing.
+  swapped = _prefix(graphdef, params, qa, bank[jnp.array([1, 0, 3, 2])], valid)
+  np.testing.assert_allclose(swapped.v_NxBxPxKxE, pfx.v_NxBxPxKxE, rtol=1e-5, atol=1e-6)
+  # One window over the whole bank: any permutation.
+  one = _prefix(graphdef, params, qa, bank, valid, window=4)
+  perm = _prefix(graphdef, params, qa, bank[jnp.array([2, 0, 3, 1])], valid, window=4)
+  np.testing.assert_allclose(perm.v_NxBxPxKxE, one.v_NxBxPxKxE, rtol=1e-5, atol=1e-6)
+  # Another bank, another question: another prefix.
+  other = mac.amortize(graphdef, params, *_docs(4, seed=7))
+  assert float(jnp.abs(_prefix(graphdef, params, qa, other, valid).v_NxBxPxKxE - pfx.v_NxBxPxKxE).max()) > 1e-4
+  other_q = _prefix(graphdef, params, _qa(3, seed=5), bank, valid)
+  assert float(jnp.abs(other_q.v_NxBxPxKxE - pfx.v_NxBxPxKxE).max()) > 1e-4
+  # Invalid (padding) documents change nothing, whatever they hold and wherever they are, and neither does the
+  # capacity they pad the bank to (here 7 slots, which would otherwise add a level of windows).
+  junk = 100.0 * jnp.ones_like(bank[:1])
+  padded = jnp.concatenate([bank[:1], junk, bank[1:3], junk, junk, bank[3:]])
+  with_padding = _prefix(graphdef, params, qa, padded, jnp.array([True, False, True, True, False, False, True]))
+  np.testing.assert_allclose(with_padding.v_NxBxPxKxE, pfx.v_NxBxPxKxE, rtol=1e-5, atol=1e-6)
+  # Fewer documents than a window, padded to a bank of 6: one pass over them, as without the padding.
+  three = _prefix(graphdef, params, qa, bank[:2], jnp.ones(2, bool))
+  three_padded = _prefix(graphdef, params, qa, jnp.concatenate([bank[:2], junk, junk, junk, junk]),
+                         jnp.array([True, True, False, False, False, False]))
+  np.testing.assert_allclose(three_padded.v_NxBxPxKxE, three.v_NxBxPxKxE, rtol=1e-5, atol=1e-6)
+
+
+def test_hierarchical_aggregation_of_a_bank_within_one_window_is_one_pass():
+  base = _base()
+  graphdef, params = mac.init(_config(), base)
+  params = _randomized(params)
+  q = mac.amortize(graphdef, params, *_docs(2, seed=3))
+  bank, valid = mac.amortize(graphdef, params, *_docs(3)), jnp.ones(3, bool)
+  one_pass = nnx.merge(graphdef, params).aggregate(q, jnp.broadcast_to(bank.reshape(1, -1, D), (2, 9, D)),
+                                                   jnp.ones((2, 9), bool))
+  np.testing.assert_allclose(mac.aggregate(graphdef, params, q, bank, valid, window=3), one_pass, rtol=1e-6)
+  # With window 2 the same bank goes through two levels (windows {0, 1}, {2}, then their two summaries).
+  two = mac.aggregate(graphdef, params, q, bank, valid, window=2)
+  model = nnx.merge(graphdef, params)
+  level = lambda m: model.aggregate(q, jnp.broadcast_to(m.reshape(1, -1, D), (2, m.shape[0] * 3, D)),
+                                    jnp.ones((2, m.shape[0] * 3), bool))
+  by_hand = model.aggregate(q, jnp.concatenate([level(bank[:2]), level(bank[2:])], axis=1), jnp.ones((2, 6), bool))
+  np.testing.assert_allclose(two, by_hand, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(two - one_pass).max()) > 1e-5
+
+
+def _batch(k=4, q=3, seed=0):
+  tokens, mask = _docs(k, seed)
+  qa_tokens, qa_mask, qa_loss = _qa(k * q, seed)
+  return {"doc_tokens_BxL": tokens, "doc_mask_BxL": mask, "doc_valid_B": jnp.ones(k, bool),
+          "qa_tokens_BxQxS": qa_tokens.reshape(k, q, S), "qa_mask_BxQxS": qa_mask.reshape(k, q, S),
+          "qa_loss_mask_BxQxS": qa_loss.reshape(k, q, S), "qa_valid_BxQ": jnp.ones((k, q), bool)}
+
+
+def _all_shapes(jaxpr):
+  out = set()
+  for eqn in jaxpr.eqns:
+    out |= {v.aval.shape for v in eqn.outvars if hasattr(v.aval, "shape")}
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out |= _all_shapes(sub)
+  return out
+
+
+def test_the_base_model_is_never_differentiated_nor_updated():
+  base = _base()
+  c = _config(encoder="random", random=dict(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=24))
+  graphdef, params = mac.init(c, base)
+  scfg = mac.step_config(c)
+  grad_fn = jax.grad(functools.partial(mac.train_loss, graphdef=graphdef, base_graphdef=base.graphdef, scfg=scfg))
+  jaxpr = jax.make_jaxpr(grad_fn)(params, base.params, _batch(), jax.random.key(0))
+  # The base model's MLP weight matrices (D x F, F x D per layer, stacked 2 x ...) never appear as a result:
+  # no weight gradient is formed, only the activations' cotangents that reach the prefix. (MAC has no
+  # array of those shapes: its encoder is 16 wide and its MLPs 3 x D.)
+  base_only = {(D, F), (F, D), (2, D, F), (2, F, D)}
+  assert {(2, D, F), (2, F, D)} <= {x.shape for x in jax.tree.leaves(base.params)}
+  assert not base_only & {x.shape for x in jax.tree.leaves(params)}
+  assert not base_only & _all_shapes(jaxpr.jaxpr)
+  # ... while the same check on the gradient with respect to the base params does see them.
+  base_grad = jax.make_jaxpr(jax.grad(functools.partial(mac.train_loss, graphdef=graphdef,
+                                                        base_graphdef=base.graphdef, scfg=scfg), argnums=1))
+  assert base_only & _all_shapes(base_grad(params, base.params, _batch(), jax.random.key(0)).jaxpr)
+  # The gradient does reach every MAC parameter (once the zero-initialised value projection has moved).
+  grads = grad_fn(_randomized(params), base.params, _batch(), jax.random.key(0))
+  zero = [jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_leaves_with_path(grads) if not jnp.any(g != 0)]
+  assert zero == [], zero
+  # Steps leave the base params bit-identical.
+  before = jax.tree.map(np.array, base.params)
+  optimizer = mac.make_optimizer(c)
+  step = jax.jit(functools.partial(mac.train_step, graphdef=graphdef, base_graphdef=base.graphdef, scfg=scfg,
+                                   optimizer=optimizer))
+  opt_state = optimizer.init(params)
+  for i in range(2):
+    params, opt_state, _ = step(params, opt_state, base.params, _batch(), jax.random.key(i))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, base.params), before)
+
+
+def test_backprop_fraction_only_differentiates_some_documents():
+  base = _base()
+  c = _config(backprop_fraction=0.25)  # 1 of 4 documents
+  graphdef, params = mac.init(c, base)
+  params = _randomized(params)
+  batch = _batch()
+  grad = lambda p, n: jax.grad(lambda p: mac._bank_of(graphdef, p, batch, jax.random.key(0), n)[0].sum())(p)
+  norm = lambda g: float(optax_global_norm(g["queries"]))
+  # The bank's value is the same whichever documents carry the gradient; the gradient is a part of the full one.
+  full = mac._bank_of(graphdef, params, batch, jax.random.key(0), 4)[0]
+  np.testing.assert_allclose(mac._bank_of(graphdef, params, batch, jax.random.key(0), 1)[0], full, rtol=1e-6)
+  assert 0 < norm(grad(params, 1)) < norm(grad(params, 4))
+  assert mac.step_config(c).backprop_docs == 1 and mac.step_config(_config(backprop_fraction=1.0)).backprop_docs == 4
+
+
+def optax_global_norm(x):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in jax.tree.leaves(x)))
+
+
+def test_training_on_one_document_lowers_its_questions_nll():
+  base = _base()
+  c = _config(bank_docs=1, questions=3, lr=3e-3)
+  graphdef, params = mac.init(c, base)
+  batch = _batch(k=1, q=3)
+  scfg = mac.step_config(c)
+  optimizer = mac.make_optimizer(c)
+  step = jax.jit(functools.partial(mac.train_step, graphdef=graphdef, base_graphdef=base.graphdef, scfg=scfg,
+                                   optimizer=optimizer))
+  opt_state = optimizer.init(params)
+  losses = []
+  for i in range(40):
+    params, opt_state, m = step(params, opt_state, base.params, batch, jax.random.key(i))
+    losses.append(float(m["loss"]))
+  assert losses[0] == pytest.approx(float(np.log(V)), abs=1.0)  # starts at the random base model's NLL
+  assert losses[-1] < losses[0] - 1.0, losses
+
+
+def test_bad_configs_get_one_clear_error():
+  base = _base()
+  assert checks.violations(ml_collections.ConfigDict({"mac": _config(tokens=0)}), {"mac": mac.RULES}) == [
+      "mac.tokens=0: expected an integer >= 1"]
+  assert any("backprop_fraction" in v for v in checks.violations(
+      ml_collections.ConfigDict({"mac": _config(backprop_fraction=0.0)}), {"mac": mac.RULES}))
+  with pytest.raises(checks.ConfigError, match="mac.heads=5 must divide the base model's d_model=32"):
+    mac.init(_config(heads=5), base)
+  with pytest.raises(checks.ConfigError, match="mac.base_layers: 3 blocks of the base model, which has 2"):
+    mac.init(_config(base_layers=3), base)
+
+
+def test_an_encoder_with_another_tokenizer_is_refused(monkeypatch):
+  base = _base()
+  other = dataclasses.replace(_base(seed=1), tokenizer=_Tok(vocab_size=V + 1))
+  monkeypatch.setattr(loading, "load", lambda mc: other)
+  with pytest.raises(checks.ConfigError, match=r"mac.encoder=other.gguf: its tokenizer \(62 ids\) is not the base"):
+    mac.init(_config(encoder="other.gguf"), base)
