@@ -29,10 +29,15 @@ Deviations from the paper, and why:
 - The question is amortized by the same network as the documents (the paper uses the amortization network
   as the question encoder too) and its T tokens are the aggregation's queries.
 
-Memory: the bank holds T x d_model numbers per document (`Bank.nbytes`), growing linearly with the
-stream. One aggregation pass over a window attends T query tokens to window x T bank tokens, so its
-attention memory is O(window T^2) per question, and a bank of M documents costs M / window + M / window^2
-+ ... < M / (window - 1) passes: time linear in M, peak attention memory independent of M.
+Memory: the bank holds T x d_model float32 numbers per document (`Bank.nbytes`; 18 KiB for SmolLM2 at T = 8),
+growing linearly with the stream. It is one memory for every question of a batch: its norm and key/value
+projections are computed once, and per question only the T x (M x T) attention scores grow with the number
+of documents M. The hierarchical levels above the bank hold per-question summaries (B x M/window x T x d),
+so they cost more than one pass at these sizes. `python -m bench.mac_bank` (SmolLM2, 16 questions, 2 CPU
+cores) measured, by XLA's compiled memory: one pass 218 / 220 / 226 / 271 MiB and 0.07 / 0.07 / 0.12 /
+0.19 s for banks of 8 / 32 / 128 / 512 documents (about 210 MiB of it MAC's own parameters); windows of 4:
+218 / 220 / 264 / 447 MiB and 0.09 / 0.16 / 0.49 / 1.94 s. The windows are the paper's; `window` >= the
+bank's size gives the one pass.
 """
 
 import dataclasses
@@ -124,16 +129,23 @@ class CrossBlock(nnx.Module):
     self.fc, self.proj = nnx.Linear(d, mlp_mult * d, rngs=rngs), nnx.Linear(mlp_mult * d, d, rngs=rngs)
 
   def __call__(self, x_BxTxD, m_BxSxC, mask_BxS):
+    """m_BxSxC and mask_BxS may have a leading 1 instead of B: one memory that every row attends to, whose
+    norm and projections are then computed once, not once per row."""
     b, t, d = x_BxTxD.shape
     s, h = m_BxSxC.shape[1], self.heads
     e = d // h
     m_BxSxC = self.ln_m(m_BxSxC)
     q_BxTxHxE = self.q(self.ln_q(x_BxTxD)).reshape(b, t, h, e)
-    k_BxSxHxE, v_BxSxHxE = self.k(m_BxSxC).reshape(b, s, h, e), self.v(m_BxSxC).reshape(b, s, h, e)
-    scores_BxHxTxS = jnp.einsum("bthe,bshe->bhts", q_BxTxHxE, k_BxSxHxE) / math.sqrt(e)
+    mb = m_BxSxC.shape[0]
+    k_BxSxHxE, v_BxSxHxE = self.k(m_BxSxC).reshape(mb, s, h, e), self.v(m_BxSxC).reshape(mb, s, h, e)
+    shared = mb == 1 and b > 1
+    scores_BxHxTxS = (jnp.einsum("bthe,she->bhts", q_BxTxHxE, k_BxSxHxE[0]) if shared
+                      else jnp.einsum("bthe,bshe->bhts", q_BxTxHxE, k_BxSxHxE)) / math.sqrt(e)
     scores_BxHxTxS = scores_BxHxTxS + jnp.where(mask_BxS > 0, 0.0, _MASKED)[:, None, None, :]
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
-    attended_BxTxD = jnp.einsum("bhts,bshe->bthe", probs_BxHxTxS, v_BxSxHxE).reshape(b, t, d)
+    attended_BxTxHxE = (jnp.einsum("bhts,she->bthe", probs_BxHxTxS, v_BxSxHxE[0]) if shared
+                        else jnp.einsum("bhts,bshe->bthe", probs_BxHxTxS, v_BxSxHxE))
+    attended_BxTxD = attended_BxTxHxE.reshape(b, t, d)
     # A memory with nothing valid in it (an empty window) contributes nothing, not an average of padding.
     attended_BxTxD = attended_BxTxD * (mask_BxS > 0).any(-1)[:, None, None]
     x_BxTxD = x_BxTxD + self.o(attended_BxTxD)
@@ -232,31 +244,33 @@ def aggregate(graphdef, params, q_BxTxD, bank_MxTxD, valid_M, window: int):
     bank_MxTxD, valid_M: the memory bank (one shared by every question) and which of its rows are documents.
     window: documents per aggregation pass (static).
   """
-  b, t, d = q_BxTxD.shape
+  t, d = q_BxTxD.shape[1:]
   model = nnx.merge(graphdef, params)
   order_M = jnp.argsort(~jnp.asarray(valid_M, bool), stable=True)  # valid documents first, in order
-  mem_BxMxTxD = jnp.broadcast_to(bank_MxTxD[order_M], (b,) + bank_MxTxD.shape)
-  valid_BxM = jnp.broadcast_to(jnp.asarray(valid_M, bool)[order_M], (b, bank_MxTxD.shape[0]))
+  # The bank is one memory for every question (leading axis 1): its projections are computed once. The
+  # levels above it hold per-question summaries (leading axis B).
+  mem_1xMxTxD = bank_MxTxD[order_M][None]
+  valid_1xM = jnp.asarray(valid_M, bool)[order_M][None]
 
   def one_pass(m_BxNxTxD, v_BxN):
-    return model.aggregate(q_BxTxD, m_BxNxTxD.reshape(b, -1, d), jnp.repeat(v_BxN, t, axis=1))
+    return model.aggregate(q_BxTxD, m_BxNxTxD.reshape(m_BxNxTxD.shape[0], -1, d), jnp.repeat(v_BxN, t, axis=1))
 
   def levels(mem_BxMxTxD, valid_BxM):
-    m = mem_BxMxTxD.shape[1]
+    mb, m = mem_BxMxTxD.shape[:2]
     if m <= window:
       return one_pass(mem_BxMxTxD, valid_BxM)
     w = -(-m // window)
     mem_BxMxTxD = jnp.pad(mem_BxMxTxD, ((0, 0), (0, w * window - m), (0, 0), (0, 0)))
-    valid_BxWxN = jnp.pad(valid_BxM, ((0, 0), (0, w * window - m))).reshape(b, w, window)
+    valid_BxWxN = jnp.pad(valid_BxM, ((0, 0), (0, w * window - m))).reshape(valid_BxM.shape[0], w, window)
     # Each window reduced to T tokens for this question; windows with a document stay first.
-    summaries_BxWxTxD = jax.vmap(one_pass, in_axes=1, out_axes=1)(mem_BxMxTxD.reshape(b, w, window, t, d),
+    summaries_BxWxTxD = jax.vmap(one_pass, in_axes=1, out_axes=1)(mem_BxMxTxD.reshape(mb, w, window, t, d),
                                                                  valid_BxWxN)
     deeper_BxTxD = levels(summaries_BxWxTxD, valid_BxWxN.any(-1))
     # Documents that fit one window take one pass whatever the capacity: the padding adds no level.
     fits_B = valid_BxM.sum(-1) <= window
     return jnp.where(fits_B[:, None, None], one_pass(mem_BxMxTxD[:, :window], valid_BxWxN[:, 0]), deeper_BxTxD)
 
-  return levels(mem_BxMxTxD, valid_BxM)
+  return levels(mem_1xMxTxD, valid_1xM)
 
 
 def prefix(graphdef, params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, bank_MxTxD, valid_M, window: int):
