@@ -16,21 +16,12 @@ Test stream (34 documents, 204 questions), in the same run as every other method
   MAC - CaMeLS F1 +0.000 [-0.015, +0.015] (paired): adaptation 0.015x the time, F1 not different.
 """
 
-import importlib.util
-import os
-
+from camels_jax import config_files
 from camels_jax.methods.mac import mac_config
 
 
-def _default():
-  spec = importlib.util.spec_from_file_location("default", os.path.join(os.path.dirname(__file__), "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def get_config():
-  c = _default()
+  c = config_files.sibling(__file__, "default")
   c.workdir = "runs/mac_default"
   c.jobs = "qa_tune,camels,mac"  # the default's jobs, then MAC on the same QA-tuned model
   c.mac = mac_config()  # MAC (camels_jax/methods/mac.py)

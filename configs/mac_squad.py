@@ -7,22 +7,12 @@ plus MAC trained on the same meta-train paragraphs and evaluated on the same tes
 Needs ../shared/data/squad_v1.1_dev_part.json (data.path). Measured: see README ("MAC").
 """
 
-import importlib.util
-import os
-
+from camels_jax import config_files
 from camels_jax.methods.mac import mac_config
 
 
-def _sibling_config(name: str):
-  spec = importlib.util.spec_from_file_location(f"_config_{name}", os.path.join(os.path.dirname(__file__),
-                                                                                 f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def get_config():
-  c = _sibling_config("camels_squad_cpu")
+  c = config_files.sibling(__file__, "camels_squad_cpu")
   c.workdir = "runs/mac_squad"
   c.jobs = "qa_tune,camels,mac"  # camels_squad_cpu's jobs, then MAC on the same QA-tuned model
   c.mac = mac_config()  # MAC (camels_jax/methods/mac.py)

@@ -7,21 +7,12 @@ minute on 2 CPU cores (what the tests run, and what to try a change on first).
 Its numbers mean nothing (a random 2-block model, 6 test documents); it checks that the stages run.
 """
 
-import importlib.util
-import os
-
+from camels_jax import config_files
 from camels_jax.methods.mac import mac_config
 
 
-def _default():
-  spec = importlib.util.spec_from_file_location("default", os.path.join(os.path.dirname(__file__), "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def get_config():
-  c = _default()
+  c = config_files.sibling(__file__, "default")
   c.workdir = "runs/tiny"
   c.model.source = "random"
   c.model.tokenizer = "gpt2"

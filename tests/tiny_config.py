@@ -1,16 +1,14 @@
 """Loading the shipped job configs in tests (configs/tiny.py is what most tests run)."""
 
-import importlib.util
 import os
+
+from camels_jax import config_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_files.load(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 def tiny_default():
