@@ -196,8 +196,8 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str = "") -> None:
 # Fields a rerun in the same workdir may change (fnmatch patterns): more meta-training steps, how often
 # and on what it validates, and anything evaluation-only. The rest would mix two experiments in one workdir.
 SAFE_ON_RESUME = ("camels.steps", "camels.val_every", "camels.val_batches", "camels.compare",
-                  "camels.compare_batches", "qa_tune.log_every", "model.remat", "eval.*", "fwl.steps",
-                  "fwl.val_every", "mac.steps", "mac.val_every")
+                  "camels.compare_batches", "camels.remat", "qa_tune.log_every", "model.remat",
+                  "model.remat_policy", "eval.*", "fwl.steps", "fwl.val_every", "mac.steps", "mac.val_every")
 
 
 def main(argv):

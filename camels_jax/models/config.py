@@ -5,6 +5,9 @@ import dataclasses
 import jax.numpy as jnp
 
 ARCHS = ("gpt2", "llama")
+# jax.checkpoint_policies a rematerialised block may keep its residuals by: everything recomputed; every
+# matmul output kept; or the weight matmuls' outputs kept, attention and elementwise work recomputed.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +32,11 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype ("bfloat16" for speed on accelerators)
   param_dtype: str = "float32"  # storage dtype of the parameters
   remat: bool = False  # rematerialise each block in the backward pass (saves activation memory)
+  remat_policy: str = "nothing_saveable"  # what a rematerialised block keeps: a REMAT_POLICIES name
 
   def __post_init__(self):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
     if self.arch not in ARCHS:
       raise ValueError(f"ModelConfig.arch={self.arch!r} is not one of {ARCHS}")
     if self.d_model % self.n_heads:

@@ -209,7 +209,7 @@ class Decoder(nnx.Module):
     if self.cfg.remat:
       # A pure function of (activations, layer params), so jax.checkpoint composes with any outer
       # jax.grad, including one that does not differentiate the base params.
-      layer = jax.checkpoint(layer)
+      layer = jax.checkpoint(layer, policy=getattr(jax.checkpoint_policies, self.cfg.remat_policy))
     layer_cache = None if cache is None else (cache.k_NxBxSxKxE, cache.v_NxBxSxKxE)
     layer_prefix = None if prefix is None else (prefix.k_NxBxPxKxE, prefix.v_NxBxPxKxE)
     x_BxLxD, new_kv = jax.lax.scan(layer, x_BxLxD, (block_params, layer_cache, layer_prefix))

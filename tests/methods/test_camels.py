@@ -54,10 +54,11 @@ def test_meta_gradient_matches_central_finite_differences(n_docs, steps, learn_l
       assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
 
 
-def _meta_grad(icfg, n_docs=3, block_remat=False):
+def _meta_grad(icfg, n_docs=3, block_remat=""):
   base, wm_graphdef, wm_params = fx.tiny("float64")
-  if block_remat:  # the base model's blocks rematerialised too (ModelConfig.remat)
-    base = dataclasses.replace(base, graphdef=transformer.abstract(base.cfg.replace(remat=True))[0])
+  if block_remat:  # the base model's blocks rematerialised too (ModelConfig.remat, with this policy)
+    cfg = base.cfg.replace(remat=True, remat_policy=block_remat)
+    base = dataclasses.replace(base, graphdef=transformer.abstract(cfg)[0])
   mcfg = camels.MetaConfig(inner=icfg, inner_lr=0.5)
   f = _loss_fn(base, wm_graphdef, mcfg, fx.batch(n_docs))
   meta = camels.init_meta_params(wm_params, mcfg)
@@ -80,11 +81,13 @@ def test_remat_gives_identical_meta_gradient_and_really_rematerialises(exact_3do
   assert "remat" in jaxpr or "checkpoint" in jaxpr
 
 
-def test_block_remat_of_the_base_model_gives_identical_meta_gradient(exact_3docs):
+@pytest.mark.parametrize("inner_remat,policy", [(True, "nothing_saveable"),
+                                                (False, "dots_with_no_batch_dims_saveable")])
+def test_block_remat_of_the_base_model_gives_identical_meta_gradient(exact_3docs, inner_remat, policy):
   # Inside the meta step the base params are not what the outer grad differentiates: remat of the
   # blocks must trace there (nnx.remat over modules raised flax's TraceContextError).
   with jax.enable_x64(True):
-    remat, f, meta = _meta_grad(inner.InnerConfig(remat=True), block_remat=True)
+    remat, f, meta = _meta_grad(inner.InnerConfig(remat=inner_remat), block_remat=policy)
     for a, b in zip(jax.tree.leaves(exact_3docs), jax.tree.leaves(remat)):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
@@ -152,3 +155,26 @@ def test_mean_weight_rescales_each_document_and_the_meta_gradient_flows_through_
     meta = camels.init_meta_params(wm_params, mcfg)
     g = jax.grad(_loss_fn(base, wm_graphdef, mcfg, b))(meta)
     assert float(jnp.abs(g["wm"]["fc2"]["kernel"][...]).max()) > 0
+
+
+def _dot_general_count(jaxpr) -> int:
+  """dot_general equations of a jaxpr and its sub-jaxprs (a scan body once, whatever its length)."""
+  from jax._src import core  # pylint: disable=g-import-not-at-top
+  return sum((e.primitive.name == "dot_general") + sum(_dot_general_count(j) for j in core.jaxprs_in_params(e.params))
+             for e in jaxpr.eqns)
+
+
+@pytest.mark.parametrize("n_docs", [1, 3])
+def test_first_document_is_linearised_without_a_base_params_tangent(n_docs):
+  # The meta-gradient does not differentiate the base params, so the first inner step's reverse pass is
+  # one transposed backward pass (2 matmuls per forward matmul) instead of the reverse of a forward and a
+  # backward (6). Differentiating the base params too must add exactly those 4 per forward matmul.
+  base, wm_graphdef, wm_params = fx.tiny("float32")
+  mcfg = camels.MetaConfig(inner=inner.InnerConfig(), inner_lr=0.5)
+  meta, batch = camels.init_meta_params(wm_params, mcfg), fx.batch(n_docs)
+  f = lambda m, p: camels.meta_loss(m, p, batch, graphdef=base.graphdef, wm_graphdef=wm_graphdef, mcfg=mcfg)[0]
+  count = lambda fn, *args: _dot_general_count(jax.make_jaxpr(fn)(*args).jaxpr)
+  forward = count(lambda p: transformer.apply(base.graphdef, p, batch["doc_tokens_BxL"][:1]), base.params)
+  meta_only = count(jax.grad(f), meta, base.params)
+  with_base = count(jax.grad(f, argnums=(0, 1)), meta, base.params)
+  assert with_base - meta_only == 4 * forward, (meta_only, with_base, forward)

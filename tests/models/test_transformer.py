@@ -2,10 +2,11 @@
 
 import jax
 import numpy as np
+import pytest
 
 from camels_jax.adapt import loss
 from camels_jax.models import transformer
-from camels_jax.models.config import ModelConfig
+from camels_jax.models.config import REMAT_POLICIES, ModelConfig
 
 CFG = ModelConfig(arch="llama", vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
                   max_len=32, tie_embeddings=False)
@@ -19,15 +20,39 @@ def _grads(cfg, params, tokens):
   return jax.jit(jax.grad(f))(params), graphdef
 
 
-def test_block_remat_gives_the_same_gradients_and_is_really_rematerialised():
+@pytest.mark.parametrize("policy", REMAT_POLICIES)
+def test_block_remat_gives_the_same_gradients_and_is_really_rematerialised(policy):
   _, params = transformer.init(CFG)
   tokens = np.arange(24).reshape(2, 12) % 50
   plain, _ = _grads(CFG, params, tokens)
-  remat, graphdef = _grads(CFG.replace(remat=True), params, tokens)
+  remat, graphdef = _grads(CFG.replace(remat=True, remat_policy=policy), params, tokens)
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6)  # float32; remat refuses some fusions
   jaxpr = str(jax.make_jaxpr(lambda p: transformer.apply(graphdef, p, tokens).sum())(params))
   assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+
+def _residual_bytes(cfg, params, tokens) -> int:
+  """Compiled temporaries of a gradient: what the forward pass keeps for the backward pass, mostly."""
+  graphdef, _ = transformer.abstract(cfg)
+  f = lambda p: loss.token_nll(transformer.apply(graphdef, p, tokens), tokens).sum()
+  return jax.jit(jax.grad(f)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_remat_policies_keep_less_the_less_they_save():
+  # Long enough that the attention matrices (recomputed by the no-batch-dims policy) are the bulk.
+  cfg = CFG.replace(n_layers=4, max_len=256)
+  _, params = transformer.init(cfg)
+  tokens = np.arange(2 * 256).reshape(2, 256) % 50
+  kept = {p: _residual_bytes(cfg.replace(remat=True, remat_policy=p), params, tokens) for p in REMAT_POLICIES}
+  kept["none"] = _residual_bytes(cfg, params, tokens)
+  assert (kept["nothing_saveable"] < kept["dots_with_no_batch_dims_saveable"] < kept["dots_saveable"]
+          <= kept["none"]), kept
+
+
+def test_an_unknown_remat_policy_is_refused():
+  with pytest.raises(ValueError, match="remat_policy"):
+    CFG.replace(remat=True, remat_policy="everything_saveable")
 
 
 def _dot_count(n_layers: int) -> int:
