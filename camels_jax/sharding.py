@@ -24,11 +24,42 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
 
 
 def make_mesh(axis: str = DATA_AXIS) -> Mesh:
   """A 1-D mesh named `axis` over all devices (of every process)."""
   return jax.make_mesh((jax.device_count(),), (axis,), axis_types=(AxisType.Auto,))
+
+
+def make_fsdp_mesh(fsdp: int) -> Mesh:
+  """A (data, fsdp) mesh over all devices: `fsdp` devices share each parameter, the rest split streams."""
+  if fsdp < 1 or jax.device_count() % fsdp:
+    raise ValueError(f"make_fsdp_mesh: fsdp={fsdp} does not divide the {jax.device_count()} devices")
+  return jax.make_mesh((jax.device_count() // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS),
+                       axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def fsdp_spec(shape, mesh, lead: tuple = ()) -> P:
+  """`lead` (mesh axes of the leading dimensions, e.g. the streams' "data"), then FSDP_AXIS on the largest
+  remaining dimension its size divides; whole when none does or the mesh has no FSDP_AXIS.
+
+  A rule on shapes, not yet the logical axis names of issue 15: it shards the vocabulary of embeddings and
+  the wider side of every kernel, which is what FSDP needs (XLA gathers a layer's params where it uses them).
+  """
+  size = dict(mesh.shape).get(FSDP_AXIS, 1)
+  rest = tuple(shape[len(lead):])
+  spec = [None] * len(rest)
+  if size > 1:
+    fits = [i for i in np.argsort(rest, kind="stable")[::-1] if rest[i] % size == 0]
+    if fits:
+      spec[fits[0]] = FSDP_AXIS
+  return P(*lead, *spec)
+
+
+def fsdp_sharded(tree, mesh: Mesh, lead: tuple = ()):
+  """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs), by `fsdp_spec`."""
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), mesh, lead)), tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

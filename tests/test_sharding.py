@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from camels_jax import sharding
 from camels_jax.checkpoint import Checkpointer
@@ -168,3 +169,19 @@ def test_initialize_distributed_is_a_no_op_locally(monkeypatch):
     monkeypatch.delenv(var, raising=False)
   assert sharding.initialize_distributed() is False
   assert not jax.distributed.is_initialized()
+
+
+def test_fsdp_spec_splits_the_largest_dimension_the_axis_divides():
+  from jax.sharding import AbstractMesh  # pylint: disable=g-import-not-at-top
+  mesh = AbstractMesh((4, 2), (sharding.DATA_AXIS, sharding.FSDP_AXIS))
+  assert sharding.fsdp_spec((49152, 576), mesh) == P("fsdp", None)  # the embedding's vocabulary
+  assert sharding.fsdp_spec((30, 576, 1536), mesh) == P(None, None, "fsdp")  # stacked kernels: the wide side
+  assert sharding.fsdp_spec((8, 30, 576, 1536), mesh, lead=("data",)) == P("data", None, None, "fsdp")
+  assert sharding.fsdp_spec((25, 7), mesh) == P(None, None)  # nothing divides: whole
+  assert sharding.fsdp_spec((576,), AbstractMesh((8,), (sharding.DATA_AXIS,))) == P(None)  # no fsdp axis
+
+
+def test_make_fsdp_mesh_refuses_a_size_that_does_not_divide_the_devices():
+  with pytest.raises(ValueError, match="does not divide"):
+    sharding.make_fsdp_mesh(jax.device_count() + 1)
+  assert sharding.make_fsdp_mesh(1).axis_names == (sharding.DATA_AXIS, sharding.FSDP_AXIS)

@@ -1,4 +1,5 @@
-"""8 (fake CPU) devices give the same meta-gradient as 1: streams sharded over a mesh."""
+"""8 (fake CPU) devices give the same meta-gradient as 1: streams sharded over a mesh, and parameters over an
+FSDP axis beside it (data x fsdp = 8 x 1, 4 x 2, 1 x 8)."""
 
 import functools
 import os
@@ -15,12 +16,14 @@ import sys
 sys.path.insert(0, {repo!r})
 import numpy as np
 from tests.methods import test_camels_sharded as t
-np.savez({out!r}, *t.meta_gradient(sharded=True))
+for fsdp in (1, 2, 8):
+  np.savez({out!r}.format(fsdp), *t.meta_gradient(sharded=fsdp))
 """
 
 
-def meta_gradient(sharded: bool):
-  """Leaves of the meta-gradient of the mean meta loss over 8 streams (each its own batch and base)."""
+def meta_gradient(sharded: int = 0):
+  """Leaves of the meta-gradient of the mean meta loss over 8 streams (each its own batch and base), and the
+  loss last; `sharded` = 0: one device; else the FSDP axis's size on a data x fsdp mesh of 8 devices."""
   from camels_jax import sharding  # pylint: disable=g-import-not-at-top
   from camels_jax.adapt import inner
   from camels_jax.methods import camels
@@ -34,27 +37,32 @@ def meta_gradient(sharded: bool):
   base_P = jax.tree.map(lambda x: np.broadcast_to(x, (8,) + x.shape), base.params)
   loss = functools.partial(camels.meta_loss_streams, graphdef=base.graphdef, wm_graphdef=wm_graphdef,
                            mcfg=mcfg)
-  grad = jax.grad(lambda m, b, x: loss(m, b, x)[0])
+  value_and_grad = jax.value_and_grad(lambda m, b, x: loss(m, b, x)[0])
   if sharded:
-    mesh = sharding.make_mesh()
+    mesh = sharding.make_fsdp_mesh(sharded)
     assert mesh.size == 8
-    meta = sharding.replicate(meta, mesh)
-    base_P = jax.device_put(base_P, sharding.batch_sharded(mesh))
+    meta = jax.device_put(meta, sharding.fsdp_sharded(meta, mesh))
+    base_P = jax.device_put(base_P, sharding.fsdp_sharded(base_P, mesh, lead=(sharding.DATA_AXIS,)))
     batch_P = sharding.shard_batch(batch_P, mesh)
-    assert len(batch_P["doc_tokens_BxL"].sharding.device_set) == 8
-  return [np.asarray(g) for g in jax.tree.leaves(jax.jit(grad)(meta, base_P, batch_P))]
+    # Streams over "data", parameters over "fsdp": each device holds 1/8 of the (stacked) embeddings.
+    emb = base_P["embed"]["embedding"]
+    assert emb.addressable_shards[0].data.size * 8 == emb.size, emb.sharding
+  value, grads = jax.jit(value_and_grad)(meta, base_P, batch_P)
+  return [np.asarray(g) for g in jax.tree.leaves(grads)] + [np.asarray(value)]
 
 
 def test_eight_devices_give_the_same_meta_gradient_as_one(tmp_path):
-  out = str(tmp_path / "grads.npz")
+  # One child process for the three meshes (data x fsdp = 8 x 1, 4 x 2, 1 x 8): JAX starts once.
+  out = str(tmp_path / "grads_fsdp{}.npz")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  subprocess.run([sys.executable, "-c", _CHILD.format(repo=REPO, out=out)], env=env, check=True,
-                 timeout=900)
-  sharded = np.load(out)
-  single = meta_gradient(sharded=False)
-  assert len(sharded.files) == len(single)
-  for i, want in enumerate(single):
-    # float32 sums over a different partition of the batch: equal up to 1e-5 of each leaf's scale.
-    got = sharded[f"arr_{i}"]
-    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (i, np.abs(got - want).max())
-  assert max(float(np.abs(g).max()) for g in single) > 0
+  subprocess.run([sys.executable, "-c", _CHILD.format(repo=REPO, out=out)], env=env, check=True, timeout=900)
+  single = meta_gradient()
+  assert max(float(np.abs(g).max()) for g in single[:-1]) > 0
+  for fsdp in (1, 2, 8):
+    sharded = np.load(out.format(fsdp))
+    assert len(sharded.files) == len(single)
+    for i, want in enumerate(single):
+      # float32 sums over another partition of the batch and the parameters: equal up to 1e-5 of each
+      # leaf's scale (the last entry is the loss).
+      got = sharded[f"arr_{i}"]
+      assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (fsdp, i, np.abs(got - want).max())
