@@ -11,8 +11,9 @@ and temporaries (what the second-order backward pass keeps). Beside it, the anal
 parameter-sized terms: params 4P / fsdp bytes per device, Adam 8 P_meta / fsdp.
 
 The mesh's `data` axis carries independent document streams (one each); `fsdp` splits every parameter of
-the base model, the weighting model and Adam's state along its largest dimension divisible by it
-(`sharding.fsdp_spec`), and XLA (GSPMD) gathers what each matmul needs. The meta-gradient under that
+the base model, the weighting model and Adam's state by its logical axis names (`sharding.param_shardings`:
+vocabulary, MLP width, heads, in that order of preference; parameters without names on their largest
+dimension the axis divides), and XLA (GSPMD) gathers what each matmul needs. The meta-gradient under that
 sharding equals one device's (tests/methods/test_camels_sharded.py); the jobs do not use the FSDP axis yet
 (issue 15), so the plan tells what it would buy. It runs on 8 fake CPU
 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, set here when absent).
@@ -68,8 +69,13 @@ SETTINGS = {"no remat": (False, None), "block remat": (False, "nothing_saveable"
 
 def abstract(tree, mesh, lead: tuple = ()):
   """ShapeDtypeStructs of `tree` with the library's FSDP shardings (`lead`: mesh axes of leading dims)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
-                      sharding.fsdp_sharded(tree, mesh, lead))
+  def one(x, s):
+    if isinstance(x, nnx.Variable):  # keeps the logical axis names with the abstract value
+      return x.replace(jax.ShapeDtypeStruct(x.get_value().shape, x.get_value().dtype, sharding=s))
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+  return jax.tree.map(one, tree, sharding.param_shardings(tree, mesh, lead),
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def n_params(tree) -> int:

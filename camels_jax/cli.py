@@ -256,7 +256,8 @@ def _now() -> str:
 @contextlib.contextmanager
 def session(entry: str, config: ml_collections.ConfigDict, workdir: str, rules: checks.Rules,
             cross: Sequence[Callable] = (), safe: Sequence[str] = (),
-            prerequisites: Callable[[ml_collections.ConfigDict, str], None] | None = None):
+            prerequisites: Callable[[ml_collections.ConfigDict, str], None] | None = None,
+            distributed: bool | None = None):
   """Checks the config (and the entry point's prerequisites), routes the logs, writes config.json and
   the manifest's record of this run, and completes the record (end time, status) when the run ends.
 
@@ -267,6 +268,8 @@ def session(entry: str, config: ml_collections.ConfigDict, workdir: str, rules: 
     safe: fnmatch patterns of fields that may differ from the workdir's earlier runs (`check_resume`).
     prerequisites: prerequisites(config, workdir) raises `checks.UserError` when the run cannot succeed
       (e.g. evaluate without a trained weighting model); called before anything is loaded.
+    distributed: join a multi-process run (`sharding.initialize_distributed`); None detects it from the
+      environment. It happens here, before the first JAX call (the manifest lists the devices).
   """
   checks.validate(config, rules, cross)
   resolved = config_dict(config)
@@ -275,6 +278,10 @@ def session(entry: str, config: ml_collections.ConfigDict, workdir: str, rules: 
   if prerequisites is not None:
     prerequisites(config, workdir)
   import jax  # after the log routing: JAX logs its backend probes when it starts
+
+  from camels_jax import sharding
+
+  sharding.initialize_distributed(distributed)
 
   writer = jax.process_index() == 0  # one process writes the workdir's files
   record = {"entry": entry, "command": [sys.executable, *sys.argv], "cwd": os.getcwd(), "start": _now(),

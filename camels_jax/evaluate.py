@@ -14,7 +14,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from camels_jax import cli, evaluation, metrics, sharding, train
+from camels_jax import checks, cli, evaluation, metrics, sharding, train
 from camels_jax import data as data_lib
 from camels_jax.models import loading
 
@@ -22,6 +22,11 @@ from camels_jax.models import loading
 def run(config, workdir: str, progress: bool = True) -> dict:
   """Loads the QA-tuned model (training it if the train job has not) and evaluates every method."""
   sharding.initialize_distributed()
+  if jax.process_count() > 1:
+    # Online adaptation runs one document stream at a time; several processes would each redo it and race
+    # on the results files.
+    raise checks.UserError(f"evaluate runs as one process (this launch started {jax.process_count()}); "
+                           "start it without --distributed / JAX_COORDINATOR_ADDRESS")
   model = loading.load(config.model)
   train.check_model_fits(config, model.cfg)
   data = data_lib.load(config.data, model.tokenizer, workdir)

@@ -24,7 +24,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from camels_jax import checks, qa
+from camels_jax import checks, qa, sharding
 from camels_jax.adapt import loss
 from camels_jax.data import pipeline
 from camels_jax.models import transformer
@@ -261,7 +261,7 @@ def _check(config: ml_collections.ConfigDict) -> None:
 
 def qa_tune(model, data, config: ml_collections.ConfigDict, writer, progress: bool = True,
             checkpointer: Checkpointer | None = None,
-            on_validate: Callable[..., None] | None = None
+            on_validate: Callable[..., None] | None = None, mesh: jax.sharding.Mesh | None = None
             ) -> tuple[transformer.Params, list[dict[str, Any]]]:
   """QA-tunes `model` on data's QA-train split with early stopping on QA-val.
 
@@ -275,12 +275,17 @@ def qa_tune(model, data, config: ml_collections.ConfigDict, writer, progress: bo
     checkpointer: resumes from `restore()` and receives every validation (see `Checkpointer`).
     on_validate: extra callback on_validate(step, params, opt_state, loader_state, metrics) after every
       validation (e.g. a plain save hook).
+    mesh: batches are split over its data axis (default: `sharding.make_mesh()`, every device).
 
   Returns:
     (best_params, history): the params of the best validation by config.stop_metric, and the validation
     records (step, nll, em, prefix_em, f1, n, tokens, is_best, stop), oldest first.
   """
   _check(config)
+  mesh = mesh or sharding.make_mesh()
+  if data.config.qa_batch_size % mesh.shape[sharding.DATA_AXIS]:
+    raise checks.ConfigError(f"data.qa_batch_size={data.config.qa_batch_size} must be a multiple of the "
+                             f"{mesh.shape[sharding.DATA_AXIS]} devices QA-tuning splits each batch over")
   mode = STOP_METRICS[config.stop_metric]
   graphdef = model.graphdef
   opt = make_optimizer(config)
@@ -316,6 +321,8 @@ def qa_tune(model, data, config: ml_collections.ConfigDict, writer, progress: bo
   while not stopped and step < config.max_steps:
     micro = [next(loader) for _ in range(config.grad_accum)]
     batch = stack(micro) if config.grad_accum > 1 else {k: micro[0][k] for k in _TRAIN_KEYS}
+    # Data parallel: the question rows split over the mesh's data axis (every process feeds its own).
+    batch = sharding.shard_batch(batch, mesh, dim=int(config.grad_accum > 1))
     params, opt_state, metrics = train_step(graphdef, opt, params, opt_state, batch)
     step += 1
     bar.update(1)

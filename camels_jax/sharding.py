@@ -1,4 +1,5 @@
-"""Data parallelism: one mesh axis over all devices, batches split on it, the rest replicated.
+"""Meshes and shardings: batches split over a data axis, parameters replicated or split over an FSDP axis by
+their logical axis names, and the multi-process start.
 
 The training step is a plain `jax.jit` of a global-view function; its inputs carry `NamedSharding`s
 and the compiler partitions the computation (and inserts the gradient all-reduce). Typical use:
@@ -6,9 +7,14 @@ and the compiler partitions the computation (and inserts the gradient all-reduce
   initialize_distributed()          # first, before any other JAX call; a no-op on one machine
   mesh = make_mesh()
   params = replicate(params, mesh)
+  rows = process_rows(n, mesh)      # the rows of an n-row global batch this process feeds
   with jax.set_mesh(mesh):
-    for batch in loader:
-      params, loss = train_step(params, shard_batch(batch, mesh))
+    for step in range(steps):
+      batch = shard_rows(build(loader.take(n, rows)), n, mesh)
+      params, loss = train_step(params, batch)
+
+Every process walks the same global order and builds only its rows, so one data position serves any
+process count.
 
 The mesh axis is of type `Auto`, not the `Explicit` that `jax.make_mesh` now defaults to: in
 Explicit mode every op must have an unambiguous output sharding, and the model code is not
@@ -21,6 +27,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -44,8 +51,7 @@ def fsdp_spec(shape, mesh, lead: tuple = ()) -> P:
   """`lead` (mesh axes of the leading dimensions, e.g. the streams' "data"), then FSDP_AXIS on the largest
   remaining dimension its size divides; whole when none does or the mesh has no FSDP_AXIS.
 
-  A rule on shapes, not yet the logical axis names of issue 15: it shards the vocabulary of embeddings and
-  the wider side of every kernel, which is what FSDP needs (XLA gathers a layer's params where it uses them).
+  The fallback of `param_shardings` for parameters without logical axis names.
   """
   size = dict(mesh.shape).get(FSDP_AXIS, 1)
   rest = tuple(shape[len(lead):])
@@ -57,9 +63,53 @@ def fsdp_spec(shape, mesh, lead: tuple = ()) -> P:
   return P(*lead, *spec)
 
 
-def fsdp_sharded(tree, mesh: Mesh, lead: tuple = ()):
-  """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs), by `fsdp_spec`."""
-  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), mesh, lead)), tree)
+# Which mesh axis the logical axes of the parameters (nnx metadata: `transformer.VOCAB`, ...) go to under
+# FSDP, in order of preference: a parameter is split on the first of its axes listed here that the FSDP axis
+# divides, and is otherwise whole. "layers" is never split: the layer scan takes one block per step.
+FSDP_RULES = (("vocab", FSDP_AXIS), ("mlp", FSDP_AXIS), ("heads", FSDP_AXIS), ("embed", FSDP_AXIS),
+              ("pos", FSDP_AXIS))
+
+
+def logical_spec(names: tuple[str, ...], shape, mesh, lead: tuple = ()) -> P:
+  """`lead`, then the mesh axis `FSDP_RULES` gives the first of the logical axes `names` (one per dimension
+  after the lead) that it divides; whole when none does or the mesh has no FSDP axis."""
+  rest = tuple(shape[len(lead):])
+  if len(names) != len(rest):
+    raise ValueError(f"logical_spec: axis names {names} do not fit the shape {tuple(shape)} after {len(lead)} "
+                     f"leading axes")
+  spec = [None] * len(rest)
+  sizes = dict(mesh.shape)
+  for logical, axis in FSDP_RULES:
+    if logical in names and sizes.get(axis, 1) > 1 and rest[names.index(logical)] % sizes[axis] == 0:
+      spec[names.index(logical)] = axis
+      break
+  return P(*lead, *spec)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def param_shardings(tree, mesh: Mesh, lead: tuple = ()):
+  """A NamedSharding per parameter of `tree` (params, optimizer states; arrays or ShapeDtypeStructs):
+
+  - by its logical axis names (`logical_spec`) when it carries them (every parameter of the base model, and
+    the optimizer moments of such parameters, which keep their metadata);
+  - by `fsdp_spec`'s shape rule when it does not (the weighting model's head, MAC's networks, counters).
+
+  `lead` names the mesh axes of leading dimensions added in front of the parameters (e.g. per-stream copies
+  on "data"). The result is a prefix of `tree`, for `jax.device_put` and `jax.jit`'s shardings.
+  """
+
+  def one(x):
+    value = x.get_value() if _is_variable(x) else x
+    shape = tuple(getattr(value, "shape", np.shape(value)))
+    names = x.get_metadata().get("out_sharding") if _is_variable(x) else None
+    if names:
+      return NamedSharding(mesh, logical_spec(tuple(names), shape, mesh, lead))
+    return NamedSharding(mesh, fsdp_spec(shape, mesh, lead))
+
+  return jax.tree.map(one, tree, is_leaf=_is_variable)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -67,53 +117,105 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharded(mesh: Mesh, axis: str | None = None) -> NamedSharding:
-  """Axis 0 (the batch) split over mesh axis `axis` (default: the mesh's first), the rest whole.
+def batch_sharded(mesh: Mesh, axis: str | None = None, dim: int = 0) -> NamedSharding:
+  """Dimension `dim` (the batch) split over mesh axis `axis` (default: the mesh's first), the rest whole.
 
-  The same sharding fits arrays of any rank >= 1.
+  The same sharding fits arrays of any rank > dim.
   """
-  return NamedSharding(mesh, P(axis or mesh.axis_names[0]))
+  return NamedSharding(mesh, P(*([None] * dim), axis or mesh.axis_names[0]))
 
 
-def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh,
-                axis: str | None = None) -> dict[str, jax.Array]:
-  """Places each array of a batch on the mesh, split along its leading (batch) axis.
+def process_rows(n: int, mesh: Mesh, axis: str | None = None) -> list[int]:
+  """The rows of an n-row batch split over `axis` that this process's devices hold, ascending.
+
+  Every row on one process; in a multi-process run each process builds (reads, tokenizes, pads) only these.
+  """
+  if n % mesh.shape[axis or mesh.axis_names[0]]:
+    raise ValueError(f"process_rows: {n} rows do not divide over the {mesh.shape[axis or mesh.axis_names[0]]} "
+                     f"devices of mesh axis {axis or mesh.axis_names[0]!r}")
+  index_map = batch_sharded(mesh, axis).addressable_devices_indices_map((n,))
+  return sorted({row for index in index_map.values() for row in range(n)[index[0]]})
+
+
+def shard_rows(rows: Mapping[str, np.ndarray], n: int, mesh: Mesh, axis: str | None = None,
+               dim: int = 0) -> dict[str, jax.Array]:
+  """Global arrays of an n-row batch from this process's rows only (`process_rows`, in that order).
 
   Args:
-    batch: name -> array with a leading batch axis; in a multi-process run, this process's part.
-    mesh: the mesh.
-    axis: the mesh axis to split over (default: the mesh's first).
+    rows: name -> array whose dimension `dim` holds this process's rows of the batch.
+    n: the global number of rows.
+    mesh, axis: the mesh, and the axis to split the rows over (default: the mesh's first).
+    dim: the batch dimension (1 for micro-batches stacked on a leading accumulation axis).
 
   Returns:
-    name -> global jax.Array with `batch_sharded(mesh, axis)`.
+    name -> global jax.Array with `batch_sharded(mesh, axis, dim)`; each process transfers only its devices'
+    shards.
+  """
+  sharding = batch_sharded(mesh, axis, dim)
+  local = {row: i for i, row in enumerate(process_rows(n, mesh, axis))}
+  out = {}
+  for key, value in rows.items():
+    value = np.asarray(value)
+    shape = value.shape[:dim] + (n,) + value.shape[dim + 1:]
+
+    def shard(index, value=value):
+      picked = [local[row] for row in range(n)[index[dim]]]
+      return value[index[:dim] + (picked,) + index[dim + 1:]]
+
+    out[key] = jax.make_array_from_callback(shape, sharding, shard)
+  return out
+
+
+def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, axis: str | None = None,
+                dim: int = 0) -> dict[str, jax.Array]:
+  """Places a whole batch (equal in every process) on the mesh, split along dimension `dim`.
+
+  Args:
+    batch: name -> array with the batch on dimension `dim`, the same global batch in every process.
+    mesh: the mesh.
+    axis: the mesh axis to split over (default: the mesh's first).
+    dim: the batch dimension.
+
+  Returns:
+    name -> global jax.Array with `batch_sharded(mesh, axis, dim)`.
 
   Raises:
-    ValueError: naming the key, if an array is a scalar or its batch size does not divide evenly
-      over the devices (of this process) along `axis`.
+    ValueError: naming the key, if an array has no dimension `dim` or its batch size does not divide evenly
+      over the devices along `axis`.
   """
-  sharding = batch_sharded(mesh, axis)
-  axis = sharding.spec[0]
-  # Each process feeds only the shards of its own devices.
-  n_shards = mesh.shape[axis] // jax.process_count()
-  out = {}
+  axis = axis or mesh.axis_names[0]
+  sizes = set()
   for key, value in batch.items():
     shape = np.shape(value)
-    if not shape:
-      raise ValueError(f"shard_batch: batch[{key!r}] is a scalar; it has no batch axis to split")
-    if shape[0] % n_shards:
-      raise ValueError(f"shard_batch: batch[{key!r}] has batch size {shape[0]} (shape {shape}), "
-                       f"which does not divide over the {n_shards} devices of mesh axis {axis!r}")
-    if jax.process_count() == 1:
-      out[key] = jax.device_put(value, sharding)
-    else:
-      # device_put would read `value` as the global array; here it is only this process's rows.
-      out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
-  return out
+    if len(shape) <= dim:
+      raise ValueError(f"shard_batch: batch[{key!r}] has shape {shape}: no batch dimension {dim} to split")
+    if shape[dim] % mesh.shape[axis]:
+      raise ValueError(f"shard_batch: batch[{key!r}] has batch size {shape[dim]} (shape {shape}), "
+                       f"which does not divide over the {mesh.shape[axis]} devices of mesh axis {axis!r}")
+    sizes.add(shape[dim])
+  if len(sizes) > 1:
+    raise ValueError(f"shard_batch: the arrays' batch sizes differ: {sorted(sizes)}")
+  if not sizes:
+    return {}
+  n = sizes.pop()
+  rows = process_rows(n, mesh, axis)
+  return shard_rows({k: np.take(np.asarray(v), rows, axis=dim) for k, v in batch.items()}, n, mesh, axis, dim)
 
 
 def replicate(tree, mesh: Mesh):
   """`tree` with every leaf copied to every device of `mesh` (all processes pass equal values)."""
-  return jax.device_put(tree, replicated(mesh))
+  target = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, target)
+
+  def put(x):
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+      # jax 0.10's device_put of a process-local jax.Array onto a multi-process sharding builds an array
+      # whose shards cannot be listed (orbax fails on it); from host memory it is built right.
+      x = np.asarray(x)
+    return jax.device_put(x, target)
+
+  return jax.tree.map(put, tree)
 
 
 def _multiprocess_env(env: Mapping[str, str]) -> bool:
@@ -160,5 +262,8 @@ def initialize_distributed(force: bool | None = None) -> bool:
     kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
   if "JAX_PROCESS_ID" in os.environ:
     kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+  # CPU devices of several processes exchange collectives over gloo (TCP); without it a cross-process
+  # all-reduce on CPU fails. Accelerators use their own (NCCL, ICI) whatever this says.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
   return True

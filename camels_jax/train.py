@@ -7,6 +7,7 @@ A rerun with the same workdir resumes: a finished QA-tuning is loaded rather tha
 meta-training continues from its latest checkpoint with the data position and RNG it had.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -130,8 +131,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
   checks.validate(config, RULES, CROSS)  # cli.session has done it for the command line; callers in code too
   jobs = [j.strip() for j in config.jobs.split(",") if j.strip()]
   sharding.initialize_distributed(distributed)
+  # One process speaks and writes files; all of them compute (each on its own rows of every batch).
+  progress = progress and jax.process_index() == 0
   say = cli.phase if progress else logging.info
   model = loading.load(config.model)
+  # Every process holds the base model on every device: jobs split their batches over the data axis.
+  model = dataclasses.replace(model, params=sharding.replicate(model.params, sharding.make_mesh()))
   check_model_fits(config, model.cfg)
   if "mac" in jobs:
     mac.check_fits(config.mac, model.cfg)
@@ -179,7 +184,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
     say(f"fwl: held-out perplexity {b['val_ppl']:.3f} at step {b['step']} (static {b['val_static_ppl']:.3f}; "
         f"initial head {first['val_ppl']:.3f})")
   writer.close()
-  io_utils.write_json(os.path.join(workdir, "train_results.json"), results)
+  if jax.process_index() == 0:
+    io_utils.write_json(os.path.join(workdir, "train_results.json"), results)
   return results
 
 
@@ -205,8 +211,10 @@ def main(argv):
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or config.workdir
   with cli.session("train", config, workdir, RULES, CROSS, SAFE_ON_RESUME,
-                   prerequisites=check_sources):
+                   prerequisites=check_sources, distributed=flags.FLAGS.distributed):
     results = run(config, workdir, distributed=flags.FLAGS.distributed)
+  if jax.process_index() != 0:  # the processes of one run hold the same results; one prints them
+    return
   if "qa_tune" in results:
     b = results["qa_tune"]["best"]
     print(f"qa_tune: best QA-val NLL {b['nll']:.4f} at step {b['step']}")

@@ -6,6 +6,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8; it prints its measurements a
 assertions are made here.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from camels_jax import sharding
 from camels_jax.checkpoint import Checkpointer
@@ -68,6 +69,9 @@ _CHILD = textwrap.dedent("""
     grads_1, grads_8 = ([np.asarray(g) for g in jax.tree.leaves(t)] for t in (grads_1, grads_8))
     out["grad_max_abs_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(grads_1, grads_8))
     out["grad_max_abs"] = max(float(np.abs(g).max()) for g in grads_1)
+    stacked = sharding.shard_batch({"x": np.arange(64.0).reshape(2, 16, 2)}, mesh, dim=1)["x"]
+    out["stacked_shards"] = sorted({tuple(s.data.shape) for s in stacked.addressable_shards})
+    out["stacked_equal"] = bool((np.asarray(stacked) == np.arange(64.0).reshape(2, 16, 2)).all())
     shards = sharded["tokens"].addressable_shards
     out["batch_shards"] = sorted({tuple(s.data.shape) for s in shards})
     out["batch_devices"] = len({s.device for s in shards})
@@ -116,6 +120,7 @@ def test_data_parallel_loss_and_grad_match_single_device(eight_devices):
   assert out["device_count"] == N_DEVICES
   # Each device holds 2 of the 16 rows; the gradients come back replicated.
   assert out["batch_devices"] == N_DEVICES and out["batch_shards"] == [[2, 12]]
+  assert out["stacked_shards"] == [[2, 2, 2]] and out["stacked_equal"]  # split on dimension 1
   assert out["grad_specs"] == ["P()"]
   loss_1, loss_8 = out["loss"]
   np.testing.assert_allclose(loss_8, loss_1, rtol=1e-6, atol=1e-6)
@@ -144,9 +149,16 @@ def test_helpers_on_one_device():
   assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
   out = sharding.shard_batch({"x": np.ones((4, 2), np.float32)}, mesh)
   assert out["x"].sharding == sharding.batch_sharded(mesh)
+  assert sharding.process_rows(4, mesh) == [0, 1, 2, 3]  # one process holds every row
+  stacked = np.arange(24, dtype=np.float32).reshape(2, 4, 3)  # micro-batches on a leading axis
+  out = sharding.shard_batch({"x": stacked}, mesh, dim=1)
+  assert out["x"].sharding.spec == P(None, "batch")
+  np.testing.assert_array_equal(np.asarray(out["x"]), stacked)
+  with pytest.raises(ValueError, match=r"batch sizes differ: \[2, 4\]"):
+    sharding.shard_batch({"x": np.ones((4, 2)), "y": np.ones((2, 2))}, mesh)
   tree = sharding.replicate({"a": jnp.ones(3), "b": np.zeros((2, 2))}, mesh)
   assert all(x.sharding == sharding.replicated(mesh) for x in jax.tree.leaves(tree))
-  with pytest.raises(ValueError, match=r"batch\['step'\] is a scalar"):
+  with pytest.raises(ValueError, match=r"batch\['step'\] has shape \(\): no batch dimension 0"):
     sharding.shard_batch({"step": np.int32(3)}, mesh)
 
 
@@ -185,3 +197,29 @@ def test_make_fsdp_mesh_refuses_a_size_that_does_not_divide_the_devices():
   with pytest.raises(ValueError, match="does not divide"):
     sharding.make_fsdp_mesh(jax.device_count() + 1)
   assert sharding.make_fsdp_mesh(1).axis_names == (sharding.DATA_AXIS, sharding.FSDP_AXIS)
+
+
+def test_param_shardings_follow_the_logical_axis_names():
+  from camels_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  from camels_jax.models.config import ModelConfig  # pylint: disable=g-import-not-at-top
+
+  mesh = AbstractMesh((2, 4), (sharding.DATA_AXIS, sharding.FSDP_AXIS))
+  cfg = ModelConfig(arch="llama", vocab_size=64, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=22,
+                    max_len=16, tie_embeddings=False)
+  _, params = transformer.abstract(cfg)
+  specs = sharding.param_shardings(params, mesh)
+  spec = lambda *path: functools.reduce(lambda node, key: node[key], path, specs).spec
+  assert spec("embed", "embedding") == P("fsdp", None)  # (vocab, embed): the vocabulary
+  assert spec("lm_head", "kernel") == P(None, "fsdp")  # (embed, vocab)
+  assert spec("blocks", "attn", "q", "kernel") == P(None, None, "fsdp")  # (layers, embed, heads)
+  assert spec("blocks", "attn", "o", "kernel") == P(None, "fsdp", None)  # (layers, heads, embed)
+  # (layers, embed, mlp) with an MLP width of 22, which 4 does not divide: the next preference, embed.
+  assert spec("blocks", "mlp", "gate", "kernel") == P(None, "fsdp", None)
+  assert spec("blocks", "ln1", "scale") == P(None, "fsdp")  # (layers, embed); layers is never split
+  # Per-stream copies on "data" keep the names after the leading axis; unnamed arrays fall back to shapes.
+  copies = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2,) + x.shape, x.dtype), params)
+  lead = sharding.param_shardings(copies, mesh, lead=(sharding.DATA_AXIS,))
+  assert lead["blocks"]["attn"]["q"]["kernel"].spec == P("data", None, None, "fsdp")
+  assert sharding.param_shardings({"head": np.zeros((10, 8))}, mesh)["head"].spec == P(None, "fsdp")
+  with pytest.raises(ValueError, match="do not fit the shape"):
+    sharding.logical_spec(("embed",), (4, 16), mesh)

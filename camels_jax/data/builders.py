@@ -19,9 +19,11 @@ import io
 import os
 from typing import Mapping, Sequence
 
+import jax
 import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from camels_jax.data import generated
 from camels_jax.data.sources import DataError, Document, check_file, read_qa_csv, read_squad, read_texts
@@ -158,11 +160,18 @@ def prepare(name: str, data_dir: str, **builder_kwargs) -> tuple[dict[str, Seque
     **builder_kwargs: the builder's source arguments (paths, seeds, ...).
   """
   tfds.display_progress_bar(False)  # The datasets are small; the bars only clutter logs.
+  # Several processes of one run share the data directory: process 0 builds, the others wait and then read
+  # (two builders would race for the same final directory).
+  several = jax.process_count() > 1
+  if several and jax.process_index() != 0:
+    multihost_utils.sync_global_devices(f"camels_jax: {name} prepared")
   printed = io.StringIO()  # TFDS prints "Downloading and preparing dataset ..." to stdout: to the log instead
   with contextlib.redirect_stdout(printed):
     sources = tfds.data_source(
         name, data_dir=data_dir, builder_kwargs=builder_kwargs,
         download_and_prepare_kwargs=dict(download_config=tfds.download.DownloadConfig(try_download_gcs=False)))
+  if several and jax.process_index() == 0:
+    multihost_utils.sync_global_devices(f"camels_jax: {name} prepared")
   for line in printed.getvalue().splitlines():
     if line.strip():
       logging.info("tfds: %s", line.strip())

@@ -264,6 +264,16 @@ class Loader:
   def __next__(self) -> dict[str, np.ndarray]:
     return self._make(**{name: b.next() for name, b in self._batchers.items()})
 
+  def take(self, n: int, keep: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """The next n batches' positions are consumed, and only those at the indices `keep` are built.
+
+    A process of a multi-process run keeps its own rows of a global batch (`sharding.process_rows`): every
+    process walks the same global order, so the position stays one global state that any process count
+    resumes from, while each builds only its share.
+    """
+    indices = [{name: b.next() for name, b in self._batchers.items()} for _ in range(n)]
+    return [self._make(**indices[i]) for i in keep]
+
   @property
   def state(self) -> dict[str, int]:
     """The position: {"<batcher>_epoch": e, "<batcher>_step": s} for each batcher."""

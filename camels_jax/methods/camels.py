@@ -397,7 +397,7 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   val_batches = list(data.meta_eval_batches())
   if c.val_batches:
     val_batches = val_batches[:c.val_batches]
-  val_batches = [jax.device_put(b, rep) for b in val_batches]
+  val_batches = [sharding.replicate(b, mesh) for b in val_batches]
 
   def validate(meta):
     sums = {}
@@ -406,6 +406,7 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
         sums[k] = sums.get(k, 0.0) + float(v)
     return {f"val_{k}": v for k, v in summarize(sums, len(val_batches)).items()}
 
+  rows = sharding.process_rows(c.streams, mesh)  # the streams this process builds and feeds
   meta = sharding.replicate(init_meta_params(wm_params, mcfg), mesh)
   opt_state = sharding.replicate(optimizer.init(meta), mesh)
   loader = data.meta_loader()
@@ -432,7 +433,7 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   for step in bar:
     if step % c.reset_every == 0:
       base_P = reset_train(base_params)
-    batch_P = sharding.shard_batch(_stack([next(loader) for _ in range(c.streams)]), mesh)
+    batch_P = sharding.shard_rows(_stack(loader.take(c.streams, rows)), c.streams, mesh)
     meta, opt_state, base_P, m = train_step(meta, opt_state, base_P, batch_P)
     checkpoint.check_finite(step, loss=m["loss"], meta_gradient=m["grad_norm"])
     m = {k: float(v) for k, v in m.items()}
@@ -449,7 +450,7 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
     chunks = pipeline.meta_eval_chunks(data.splits["meta_val"], data.spec.qa_slots, config.data.meta_batch_docs)
     texts = [d.doc.text for docs in data.splits.values() for d in docs]
     fns = {n: baselines.doc_weighting(n, base.tokenizer, texts, data.spec.add_bos) for n in names}
-    batches = [jax.device_put(b, rep) for b in data.meta_eval_batches()]
+    batches = [sharding.replicate(b, mesh) for b in data.meta_eval_batches()]
     if c.compare_batches:
       batches, chunks = batches[:c.compare_batches], chunks[:c.compare_batches]
     results["compare"] = compare_weightings(best.state["meta"], base_params, batches, chunks, fns,

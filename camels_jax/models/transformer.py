@@ -8,9 +8,9 @@ Shapes: B batch, L query length, S key length (cache size), D d_model, H query h
 G = H // K query heads per kv head, E head dim, F MLP width, V vocabulary.
 """
 
-from typing import Any, NamedTuple
-
+import inspect
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,17 +42,39 @@ class Prefix(NamedTuple):
   v_NxBxPxKxE: jax.Array
 
 
-def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+# Logical axis names of the parameters (nnx sharding metadata; the stacked blocks add LAYERS in front):
+# `sharding.param_shardings` maps them to mesh axes, so no job says how a model is split.
+VOCAB, EMBED, HEADS, MLP, POS, LAYERS = "vocab", "embed", "heads", "mlp", "pos", "layers"
+
+
+def _default(cls, name: str):
+  """Flax's own default initializer of `cls`'s argument `name`, so annotating it changes no value."""
+  return inspect.signature(cls.__init__).parameters[name].default
+
+
+def _named(cls, name: str, axes: tuple[str, ...]):
+  return nnx.with_partitioning(_default(cls, name), axes)
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, axes: tuple[str, str]) -> nnx.Linear:
   return nnx.Linear(d_in, d_out, use_bias=cfg.arch == "gpt2", dtype=cfg.compute_dtype,
-                    param_dtype=cfg.storage_dtype, rngs=rngs)
+                    param_dtype=cfg.storage_dtype, kernel_init=_named(nnx.Linear, "kernel_init", axes),
+                    bias_init=_named(nnx.Linear, "bias_init", axes[1:]), rngs=rngs)
 
 
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.arch == "gpt2":
     return nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
-                         param_dtype=cfg.storage_dtype, rngs=rngs)
+                         param_dtype=cfg.storage_dtype, scale_init=_named(nnx.LayerNorm, "scale_init", (EMBED,)),
+                         bias_init=_named(nnx.LayerNorm, "bias_init", (EMBED,)), rngs=rngs)
   return nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.storage_dtype, rngs=rngs)
+                     param_dtype=cfg.storage_dtype, scale_init=_named(nnx.RMSNorm, "scale_init", (EMBED,)),
+                     rngs=rngs)
+
+
+def _embed(cfg: ModelConfig, n: int, axis: str, rngs: nnx.Rngs) -> nnx.Embed:
+  return nnx.Embed(n, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+                   embedding_init=_named(nnx.Embed, "embedding_init", (axis, EMBED)), rngs=rngs)
 
 
 def upcast(x: jax.Array) -> jax.Array:
@@ -79,10 +101,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     e = cfg.head_dim
-    self.q = _linear(cfg, cfg.d_model, cfg.n_heads * e, rngs)
-    self.k = _linear(cfg, cfg.d_model, cfg.n_kv_heads * e, rngs)
-    self.v = _linear(cfg, cfg.d_model, cfg.n_kv_heads * e, rngs)
-    self.o = _linear(cfg, cfg.n_heads * e, cfg.d_model, rngs)
+    self.q = _linear(cfg, cfg.d_model, cfg.n_heads * e, rngs, (EMBED, HEADS))
+    self.k = _linear(cfg, cfg.d_model, cfg.n_kv_heads * e, rngs, (EMBED, HEADS))
+    self.v = _linear(cfg, cfg.d_model, cfg.n_kv_heads * e, rngs, (EMBED, HEADS))
+    self.o = _linear(cfg, cfg.n_heads * e, cfg.d_model, rngs, (HEADS, EMBED))
 
   def __call__(self, x_BxLxD, pos_BxL, kvmask_BxS, kv_cache=None, index=None, prefix=None):
     cfg = self.cfg
@@ -135,12 +157,12 @@ class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.arch = cfg.arch
     if cfg.arch == "gpt2":
-      self.fc = _linear(cfg, cfg.d_model, cfg.d_ff, rngs)
-      self.proj = _linear(cfg, cfg.d_ff, cfg.d_model, rngs)
+      self.fc = _linear(cfg, cfg.d_model, cfg.d_ff, rngs, (EMBED, MLP))
+      self.proj = _linear(cfg, cfg.d_ff, cfg.d_model, rngs, (MLP, EMBED))
     else:
-      self.gate = _linear(cfg, cfg.d_model, cfg.d_ff, rngs)
-      self.up = _linear(cfg, cfg.d_model, cfg.d_ff, rngs)
-      self.down = _linear(cfg, cfg.d_ff, cfg.d_model, rngs)
+      self.gate = _linear(cfg, cfg.d_model, cfg.d_ff, rngs, (EMBED, MLP))
+      self.up = _linear(cfg, cfg.d_model, cfg.d_ff, rngs, (EMBED, MLP))
+      self.down = _linear(cfg, cfg.d_ff, cfg.d_model, rngs, (MLP, EMBED))
 
   def __call__(self, x_BxLxD):
     if self.arch == "gpt2":
@@ -167,7 +189,7 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
   """One Block whose every parameter carries a leading layer axis of size n_layers."""
 
   @nnx.split_rngs(splits=cfg.n_layers)
-  @nnx.vmap(in_axes=(0,), out_axes=0)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
   def create(layer_rngs):
     return Block(cfg, layer_rngs)
 
@@ -178,19 +200,24 @@ class Decoder(nnx.Module):
   """Token embedding, `n_layers` blocks, final norm and the (tied or untied) output projection."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    # The axis names are metadata for `sharding.param_shardings`; flax's eager sharding (placing each
+    # parameter as it is created, which needs a mesh in context) stays off: jobs place params on their mesh.
+    with nnx.use_eager_sharding(False):
+      self._build(cfg, rngs)
+
+  def _build(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-                           param_dtype=cfg.storage_dtype, rngs=rngs)
+    self.embed = _embed(cfg, cfg.vocab_size, VOCAB, rngs)
     if cfg.arch == "gpt2":
-      self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
-                                 param_dtype=cfg.storage_dtype, rngs=rngs)
+      self.pos_embed = _embed(cfg, cfg.max_len, POS, rngs)
     # Stacked, and run by lax.scan, so XLA compiles one block instead of n_layers: the exact
     # meta-gradient (grad of grad inside scans) of a 30-block model otherwise takes minutes to compile.
     self.blocks = _stacked_blocks(cfg, rngs)
     self.ln_f = _norm(cfg, rngs)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                                param_dtype=cfg.storage_dtype, rngs=rngs)
+                                param_dtype=cfg.storage_dtype,
+                                kernel_init=_named(nnx.Linear, "kernel_init", (EMBED, VOCAB)), rngs=rngs)
 
   def features(self, tokens_BxL, pos_BxL, kvmask_BxS, cache: KVCache | None = None,
                prefix: Prefix | None = None):

@@ -110,6 +110,18 @@ def test_loader_resumes_exactly_from_json_state(tok, make):
   assert any(not _equal(a, b) for a, b in zip(first[:3], first[3:6]))  # epochs are reshuffled
 
 
+def test_take_builds_only_the_kept_batches_of_the_global_order(tok):
+  docs = _tokenized(tok, n=10)
+  loc = pipeline.tokenize_texts([f"Locality text {i}." for i in range(3)], tok, SPEC)
+  loader = lambda: pipeline.meta_loader(docs, loc, SPEC, tok.pad_id, batch_docs=4, loc_batch=2, seed=5)
+  whole, part = loader(), loader()
+  every = [next(whole) for _ in range(8)]
+  # Two processes' view of 2 steps of 4 streams: process 1 keeps streams 2 and 3 of each step.
+  kept = part.take(4, [2, 3]) + part.take(4, [2, 3])
+  assert all(_equal(a, b) for a, b in zip(kept, [every[2], every[3], every[6], every[7]]))
+  assert part.state == whole.state  # one global position, whatever each process built
+
+
 def test_stream_order_is_seeded_and_keeps_articles_in_order(tok):
   docs = [Document(f"{g}/{p}", g, f"Article {g}, paragraph {p}.", ("Q?",), ("A",))
           for g in "abcdef" for p in range(3)]

@@ -41,8 +41,8 @@ def meta_gradient(sharded: int = 0):
   if sharded:
     mesh = sharding.make_fsdp_mesh(sharded)
     assert mesh.size == 8
-    meta = jax.device_put(meta, sharding.fsdp_sharded(meta, mesh))
-    base_P = jax.device_put(base_P, sharding.fsdp_sharded(base_P, mesh, lead=(sharding.DATA_AXIS,)))
+    meta = jax.device_put(meta, sharding.param_shardings(meta, mesh))
+    base_P = jax.device_put(base_P, sharding.param_shardings(base_P, mesh, lead=(sharding.DATA_AXIS,)))
     batch_P = sharding.shard_batch(batch_P, mesh)
     # Streams over "data", parameters over "fsdp": each device holds 1/8 of the (stacked) embeddings.
     emb = base_P["embed"]["embedding"]
