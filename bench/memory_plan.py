@@ -14,11 +14,12 @@ The mesh's `data` axis carries independent document streams (one each); `fsdp` s
 the base model, the weighting model and Adam's state by its logical axis names (`sharding.param_shardings`:
 vocabulary, MLP width, heads, in that order of preference; parameters without names on their largest
 dimension the axis divides), and XLA (GSPMD) gathers what each matmul needs. The meta-gradient under that
-sharding equals one device's (tests/methods/test_camels_sharded.py); the jobs do not use the FSDP axis yet
-(issue 15), so the plan tells what it would buy. It runs on 8 fake CPU
+sharding equals one device's (tests/methods/test_camels_sharded.py); the jobs run on it with `mesh.fsdp`
+(`--config.mesh.fsdp=8` for the fsdp 8 rows). It runs on 8 fake CPU
 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, set here when absent).
 
-Measured 2026-11-30 (defaults: 2 x 256-token documents per stream; peak per device in GB, from XLA):
+Measured 2026-11-30 (defaults: 2 x 256-token documents per stream; peak per device in GB, from XLA), with
+the shape rule alone, before the logical axis names (not yet re-measured with them):
 
   model (params)          setting       1 device   data 4 x fsdp 2   fsdp 8
   SmolLM2-135M            no remat          9.97         5.36         2.28

@@ -8,6 +8,7 @@ with <method>_detail.json (question, gold answers, answer, per-question scores),
 table.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -28,6 +29,8 @@ def run(config, workdir: str, progress: bool = True) -> dict:
     raise checks.UserError(f"evaluate runs as one process (this launch started {jax.process_count()}); "
                            "start it without --distributed / JAX_COORDINATOR_ADDRESS")
   model = loading.load(config.model)
+  # Online adaptation follows the base model's shardings: split over mesh.fsdp devices, or whole.
+  model = dataclasses.replace(model, params=sharding.place_params(model.params, sharding.job_mesh(config)))
   train.check_model_fits(config, model.cfg)
   data = data_lib.load(config.data, model.tokenizer, workdir)
   writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)

@@ -275,14 +275,14 @@ def qa_tune(model, data, config: ml_collections.ConfigDict, writer, progress: bo
     checkpointer: resumes from `restore()` and receives every validation (see `Checkpointer`).
     on_validate: extra callback on_validate(step, params, opt_state, loader_state, metrics) after every
       validation (e.g. a plain save hook).
-    mesh: batches are split over its data axis (default: `sharding.make_mesh()`, every device).
+    mesh: batches are split over its data axis (default: the mesh the model's params are on).
 
   Returns:
     (best_params, history): the params of the best validation by config.stop_metric, and the validation
     records (step, nll, em, prefix_em, f1, n, tokens, is_best, stop), oldest first.
   """
   _check(config)
-  mesh = mesh or sharding.make_mesh()
+  mesh = mesh or sharding.mesh_of(model.params)
   if data.config.qa_batch_size % mesh.shape[sharding.DATA_AXIS]:
     raise checks.ConfigError(f"data.qa_batch_size={data.config.qa_batch_size} must be a multiple of the "
                              f"{mesh.shape[sharding.DATA_AXIS]} devices QA-tuning splits each batch over")

@@ -26,9 +26,12 @@ import os
 from collections.abc import Mapping
 
 import jax
+import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from camels_jax import checks
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -37,6 +40,33 @@ FSDP_AXIS = "fsdp"
 def make_mesh(axis: str = DATA_AXIS) -> Mesh:
   """A 1-D mesh named `axis` over all devices (of every process)."""
   return jax.make_mesh((jax.device_count(),), (axis,), axis_types=(AxisType.Auto,))
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """The `mesh` section of a job config."""
+  c = ml_collections.ConfigDict()
+  c.fsdp = 1  # devices that split each parameter (FSDP; divides the device count); the rest split the data
+  return c
+
+
+RULES = {"fsdp": checks.count}
+
+
+def job_mesh(config) -> Mesh:
+  """The (data, fsdp) mesh of a job config (fsdp 1 when it has no `mesh` section)."""
+  fsdp = config.mesh.fsdp if "mesh" in config else 1
+  if jax.device_count() % fsdp:
+    raise checks.ConfigError(f"mesh.fsdp={fsdp} must divide the {jax.device_count()} devices")
+  return make_fsdp_mesh(fsdp)
+
+
+def mesh_of(tree) -> Mesh:
+  """The mesh `tree`'s arrays were placed on (by `place_params` / `replicate`), else a (data, fsdp=1) mesh
+  over all devices: a step that meets them must use that same mesh for its other inputs."""
+  for x in jax.tree.leaves(tree):
+    if isinstance(getattr(x, "sharding", None), NamedSharding):
+      return x.sharding.mesh
+  return make_fsdp_mesh(1)
 
 
 def make_fsdp_mesh(fsdp: int) -> Mesh:
@@ -202,20 +232,28 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, axis: str | None = 
   return shard_rows({k: np.take(np.asarray(v), rows, axis=dim) for k, v in batch.items()}, n, mesh, axis, dim)
 
 
+def place(tree, shardings):
+  """`tree` put on `shardings` (one per leaf, or a prefix of `tree`); all processes pass equal values."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def host(x):
+    # jax 0.10's device_put of a process-local jax.Array onto a multi-process sharding builds an array
+    # whose shards cannot be listed (orbax fails on it); from host memory it is built right.
+    return np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x
+
+  return jax.device_put(jax.tree.map(host, tree), shardings)
+
+
 def replicate(tree, mesh: Mesh):
   """`tree` with every leaf copied to every device of `mesh` (all processes pass equal values)."""
-  target = replicated(mesh)
-  if jax.process_count() == 1:
-    return jax.device_put(tree, target)
+  return place(tree, replicated(mesh))
 
-  def put(x):
-    if isinstance(x, jax.Array) and x.is_fully_addressable:
-      # jax 0.10's device_put of a process-local jax.Array onto a multi-process sharding builds an array
-      # whose shards cannot be listed (orbax fails on it); from host memory it is built right.
-      x = np.asarray(x)
-    return jax.device_put(x, target)
 
-  return jax.tree.map(put, tree)
+def place_params(tree, mesh: Mesh, lead: tuple = ()):
+  """Parameters (or optimizer states) on `mesh`, split over its FSDP axis by `param_shardings`; replicated
+  on a mesh without one (or with fsdp = 1)."""
+  return place(tree, param_shardings(tree, mesh, lead))
 
 
 def _multiprocess_env(env: Mapping[str, str]) -> bool:

@@ -40,6 +40,7 @@ RULES = {
     "text": text_lib.RULES,
     "fwl": fwl.RULES,
     "mac": mac.RULES,
+    "mesh": sharding.RULES,
 }
 
 
@@ -119,7 +120,8 @@ def qa_tuned_params(config, model: loading.Loaded, data, workdir: str, writer, p
     say(f"qa_tune: loaded the finished QA-tuning in {os.path.join(workdir, 'qa_tune')}")
     return found
   say(f"qa_tune: QA-tuning the base model, at most {config.qa_tune.max_steps} steps")
-  params, history = qa_tune.qa_tune(model, data, config.qa_tune, writer, progress=progress)
+  params, history = qa_tune.qa_tune(model, data, config.qa_tune, writer, progress=progress,
+                                    mesh=sharding.job_mesh(config))
   with checkpoint.Checkpointer(os.path.join(workdir, "qa_tune"), max_to_keep=1) as ckpt:
     ckpt.save(history[-1]["step"] + 1, {"params": params}, meta={"history": history})
   return params, history
@@ -134,9 +136,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
   # One process speaks and writes files; all of them compute (each on its own rows of every batch).
   progress = progress and jax.process_index() == 0
   say = cli.phase if progress else logging.info
+  if jax.process_count() > 1 and {"mac", "fwl"} & set(jobs):
+    raise checks.UserError(f"the mac and fwl jobs run as one process (this launch started {jax.process_count()}): "
+                           "run them without --distributed / JAX_COORDINATOR_ADDRESS")
+  mesh = sharding.job_mesh(config)
   model = loading.load(config.model)
-  # Every process holds the base model on every device: jobs split their batches over the data axis.
-  model = dataclasses.replace(model, params=sharding.replicate(model.params, sharding.make_mesh()))
+  # The base model goes on the mesh once, split over its FSDP axis by the parameters' logical axis names
+  # (whole on every device with mesh.fsdp = 1); every job's steps follow these shardings.
+  model = dataclasses.replace(model, params=sharding.place_params(model.params, mesh))
   check_model_fits(config, model.cfg)
   if "mac" in jobs:
     mac.check_fits(config.mac, model.cfg)
@@ -202,7 +209,7 @@ def check_sources(config: ml_collections.ConfigDict, workdir: str = "") -> None:
 # Fields a rerun in the same workdir may change (fnmatch patterns): more meta-training steps, how often
 # and on what it validates, and anything evaluation-only. The rest would mix two experiments in one workdir.
 SAFE_ON_RESUME = ("camels.steps", "camels.val_every", "camels.val_batches", "camels.compare",
-                  "camels.compare_batches", "camels.remat", "qa_tune.log_every", "model.remat",
+                  "camels.compare_batches", "camels.remat", "qa_tune.log_every", "model.remat", "mesh.fsdp",
                   "model.remat_policy", "eval.*", "fwl.steps", "fwl.val_every", "mac.steps", "mac.val_every")
 
 

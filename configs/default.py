@@ -61,6 +61,7 @@ from camels_jax.evaluation import eval_config
 from camels_jax.methods.camels import INIT_WEIGHT, camels_config
 from camels_jax.models.loading import model_config
 from camels_jax.qa_tune import qa_tune_config
+from camels_jax.sharding import mesh_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -68,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.workdir = "runs/default"  # checkpoints, TensorBoard events (tb/), results
   c.jobs = "qa_tune,camels"  # comma-separated, run in order: "qa_tune", "camels"
   c.model = model_config("smollm2")  # base model (camels_jax/models/loading.py)
+  c.mesh = mesh_config()  # devices: data parallel x FSDP (camels_jax/sharding.py)
   c.data = get_data_config("generated")  # dataset, splits, lengths (camels_jax/data/config.py)
   c.data.generated.questions_per_doc = 6  # 6 facts asked per document: 204 test questions from 34 documents
   c.data.qa_slots = 6  # every question of a document in its meta-batch row (outer loss on all six)

@@ -133,7 +133,7 @@ def test_sections_check_themselves_when_called_as_a_library():
   c.val_every, c.reset_every = 6, 4
   with pytest.raises(checks.ConfigError, match="camels.val_every=6 must be a multiple of camels.reset_every=4"):
     camels._check(c, 1)
-  with pytest.raises(ValueError, match="camels.streams=1 must be a multiple of the 2 devices"):
+  with pytest.raises(checks.ConfigError, match=r"camels.streams=1 must be a multiple of the mesh.s 2 data shards"):
     camels._check(camels.camels_config(), 2)
   q = qa_tune.qa_tune_config()
   q.patience = 0

@@ -1,6 +1,6 @@
 """Multi-process runs on localhost: two jax.distributed processes (one CPU device each, gloo collectives over
-loopback) train what one process trains, a run killed with SIGKILL resumes on another process count, and the
-same seed gives bitwise-identical metrics.
+loopback) train what one process trains, a run killed with SIGKILL resumes on another process count, the same
+seed gives bitwise-identical metrics, and an FSDP mesh of 4 fake devices trains what one device trains.
 
 Every run is the train job (QA-tuning, then CaMeLS meta-training) of configs/tiny.py, shortened, with 2
 document streams so that each of two processes feeds one. The runs share a persistent compilation cache: the
@@ -48,15 +48,17 @@ def _command(processes: int, workdir) -> list[str]:
           f"--workdir={workdir}", *OVERRIDES]
 
 
-def _start(processes: int, workdir, cache_dir) -> subprocess.Popen:
+def _start(processes: int, workdir, cache_dir, devices: int = 1, extra=()) -> subprocess.Popen:
   env = _env(cache_dir) | {"PORT": str(_free_port()), "PYTHON": sys.executable}
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   # A session of its own, so a kill reaches every process of the run.
-  return subprocess.Popen(_command(processes, workdir), cwd=REPO, env=env, stdout=subprocess.PIPE,
+  return subprocess.Popen([*_command(processes, workdir), *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _run(processes: int, workdir, cache_dir) -> dict:
-  proc = _start(processes, workdir, cache_dir)
+def _run(processes: int, workdir, cache_dir, devices: int = 1, extra=()) -> dict:
+  proc = _start(processes, workdir, cache_dir, devices, extra)
   try:
     out, _ = proc.communicate(timeout=TIMEOUT_S)
   finally:
@@ -132,3 +134,12 @@ def test_run_killed_on_two_processes_resumes_on_one(tmp_path, one_process, cache
   with open(workdir / "log.txt", encoding="utf-8") as f:
     log = f.read()
   assert "loaded the QA-tuned model" in log and "camels: resumed from step 2" in log
+
+
+def test_fsdp_mesh_trains_what_one_device_trains(tmp_path, one_process, cache_dir):
+  # 4 devices as data x fsdp = 2 x 2: the two streams on "data", every parameter of the base model, the
+  # weighting model and Adam split 2 ways by its logical axis names (QA-tuning too). (8 fake devices for a
+  # whole job can stall XLA:CPU's collective rendezvous on 2 loaded cores; tests/methods/test_camels_sharded.py
+  # checks the meta-gradient on 8.)
+  sharded = _run(1, tmp_path / "fsdp", cache_dir, devices=4, extra=["--config.mesh.fsdp=2"])
+  _assert_close(_metrics(one_process), _metrics(sharded))

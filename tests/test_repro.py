@@ -1,5 +1,6 @@
 """camels_jax.repro: the tiny suite end to end against configs/expected/tiny.json, and the comparison rules."""
 
+import glob
 import json
 import os
 import subprocess
@@ -78,3 +79,14 @@ def test_unknown_suite_and_compare_only_without_a_run_exit_2(tmp_path):
   assert repro.main(["--suite", "huge"]) == 2
   assert repro.main(["--suite", "tiny", "--compare_only"]) == 2
   assert repro.main(["--suite", "tiny", "--compare_only", f"--workdir={tmp_path}"]) == 2
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(repro.EXPECTED_DIR, "*.json"))))
+def test_every_expected_file_names_a_suite_and_holds_values(path):
+  suite = os.path.basename(path)[:-len(".json")]
+  assert suite in repro.SUITES
+  expected = repro.load_expected(path)
+  assert expected["suite"] == suite and expected["command"] == f"python -m camels_jax.repro --suite {suite}"
+  # Every metric was measured (--update wrote it), and its tolerance is stated.
+  assert all(spec["value"] is not None for spec in expected["metrics"].values())
+  assert any(spec["abs"] > 0 or spec["rel"] > 0 for spec in expected["metrics"].values())

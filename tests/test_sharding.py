@@ -223,3 +223,16 @@ def test_param_shardings_follow_the_logical_axis_names():
   assert sharding.param_shardings({"head": np.zeros((10, 8))}, mesh)["head"].spec == P(None, "fsdp")
   with pytest.raises(ValueError, match="do not fit the shape"):
     sharding.logical_spec(("embed",), (4, 16), mesh)
+
+
+def test_job_mesh_reads_mesh_fsdp_and_refuses_one_that_does_not_divide_the_devices():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from camels_jax import checks  # pylint: disable=g-import-not-at-top
+
+  config = ml_collections.ConfigDict({"mesh": sharding.mesh_config()})
+  mesh = sharding.job_mesh(config)
+  assert dict(mesh.shape) == {sharding.DATA_AXIS: jax.device_count(), sharding.FSDP_AXIS: 1}
+  assert sharding.job_mesh(ml_collections.ConfigDict()).shape == mesh.shape  # no section: fsdp 1
+  config.mesh.fsdp = jax.device_count() + 1
+  with pytest.raises(checks.ConfigError, match=r"mesh.fsdp=2 must divide the 1 devices"):
+    sharding.job_mesh(config)

@@ -352,10 +352,11 @@ def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation
                           every_k_schedule=c.grad_accum)
 
 
-def _check(c: ml_collections.ConfigDict, n_devices: int) -> None:
+def _check(c: ml_collections.ConfigDict, n_data: int) -> None:
   checks.validate_section("camels", c, RULES, CROSS)
-  if c.streams % n_devices:
-    raise ValueError(f"camels.streams={c.streams} must be a multiple of the {n_devices} devices")
+  if c.streams % n_data:
+    raise checks.ConfigError(f"camels.streams={c.streams} must be a multiple of the mesh's {n_data} data shards "
+                     f"(devices / mesh.fsdp)")
 
 
 def _stack(batches):
@@ -378,21 +379,27 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
     (wm_graphdef, best meta params by validation loss, results dict).
   """
   c = config.camels
-  mesh = sharding.make_mesh()
-  _check(c, mesh.size)
+  mesh = sharding.job_mesh(config)
+  _check(c, mesh.shape[sharding.DATA_AXIS])
   mcfg = meta_config(c, config.data.doc_buckets)
   optimizer = make_optimizer(c)
   wm_graphdef, wm_params = build_weighting_model(c.weighting, base)
   rep, dat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  # Every parameter-shaped tree by its logical axis names: split over the FSDP axis, whole without one; the
+  # per-stream base params (adapted in place between resets) also over the streams on "data".
+  base_params = sharding.place_params(base_params, mesh)
+  meta = sharding.place_params(init_meta_params(wm_params, mcfg), mesh)
+  opt_state = sharding.place_params(optimizer.init(meta), mesh)
+  broadcast = lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (c.streams,) + x.shape), p)
+  base_sh, meta_sh, opt_sh = (sharding.param_shardings(t, mesh) for t in (base_params, meta, opt_state))
+  streams_sh = sharding.param_shardings(jax.eval_shape(broadcast, base_params), mesh, lead=(sharding.DATA_AXIS,))
   kw = dict(graphdef=base.graphdef, wm_graphdef=wm_graphdef, mcfg=mcfg)
   train_step = jax.jit(functools.partial(meta_train_step, optimizer=optimizer, **kw),
-                       in_shardings=(rep, rep, dat, dat), out_shardings=(rep, rep, dat, rep),
-                       donate_argnums=(0, 1, 2))
-  eval_step = jax.jit(functools.partial(meta_eval_step, **kw), in_shardings=(rep, rep, rep), out_shardings=rep)
-  broadcast = lambda n, s: jax.jit(
-      lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), p), out_shardings=s)
-  reset_train = broadcast(c.streams, dat)
-  base_params = sharding.replicate(base_params, mesh)
+                       in_shardings=(meta_sh, opt_sh, streams_sh, dat),
+                       out_shardings=(meta_sh, opt_sh, streams_sh, rep), donate_argnums=(0, 1, 2))
+  eval_step = jax.jit(functools.partial(meta_eval_step, **kw), in_shardings=(meta_sh, base_sh, rep),
+                      out_shardings=rep)
+  reset_train = jax.jit(broadcast, out_shardings=streams_sh)
 
   val_batches = list(data.meta_eval_batches())
   if c.val_batches:
@@ -407,8 +414,6 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
     return {f"val_{k}": v for k, v in summarize(sums, len(val_batches)).items()}
 
   rows = sharding.process_rows(c.streams, mesh)  # the streams this process builds and feeds
-  meta = sharding.replicate(init_meta_params(wm_params, mcfg), mesh)
-  opt_state = sharding.replicate(optimizer.init(meta), mesh)
   loader = data.meta_loader()
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "camels"), max_to_keep=2, best_metric="val_loss")
   step, rng, history = 0, jax.random.key(c.seed), []

@@ -72,7 +72,7 @@ import tqdm
 from absl import logging
 from flax import nnx
 
-from camels_jax import checkpoint, checks
+from camels_jax import checkpoint, checks, sharding
 from camels_jax.adapt import loss
 from camels_jax.data import text as text_lib
 from camels_jax.models import transformer
@@ -449,6 +449,8 @@ def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress:
     raise checks.UserError(f"fwl: {len(train_NxL)} training windows of {seq_len} tokens, fewer than "
                            f"fwl.batch_size={c.batch_size}; give more text or a smaller batch")
   head_graphdef, head_params = init_head(c, base.cfg.d_model)
+  # On the base model's mesh, split over its FSDP axis like the base model (the batches stay whole).
+  head_params = sharding.place_params(head_params, sharding.mesh_of(base.params))
   trainable = {"head": head_params} | ({"body": base.params} if c.train_body else {})
   optimizer = make_optimizer(float(c.lr), float(c.body_lr), float(c.grad_clip), bool(c.train_body))
   opt_state = optimizer.init(trainable)
@@ -509,6 +511,8 @@ def load_trained(config: ml_collections.ConfigDict, base, workdir: str):
   """(head_graphdef, trainable {"head", ["body"]}) of the best checkpoint of the fwl job in `workdir`."""
   c = config.fwl
   head_graphdef, head_params = init_head(c, base.cfg.d_model)
+  # On the base model's mesh, split over its FSDP axis like the base model (the batches stay whole).
+  head_params = sharding.place_params(head_params, sharding.mesh_of(base.params))
   trainable = {"head": head_params} | ({"body": base.params} if c.train_body else {})
   opt_state = make_optimizer(float(c.lr), float(c.body_lr), float(c.grad_clip), bool(c.train_body)).init(trainable)
   directory = os.path.join(workdir, "fwl")

@@ -55,7 +55,7 @@ import tqdm
 from absl import logging
 from flax import nnx
 
-from camels_jax import checkpoint, checks
+from camels_jax import checkpoint, checks, sharding
 from camels_jax.adapt import loss
 from camels_jax.data import pipeline
 from camels_jax.models import loading, transformer
@@ -488,6 +488,9 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   """
   c = config.mac
   graphdef, params, optimizer, opt_state = _state(c, base)
+  # On the base model's mesh, split over its FSDP axis like the base model (the batches stay whole).
+  mesh = sharding.mesh_of(base_params)
+  params, opt_state = sharding.place_params(params, mesh), sharding.place_params(opt_state, mesh)
   scfg = step_config(c)
   spec, pad = data.spec, data.pad_id
   loader = bank_loader(data.splits["meta_train"], spec, pad, c.bank_docs, c.seed)
