@@ -93,7 +93,7 @@ def fsdp_spec(shape, mesh, lead: tuple = ()) -> P:
   return P(*lead, *spec)
 
 
-# Which mesh axis the logical axes of the parameters (nnx metadata: `transformer.VOCAB`, ...) go to under
+# Which mesh axis the logical axes of the parameters (nnx metadata: `transformer.VOCAB_AXIS`, ...) go to under
 # FSDP, in order of preference: a parameter is split on the first of its axes listed here that the FSDP axis
 # divides, and is otherwise whole. "layers" is never split: the layer scan takes one block per step.
 FSDP_RULES = (("vocab", FSDP_AXIS), ("mlp", FSDP_AXIS), ("heads", FSDP_AXIS), ("embed", FSDP_AXIS),

@@ -214,7 +214,13 @@ def test_param_shardings_follow_the_logical_axis_names():
   assert spec("blocks", "attn", "q", "kernel") == P(None, None, "fsdp")  # (layers, embed, heads)
   assert spec("blocks", "attn", "o", "kernel") == P(None, "fsdp", None)  # (layers, heads, embed)
   # (layers, embed, mlp) with an MLP width of 22, which 4 does not divide: the next preference, embed.
+  assert params["blocks"]["mlp"]["gate"]["kernel"].get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
   assert spec("blocks", "mlp", "gate", "kernel") == P(None, "fsdp", None)
+  # With a width of 24 the MLP's own axis is split, on both of its kernels.
+  _, params_24 = transformer.abstract(cfg.replace(d_ff=24))
+  specs_24 = sharding.param_shardings(params_24, mesh)
+  assert specs_24["blocks"]["mlp"]["gate"]["kernel"].spec == P(None, None, "fsdp")
+  assert specs_24["blocks"]["mlp"]["down"]["kernel"].spec == P(None, "fsdp", None)
   assert spec("blocks", "ln1", "scale") == P(None, "fsdp")  # (layers, embed); layers is never split
   # Per-stream copies on "data" keep the names after the leading axis; unnamed arrays fall back to shapes.
   copies = jax.tree.map(lambda x: jax.ShapeDtypeStruct((2,) + x.shape, x.dtype), params)

@@ -44,7 +44,7 @@ class Prefix(NamedTuple):
 
 # Logical axis names of the parameters (nnx sharding metadata; the stacked blocks add LAYERS in front):
 # `sharding.param_shardings` maps them to mesh axes, so no job says how a model is split.
-VOCAB, EMBED, HEADS, MLP, POS, LAYERS = "vocab", "embed", "heads", "mlp", "pos", "layers"
+VOCAB_AXIS, EMBED_AXIS, HEADS_AXIS, MLP_AXIS, POS_AXIS, LAYERS_AXIS = "vocab", "embed", "heads", "mlp", "pos", "layers"
 
 
 def _default(cls, name: str):
@@ -65,16 +65,16 @@ def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, axes: tuple
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.arch == "gpt2":
     return nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
-                         param_dtype=cfg.storage_dtype, scale_init=_named(nnx.LayerNorm, "scale_init", (EMBED,)),
-                         bias_init=_named(nnx.LayerNorm, "bias_init", (EMBED,)), rngs=rngs)
+                         param_dtype=cfg.storage_dtype, scale_init=_named(nnx.LayerNorm, "scale_init", (EMBED_AXIS,)),
+                         bias_init=_named(nnx.LayerNorm, "bias_init", (EMBED_AXIS,)), rngs=rngs)
   return nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.storage_dtype, scale_init=_named(nnx.RMSNorm, "scale_init", (EMBED,)),
+                     param_dtype=cfg.storage_dtype, scale_init=_named(nnx.RMSNorm, "scale_init", (EMBED_AXIS,)),
                      rngs=rngs)
 
 
 def _embed(cfg: ModelConfig, n: int, axis: str, rngs: nnx.Rngs) -> nnx.Embed:
   return nnx.Embed(n, cfg.d_model, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
-                   embedding_init=_named(nnx.Embed, "embedding_init", (axis, EMBED)), rngs=rngs)
+                   embedding_init=_named(nnx.Embed, "embedding_init", (axis, EMBED_AXIS)), rngs=rngs)
 
 
 def upcast(x: jax.Array) -> jax.Array:
@@ -101,10 +101,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     e = cfg.head_dim
-    self.q = _linear(cfg, cfg.d_model, cfg.n_heads * e, rngs, (EMBED, HEADS))
-    self.k = _linear(cfg, cfg.d_model, cfg.n_kv_heads * e, rngs, (EMBED, HEADS))
-    self.v = _linear(cfg, cfg.d_model, cfg.n_kv_heads * e, rngs, (EMBED, HEADS))
-    self.o = _linear(cfg, cfg.n_heads * e, cfg.d_model, rngs, (HEADS, EMBED))
+    self.q = _linear(cfg, cfg.d_model, cfg.n_heads * e, rngs, (EMBED_AXIS, HEADS_AXIS))
+    self.k = _linear(cfg, cfg.d_model, cfg.n_kv_heads * e, rngs, (EMBED_AXIS, HEADS_AXIS))
+    self.v = _linear(cfg, cfg.d_model, cfg.n_kv_heads * e, rngs, (EMBED_AXIS, HEADS_AXIS))
+    self.o = _linear(cfg, cfg.n_heads * e, cfg.d_model, rngs, (HEADS_AXIS, EMBED_AXIS))
 
   def __call__(self, x_BxLxD, pos_BxL, kvmask_BxS, kv_cache=None, index=None, prefix=None):
     cfg = self.cfg
@@ -157,12 +157,12 @@ class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.arch = cfg.arch
     if cfg.arch == "gpt2":
-      self.fc = _linear(cfg, cfg.d_model, cfg.d_ff, rngs, (EMBED, MLP))
-      self.proj = _linear(cfg, cfg.d_ff, cfg.d_model, rngs, (MLP, EMBED))
+      self.fc = _linear(cfg, cfg.d_model, cfg.d_ff, rngs, (EMBED_AXIS, MLP_AXIS))
+      self.proj = _linear(cfg, cfg.d_ff, cfg.d_model, rngs, (MLP_AXIS, EMBED_AXIS))
     else:
-      self.gate = _linear(cfg, cfg.d_model, cfg.d_ff, rngs, (EMBED, MLP))
-      self.up = _linear(cfg, cfg.d_model, cfg.d_ff, rngs, (EMBED, MLP))
-      self.down = _linear(cfg, cfg.d_ff, cfg.d_model, rngs, (MLP, EMBED))
+      self.gate = _linear(cfg, cfg.d_model, cfg.d_ff, rngs, (EMBED_AXIS, MLP_AXIS))
+      self.up = _linear(cfg, cfg.d_model, cfg.d_ff, rngs, (EMBED_AXIS, MLP_AXIS))
+      self.down = _linear(cfg, cfg.d_ff, cfg.d_model, rngs, (MLP_AXIS, EMBED_AXIS))
 
   def __call__(self, x_BxLxD):
     if self.arch == "gpt2":
@@ -189,7 +189,7 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
   """One Block whose every parameter carries a leading layer axis of size n_layers."""
 
   @nnx.split_rngs(splits=cfg.n_layers)
-  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
   def create(layer_rngs):
     return Block(cfg, layer_rngs)
 
@@ -207,9 +207,9 @@ class Decoder(nnx.Module):
 
   def _build(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = _embed(cfg, cfg.vocab_size, VOCAB, rngs)
+    self.embed = _embed(cfg, cfg.vocab_size, VOCAB_AXIS, rngs)
     if cfg.arch == "gpt2":
-      self.pos_embed = _embed(cfg, cfg.max_len, POS, rngs)
+      self.pos_embed = _embed(cfg, cfg.max_len, POS_AXIS, rngs)
     # Stacked, and run by lax.scan, so XLA compiles one block instead of n_layers: the exact
     # meta-gradient (grad of grad inside scans) of a 30-block model otherwise takes minutes to compile.
     self.blocks = _stacked_blocks(cfg, rngs)
@@ -217,7 +217,7 @@ class Decoder(nnx.Module):
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                                 param_dtype=cfg.storage_dtype,
-                                kernel_init=_named(nnx.Linear, "kernel_init", (EMBED, VOCAB)), rngs=rngs)
+                                kernel_init=_named(nnx.Linear, "kernel_init", (EMBED_AXIS, VOCAB_AXIS)), rngs=rngs)
 
   def features(self, tokens_BxL, pos_BxL, kvmask_BxS, cache: KVCache | None = None,
                prefix: Prefix | None = None):
