@@ -35,7 +35,10 @@ CONFIG=$1; shift
 REPO=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 ENTRY=${ENTRY:-camels_jax.train}
-HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The first host, without `| head -n 1`: head closing the pipe early can kill scontrol with SIGPIPE, which
+# pipefail turns into this script's exit status (141).
+HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+HEAD=${HOSTS%%$'\n'*}
 PORT=${PORT:-$((12000 + SLURM_JOB_ID % 20000))}
 export JAX_COORDINATOR_ADDRESS="$HEAD:$PORT" JAX_NUM_PROCESSES="$SLURM_NTASKS"
 # Each task's rank is known only inside srun, hence the small bash -c.
