@@ -48,7 +48,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 from flax import nnx  # pylint: disable=g-import-not-at-top
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+from jax.sharding import AxisType  # pylint: disable=g-import-not-at-top
 
 from camels_jax import sharding  # pylint: disable=g-import-not-at-top
 from camels_jax.adapt import inner as inner_lib  # pylint: disable=g-import-not-at-top
@@ -65,8 +65,8 @@ MODELS = {
     "llama2-7b": ModelConfig(arch="llama", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                              d_ff=11008, max_len=4096, tie_embeddings=False),
 }
-# name: (inner-step remat, block remat policy or None)
-SETTINGS = {"no remat": (False, None), "block remat": (False, "nothing_saveable")}
+# name: block remat policy, or None for none (the inner step is never rematerialised: camels.remat's default)
+SETTINGS = {"no remat": None, "block remat": "nothing_saveable"}
 
 
 def abstract(tree, mesh, lead: tuple = ()):
@@ -104,7 +104,7 @@ def plan(cfg: ModelConfig, policy, data: int, fsdp: int, args):
            "qa_mask_BxQxS": ((k, q, s), jnp.int32), "qa_loss_mask_BxQxS": ((k, q, s), jnp.bool_),
            "qa_valid_BxQ": ((k, q), jnp.bool_), "loc_tokens_KxT": ((1, args.loc_len), jnp.int32),
            "loc_mask_KxT": ((1, args.loc_len), jnp.int32)}
-  batch_P = {n: jax.ShapeDtypeStruct((data, *shape), dtype, sharding=NamedSharding(mesh, P("data")))
+  batch_P = {n: jax.ShapeDtypeStruct((data, *shape), dtype, sharding=sharding.batch_sharded(mesh))
              for n, (shape, dtype) in batch.items()}
   step = jax.jit(lambda m, o, b, x: camels.meta_train_step(m, o, b, x, graphdef=graphdef, wm_graphdef=wm_graphdef,
                                                            mcfg=mcfg, optimizer=optimizer))
@@ -137,8 +137,7 @@ def main():
         f"{'temps':>8} {'peak':>8}  (GB; params and Adam analytic: 4P/fsdp, 8P_meta/fsdp)")
   for name in args.models.split(","):
     for setting in args.settings.split(","):
-      inner_remat, policy = SETTINGS[setting]
-      assert not inner_remat
+      policy = SETTINGS[setting]
       for data, fsdp in meshes:
         t0 = time.perf_counter()
         m, p_base, p_meta = plan(MODELS[name], policy, data, fsdp, args)

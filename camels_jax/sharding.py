@@ -160,9 +160,10 @@ def process_rows(n: int, mesh: Mesh, axis: str | None = None) -> list[int]:
 
   Every row on one process; in a multi-process run each process builds (reads, tokenizes, pads) only these.
   """
-  if n % mesh.shape[axis or mesh.axis_names[0]]:
-    raise ValueError(f"process_rows: {n} rows do not divide over the {mesh.shape[axis or mesh.axis_names[0]]} "
-                     f"devices of mesh axis {axis or mesh.axis_names[0]!r}")
+  axis = axis or mesh.axis_names[0]
+  if n % mesh.shape[axis]:
+    raise ValueError(f"process_rows: {n} rows do not divide over the {mesh.shape[axis]} devices of mesh axis "
+                     f"{axis!r}")
   index_map = batch_sharded(mesh, axis).addressable_devices_indices_map((n,))
   return sorted({row for index in index_map.values() for row in range(n)[index[0]]})
 
