@@ -287,14 +287,14 @@ class Bench:
     cfg = self.cfg.replace(remat=policy is not None, remat_policy=policy or "nothing_saveable")
     return transformer.abstract(cfg)[0]
 
-  def meta_step(self, setting: str, batch, doc_len: int):
+  def meta_step(self, setting: str, doc_len: int):
     inner_remat, policy = SETTINGS[setting]
     mcfg = camels.MetaConfig(inner=inner_lib.InnerConfig(padded_len=doc_len, remat=inner_remat))
     return jax.jit(meta_step_fn(self.graphdef(policy), self.wm_graphdef, mcfg)), mcfg
 
   def compiled_meta_step(self, setting: str, batch_np, doc_len: int):
     batch = jax.tree.map(jnp.asarray, batch_np)
-    step, _ = self.meta_step(setting, batch, doc_len)
+    step, _ = self.meta_step(setting, doc_len)
     compiled = step.lower(self.meta, self.base.params, batch).compile()
     return compiled, functools.partial(compiled, self.meta, self.base.params, batch)
 
@@ -377,7 +377,7 @@ def main():
                             args.loc_len)
   t0 = time.perf_counter()
   with unrolled_scans():
-    step, _ = b.meta_step(first, batch, args.doc_len)
+    step, _ = b.meta_step(first, args.doc_len)
     ca = step.lower(b.meta, b.base.params, batch).cost_analysis()
   executed = float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
   _trim()

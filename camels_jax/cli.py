@@ -275,13 +275,13 @@ def session(entry: str, config: ml_collections.ConfigDict, workdir: str, rules: 
   resolved = config_dict(config)
   changes = check_resume(workdir, resolved, safe)
   route_logs(workdir)
-  if prerequisites is not None:
-    prerequisites(config, workdir)
   import jax  # after the log routing: JAX logs its backend probes when it starts
 
   from camels_jax import sharding
 
   sharding.initialize_distributed(distributed)
+  if prerequisites is not None:  # after joining: they may open checkpoints, which starts JAX's backend
+    prerequisites(config, workdir)
 
   writer = jax.process_index() == 0  # one process writes the workdir's files
   record = {"entry": entry, "command": [sys.executable, *sys.argv], "cwd": os.getcwd(), "start": _now(),

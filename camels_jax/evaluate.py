@@ -6,6 +6,9 @@ Writes <workdir>/eval/{results.json, results.md, f1_curve.png, weights_<method>.
 <workdir>/eval/predictions/<method>.json ({question id: answer}, what the official SQuAD v1.1 script reads)
 with <method>_detail.json (question, gold answers, answer, per-question scores), and prints the results
 table.
+
+Launched as several processes (launch/*.sh, `--distributed`), they run the protocol in lockstep on one mesh:
+with `mesh.fsdp` spanning them each holds its slice of every parameter; process 0 prints and writes.
 """
 
 import dataclasses
@@ -20,14 +23,12 @@ from camels_jax import data as data_lib
 from camels_jax.models import loading
 
 
-def run(config, workdir: str, progress: bool = True) -> dict:
+def run(config, workdir: str, progress: bool = True, distributed: bool | None = None) -> dict:
   """Loads the QA-tuned model (training it if the train job has not) and evaluates every method."""
-  sharding.initialize_distributed()
-  if jax.process_count() > 1:
-    # Online adaptation runs one document stream at a time; several processes would each redo it and race
-    # on the results files.
-    raise checks.UserError(f"evaluate runs as one process (this launch started {jax.process_count()}); "
-                           "start it without --distributed / JAX_COORDINATOR_ADDRESS")
+  sharding.initialize_distributed(distributed)
+  # Several processes run the same protocol in lockstep on one mesh (each holds its slice of the parameters
+  # when mesh.fsdp spans them); the first reports and writes.
+  progress = progress and jax.process_index() == 0
   model = loading.load(config.model)
   # Online adaptation follows the base model's shardings: split over mesh.fsdp devices, or whole.
   model = dataclasses.replace(model, params=sharding.place_params(model.params, sharding.job_mesh(config)))
@@ -46,8 +47,10 @@ def main(argv):
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or config.workdir
   with cli.session("evaluate", config, workdir, train.RULES, train.CROSS, train.SAFE_ON_RESUME,
-                   prerequisites=evaluation.check_prerequisites):
-    results = run(config, workdir)
+                   prerequisites=evaluation.check_prerequisites, distributed=flags.FLAGS.distributed):
+    results = run(config, workdir, distributed=flags.FLAGS.distributed)
+  if jax.process_index():
+    return
   print(evaluation.table(results))
   cost = evaluation.cost_lines(results)
   if cost:
@@ -59,6 +62,8 @@ def define_flags():
   """Flags of this entry point (defined only when it runs, so modules can import each other)."""
   config_flags.DEFINE_config_file("config", None, "Job config (configs/*.py).", lock_config=True)
   flags.DEFINE_string("workdir", None, "The train job's workdir (default: config.workdir).")
+  flags.DEFINE_bool(
+      "distributed", None, "Join a multi-process run (jax.distributed); default: detect from the environment.")
 
 
 if __name__ == "__main__":

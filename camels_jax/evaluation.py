@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from camels_jax import checkpoint, checks, cli, io_utils, plots, qa, qa_tune, stats
+from camels_jax import checkpoint, checks, cli, io_utils, plots, qa, qa_tune, sharding, stats
 from camels_jax import data as data_lib
 from camels_jax.adapt import online, uptake
 from camels_jax.data import pipeline
@@ -306,12 +306,15 @@ def load_weighting_model(ctx: Context):
   c = ctx.config.camels
   wm_graphdef, wm_params = camels.build_weighting_model(c.weighting, ctx.model)
   mcfg = camels.meta_config(c, ctx.config.data.doc_buckets)
-  meta = camels.init_meta_params(wm_params, mcfg)
+  # On the base model's mesh, as meta-training placed it: the restore follows these shardings, and the
+  # backbone shares the base model's devices (all processes' in a multi-process run).
+  mesh = sharding.mesh_of(ctx.params)
+  meta = sharding.place_params(camels.init_meta_params(wm_params, mcfg), mesh)
   directory = os.path.join(ctx.workdir, "camels")
   with checkpoint.Checkpointer(directory, best_metric="val_loss") as ckpt:
     if ckpt.best_step() is None:
       raise _no_weighting_model(directory)
-    opt_state = camels.make_optimizer(c).init(meta)
+    opt_state = sharding.place_params(camels.make_optimizer(c).init(meta), mesh)
     restored = ckpt.restore_best({"meta": meta, "opt": opt_state})
   return wm_graphdef, restored.state["meta"]
 
@@ -600,7 +603,8 @@ def run(ctx: Context, writer) -> dict:
       if method in GRADIENT_METHODS:
         results["methods"][method]["memory_bytes"] = {"adapt": step}
   add_comparisons(results, raw, ec.bootstrap)
-  write_outputs(ctx, results, {name: r["test"] for name, r in raw.items()}, heat, test_docs[:ec.heatmap_docs])
+  if jax.process_index() == 0:  # every process computed the same results; one writes them
+    write_outputs(ctx, results, {name: r["test"] for name, r in raw.items()}, heat, test_docs[:ec.heatmap_docs])
   return results
 
 

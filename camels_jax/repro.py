@@ -41,7 +41,7 @@ class Suite:
 # Suites without a configs/expected/<suite>.json yet say so when run (ReproError), before any work.
 SUITES = {
     "tiny": Suite("configs/tiny.py", about="every stage on a tiny random model; about 2 minutes on 2 CPU cores"),
-    "default": Suite("configs/default.py", about="README's main job (SmolLM2, generated documents); ~1 h on CPU"),
+    "default": Suite("configs/default.py", about="README's main job (SmolLM2, generated documents); ~45 min on CPU"),
     "squad_cpu": Suite("configs/camels_squad_cpu.py",
                        about="CaMeLS and the baselines on real SQuAD paragraphs, CPU-sized; ~1.5 h on CPU"),
 }
@@ -78,13 +78,20 @@ def load_expected(path: str) -> dict:
 
 def lookup(results: dict[str, dict], name: str):
   """The value of metric `name` in {"train": ..., "eval": ...} results, or None when absent."""
+  parent, key = _parent(results, name)
+  return parent.get(key) if parent is not None else None
+
+
+def _parent(results: dict[str, dict], name: str) -> tuple[dict | None, str]:
+  """(the dict that holds metric `name`'s last key, or None when a key on the way is missing; that key)."""
   file, path = name.split(":", 1)
+  *keys, last = path.split("/")
   node = results.get(file)
-  for key in path.split("/"):
+  for key in keys:
     if not isinstance(node, dict) or key not in node:
-      return None
+      return None, last
     node = node[key]
-  return node
+  return (node if isinstance(node, dict) else None), last
 
 
 def compare(expected: dict, results: dict[str, dict]) -> list[dict]:
@@ -106,14 +113,8 @@ def compare(expected: dict, results: dict[str, dict]) -> list[dict]:
 
 
 def name_present(results: dict[str, dict], name: str) -> bool:
-  file, path = name.split(":", 1)
-  node = results.get(file)
-  keys = path.split("/")
-  for key in keys[:-1]:
-    if not isinstance(node, dict) or key not in node:
-      return False
-    node = node[key]
-  return isinstance(node, dict) and keys[-1] in node
+  parent, key = _parent(results, name)
+  return parent is not None and key in parent
 
 
 def table(rows: list[dict]) -> str:

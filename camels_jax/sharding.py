@@ -29,6 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from camels_jax import checks
@@ -244,6 +245,16 @@ def place(tree, shardings):
     return np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x
 
   return jax.device_put(jax.tree.map(host, tree), shardings)
+
+
+def to_host(x) -> np.ndarray:
+  """The whole value of an array as numpy, also when it is split over devices of other processes.
+
+  A multi-process collective then (every process calls it at the same point, as they run in lockstep).
+  """
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def replicate(tree, mesh: Mesh):

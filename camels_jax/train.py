@@ -133,12 +133,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
   checks.validate(config, RULES, CROSS)  # cli.session has done it for the command line; callers in code too
   jobs = [j.strip() for j in config.jobs.split(",") if j.strip()]
   sharding.initialize_distributed(distributed)
-  # One process speaks and writes files; all of them compute (each on its own rows of every batch).
+  # One process speaks and writes files; all of them compute: QA-tuning and CaMeLS each on its own rows of
+  # every batch, MAC and FWL in lockstep on whole batches (their parameters split when mesh.fsdp spans them).
   progress = progress and jax.process_index() == 0
   say = cli.phase if progress else logging.info
-  if jax.process_count() > 1 and {"mac", "fwl"} & set(jobs):
-    raise checks.UserError(f"the mac and fwl jobs run as one process (this launch started {jax.process_count()}): "
-                           "run them without --distributed / JAX_COORDINATOR_ADDRESS")
   mesh = sharding.job_mesh(config)
   model = loading.load(config.model)
   # The base model goes on the mesh once, split over its FSDP axis by the parameters' logical axis names

@@ -15,6 +15,7 @@ import ml_collections
 from camels_jax.data.text import text_config
 from camels_jax.methods.fwl import fwl_config
 from camels_jax.models.loading import model_config
+from camels_jax.sharding import mesh_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -23,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.jobs = "fwl"
   c.model = model_config("random", tokenizer="smollm2", d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
                          d_ff=1024, max_len=512)
+  c.mesh = mesh_config()  # devices: data parallel x FSDP (camels_jax/sharding.py)
   c.text = text_config()  # training text and held-out articles (camels_jax/data/text.py)
   c.fwl = fwl_config()
   c.fwl.train_body = True  # from scratch: the body learns with the head

@@ -20,6 +20,7 @@ import ml_collections
 from camels_jax.data.text import text_config
 from camels_jax.methods.fwl import fwl_config
 from camels_jax.models.loading import model_config
+from camels_jax.sharding import mesh_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -27,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.workdir = "runs/fwl_smollm2"  # checkpoints (fwl/), TensorBoard events (tb/), train_results.json
   c.jobs = "fwl"
   c.model = model_config("smollm2")  # the base model (camels_jax/models/loading.py)
+  c.mesh = mesh_config()  # devices: data parallel x FSDP (camels_jax/sharding.py)
   c.text = text_config()  # training text and held-out articles (camels_jax/data/text.py)
   c.fwl = fwl_config()  # the head and its training (camels_jax/methods/fwl.py)
   c.fwl.chunk = 64

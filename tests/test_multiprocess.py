@@ -1,10 +1,11 @@
 """Multi-process runs on localhost: two jax.distributed processes (one CPU device each, gloo collectives over
-loopback) train what one process trains, a run killed with SIGKILL resumes on another process count, the same
-seed gives bitwise-identical metrics, and an FSDP mesh of 4 fake devices trains what one device trains.
+loopback) train and evaluate what one process does, a run killed with SIGKILL resumes on another process count,
+the same seed gives bitwise-identical metrics, and an FSDP mesh of 4 fake devices trains what one device trains.
 
-Every run is the train job (QA-tuning, then CaMeLS meta-training) of configs/tiny.py, shortened, with 2
-document streams so that each of two processes feeds one. The runs share a persistent compilation cache: the
-second run of a program skips XLA's compile, which is most of a tiny run's time.
+The train runs are the train job (QA-tuning, CaMeLS meta-training, then MAC) of configs/tiny.py, shortened, with
+2 document streams so that each of two processes feeds one; the FWL job runs on a tiny configs/fwl_small.py.
+The runs share a persistent compilation cache: the second run of a program skips XLA's compile, which is most
+of a tiny run's time.
 """
 
 import json
@@ -19,11 +20,22 @@ import pytest
 
 from tests.tiny_config import REPO
 
-CONFIG = os.path.join(REPO, "configs", "tiny.py")
-OVERRIDES = ["--config.camels.streams=2", "--config.camels.compare=", "--config.camels.steps=4",
-             "--config.camels.val_every=2", "--config.qa_tune.max_steps=2", "--config.qa_tune.val_every=1"]
+# A job: (config file, its overrides).
+TINY = (os.path.join(REPO, "configs", "tiny.py"),
+        ["--config.jobs=qa_tune,camels,mac", "--config.camels.streams=2", "--config.camels.compare=",
+         "--config.camels.steps=4", "--config.camels.val_every=2", "--config.qa_tune.max_steps=2",
+         "--config.qa_tune.val_every=1"])
+FWL = (os.path.join(REPO, "configs", "fwl_small.py"),
+       ["--config.model.random.d_model=32", "--config.model.random.n_layers=1", "--config.model.random.n_heads=2",
+        "--config.model.random.n_kv_heads=1", "--config.model.random.d_ff=64", "--config.model.random.max_len=128",
+        "--config.text.generated_docs=24", "--config.fwl.seq_len=64", "--config.fwl.batch_size=2",
+        "--config.fwl.steps=4", "--config.fwl.val_every=2", "--config.fwl.val_windows=2", "--config.fwl.chunk=16",
+        "--config.fwl.lr=1e-2", "--config.fwl.body_lr=1e-2"])
+# Uniform weights, the trained weighting model and MAC's bank; the others follow the same path as uniform.
+EVAL = ["--config.eval.methods=uniform,camels,mac"]
+RESULTS = {"train": "train_results.json", "evaluate": os.path.join("eval", "results.json")}
 TIMEOUT_S = 600
-# The three tests share the one-process run: one xdist worker takes them all (README runs --dist loadgroup).
+# The tests share the one-process run: one xdist worker takes them all (README runs --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("multiprocess")
 # Metrics that are ratios of small differences of losses (uptake over uniform's, facts/filler weight, a KL
 # of nearly equal distributions) amplify float32 rounding; losses and NLLs are held to 1e-5.
@@ -41,37 +53,46 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _command(processes: int, workdir) -> list[str]:
+def _command(processes: int, workdir, entry: str, job) -> list[str]:
+  config, overrides = job
   if processes == 1:
-    return [sys.executable, "-m", "camels_jax.train", "--config", CONFIG, f"--workdir={workdir}", *OVERRIDES]
-  return ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), str(processes), CONFIG,
-          f"--workdir={workdir}", *OVERRIDES]
+    return [sys.executable, "-m", f"camels_jax.{entry}", "--config", config, f"--workdir={workdir}", *overrides]
+  return ["bash", os.path.join(REPO, "launch", "local_multiprocess.sh"), str(processes), config,
+          f"--workdir={workdir}", *overrides]
 
 
-def _start(processes: int, workdir, cache_dir, devices: int = 1, extra=()) -> subprocess.Popen:
-  env = _env(cache_dir) | {"PORT": str(_free_port()), "PYTHON": sys.executable}
+def _start(processes: int, workdir, cache_dir, devices: int = 1, extra=(), entry="train",
+           job=TINY) -> subprocess.Popen:
+  env = _env(cache_dir) | {"PORT": str(_free_port()), "PYTHON": sys.executable, "ENTRY": f"camels_jax.{entry}"}
   if devices > 1:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   # A session of its own, so a kill reaches every process of the run.
-  return subprocess.Popen([*_command(processes, workdir), *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  return subprocess.Popen([*_command(processes, workdir, entry, job), *extra], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _run(processes: int, workdir, cache_dir, devices: int = 1, extra=()) -> dict:
-  proc = _start(processes, workdir, cache_dir, devices, extra)
+def _run(processes: int, workdir, cache_dir, devices: int = 1, extra=(), entry="train", job=TINY) -> dict:
+  proc = _start(processes, workdir, cache_dir, devices, extra, entry, job)
   try:
     out, _ = proc.communicate(timeout=TIMEOUT_S)
   finally:
     if proc.poll() is None:
       os.killpg(proc.pid, signal.SIGKILL)
   assert proc.returncode == 0, out[-4000:]
-  with open(os.path.join(workdir, "train_results.json"), encoding="utf-8") as f:
+  with open(os.path.join(workdir, RESULTS[entry]), encoding="utf-8") as f:
     return json.load(f)
 
 
-def _metrics(results: dict) -> dict:
-  """The results without the manifest path (which names the workdir)."""
-  return {k: v for k, v in results.items() if k != "manifest"}
+def _metrics(results: dict, drop=("manifest",)) -> dict:
+  """The results without the keys `drop` at any depth (the manifest path names the workdir)."""
+  if isinstance(results, dict):
+    return {k: _metrics(v, drop) for k, v in results.items() if k not in drop}
+  return results
+
+
+def _runs(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "manifest.json"), encoding="utf-8") as f:
+    return json.load(f)["runs"]
 
 
 def _assert_close(want, got, path=""):
@@ -96,8 +117,23 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, cache_dir):
-  return _run(1, tmp_path_factory.mktemp("one"), cache_dir)
+def one_workdir(tmp_path_factory):
+  return tmp_path_factory.mktemp("one")
+
+
+@pytest.fixture(scope="module")
+def one_process(one_workdir, cache_dir):
+  return _run(1, one_workdir, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def two_workdir(tmp_path_factory):
+  return tmp_path_factory.mktemp("two")
+
+
+@pytest.fixture(scope="module")
+def two_processes(two_workdir, cache_dir):
+  return _run(2, two_workdir, cache_dir)
 
 
 def test_same_seed_gives_bitwise_identical_metrics(tmp_path, one_process, cache_dir):
@@ -105,14 +141,29 @@ def test_same_seed_gives_bitwise_identical_metrics(tmp_path, one_process, cache_
   assert json.dumps(_metrics(again), sort_keys=True) == json.dumps(_metrics(one_process), sort_keys=True)
 
 
-def test_two_processes_match_one(tmp_path, one_process, cache_dir):
-  workdir = tmp_path / "two"
-  two = _run(2, workdir, cache_dir)
-  _assert_close(_metrics(one_process), _metrics(two))
-  assert two["camels"]["history"][-1]["val_loss"] < two["camels"]["history"][0]["val_loss"]  # it trained
-  with open(workdir / "manifest.json", encoding="utf-8") as f:
-    runs = json.load(f)["runs"]
+def test_two_processes_match_one(one_process, two_processes, two_workdir):
+  _assert_close(_metrics(one_process), _metrics(two_processes))
+  history = two_processes["camels"]["history"]
+  assert history[-1]["val_loss"] < history[0]["val_loss"]  # it trained
+  assert two_processes["mac"]["best"]["val_nll"] < two_processes["mac"]["best"]["val_nll_base"]
+  runs = _runs(two_workdir)
   assert len(runs) == 1 and runs[0]["process_count"] == 2 and runs[0]["status"] == "ok"  # written once
+
+
+def test_two_processes_evaluate_what_one_evaluates(one_process, one_workdir, two_processes, two_workdir,
+                                                   cache_dir):
+  one = _run(1, one_workdir, cache_dir, extra=EVAL, entry="evaluate")
+  # The FSDP axis spans the two processes: each holds half of every parameter while they adapt in lockstep.
+  two = _run(2, two_workdir, cache_dir, extra=[*EVAL, "--config.mesh.fsdp=2"], entry="evaluate")
+  # Timings and per-device memory differ by construction.
+  drop = ("manifest", "time_s", "memory_bytes")
+  _assert_close(_metrics(one, drop), _metrics(two, drop))
+  assert set(two["methods"]) == {"uniform", "camels", "mac"} and two["test_questions"] > 0
+  for method in two["methods"].values():
+    assert method["test"]["nll"] != two["no_adaptation"]["nll"]  # it adapted (MAC: answered with a prefix)
+  runs = _runs(two_workdir)
+  assert [(r["entry"], r["process_count"], r["status"]) for r in runs] == [("train", 2, "ok"),
+                                                                            ("evaluate", 2, "ok")]
 
 
 def test_run_killed_on_two_processes_resumes_on_one(tmp_path, one_process, cache_dir):
@@ -143,3 +194,11 @@ def test_fsdp_mesh_trains_what_one_device_trains(tmp_path, one_process, cache_di
   # checks the meta-gradient on 8.)
   sharded = _run(1, tmp_path / "fsdp", cache_dir, devices=4, extra=["--config.mesh.fsdp=2"])
   _assert_close(_metrics(one_process), _metrics(sharded))
+
+
+def test_two_processes_train_the_fwl_head_as_one(tmp_path, cache_dir):
+  one = _run(1, tmp_path / "one", cache_dir, job=FWL)
+  two = _run(2, tmp_path / "two", cache_dir, extra=["--config.mesh.fsdp=2"], job=FWL)  # each holds half
+  _assert_close(_metrics(one), _metrics(two))
+  history = two["fwl"]["history"]
+  assert history[-1]["val_nll"] < history[0]["val_nll"]  # it trained

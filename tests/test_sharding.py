@@ -160,6 +160,8 @@ def test_helpers_on_one_device():
   assert all(x.sharding == sharding.replicated(mesh) for x in jax.tree.leaves(tree))
   with pytest.raises(ValueError, match=r"batch\['step'\] has shape \(\): no batch dimension 0"):
     sharding.shard_batch({"step": np.int32(3)}, mesh)
+  np.testing.assert_array_equal(sharding.to_host(out["x"]), stacked)  # the cross-process gather: test_multiprocess
+  assert isinstance(sharding.to_host(np.float32(2)), np.ndarray)
 
 
 @pytest.mark.parametrize("env,expected", [

@@ -419,7 +419,7 @@ def stream_bank(graphdef, params, docs, spec: pipeline.Spec, pad_id: int, tokens
   for i, d in enumerate(tqdm.tqdm(docs, desc=desc, disable=not progress, leave=False)):
     b = pipeline.doc_batch([d], spec, pad_id)
     m_1xTxD = amortize_jit(graphdef, params, b["doc_tokens_BxL"], b["doc_mask_BxL"])
-    bank = bank.append(np.asarray(m_1xTxD)[0])
+    bank = bank.append(sharding.to_host(m_1xTxD)[0])  # split over processes when the FSDP axis spans them
     if on_doc is not None:
       on_doc(i, bank)
   return bank
@@ -550,8 +550,10 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
 
 
 def load_trained(config: ml_collections.ConfigDict, base: loading.Loaded, workdir: str):
-  """(graphdef, params) of the best checkpoint of the mac job in `workdir`."""
+  """(graphdef, params) of the best checkpoint of the mac job in `workdir`, on `base`'s mesh as `fit` put them."""
   graphdef, params, _, opt_state = _state(config.mac, base)
+  mesh = sharding.mesh_of(base.params)  # the restore follows the target's shardings
+  params, opt_state = sharding.place_params(params, mesh), sharding.place_params(opt_state, mesh)
   directory = os.path.join(workdir, "mac")
   with checkpoint.Checkpointer(directory, best_metric="val_nll") as ckpt:
     if ckpt.best_step() is None:
