@@ -18,17 +18,22 @@ sharding equals one device's (tests/methods/test_camels_sharded.py); the jobs ru
 (`--config.mesh.fsdp=8` for the fsdp 8 rows). It runs on 8 fake CPU
 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, set here when absent).
 
-Measured 2026-11-30 (defaults: 2 x 256-token documents per stream; peak per device in GB, from XLA), with
-the shape rule alone, before the logical axis names. Re-measured with the names (FSDP_RULES), SmolLM2 without
-remat needs less: 2.16 GB at fsdp 8 and 5.21 GB at 4 x 2; the other rows are not re-measured yet.
+Measured 2026-12-01 with the logical axis names (FSDP_RULES), every row in one run of
+`python -m bench.memory_plan --meshes 1x1,4x2,1x8` (defaults: 2 x 256-token documents per stream; peak per
+device in GB, from XLA; each step compiles in 10-16 s on 2 CPU cores):
 
   model (params)          setting       1 device   data 4 x fsdp 2   fsdp 8
-  SmolLM2-135M            no remat          9.97         5.36         2.28
-                          block remat       6.49          -           1.11
-  GPT-2 XL (1.56B)        no remat         86.45          -          15.49
-                          block remat      66.78          -           9.55
-  Llama-2 7B (6.74B)      no remat        292.76          -          36.67
-                          block remat     269.08          -          34.22
+  SmolLM2-135M            no remat          9.97         5.21         2.16
+                          block remat       6.49         3.35         1.06
+  GPT-2 XL (1.56B)        no remat         86.45        44.38        15.16
+                          block remat      66.78        34.18         9.48
+  Llama-2 7B (6.74B)      no remat        292.76       146.51        36.66
+                          block remat     269.08       136.78        34.22
+
+The shape rule alone (each parameter split on its largest dimension the axis divides; measured 2026-11-30)
+needed up to 6% more at fsdp 8: SmolLM2 2.28 / 1.11, GPT-2 XL 15.49 / 9.55, Llama 36.67 / 34.22.
+Data 4 x fsdp 2 holds 4 streams' adapted copies, each split 2 ways, so it needs about half of one device's
+memory, not an eighth.
 
 So the exact meta step of the models the papers use fits an 80 GB accelerator only with the FSDP axis:
 GPT-2 XL on 8 devices at 10-15 GB each, Llama-2 7B at 34-37 GB each; replicated, neither fits one device.
