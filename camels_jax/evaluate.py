@@ -18,7 +18,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from camels_jax import checks, cli, evaluation, metrics, sharding, train
+from camels_jax import cli, evaluation, metrics, sharding, train
 from camels_jax import data as data_lib
 from camels_jax.models import loading
 

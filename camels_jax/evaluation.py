@@ -598,7 +598,8 @@ def run(ctx: Context, writer) -> dict:
     # One step shape serves every gradient method (their weights are inputs), so one analysis covers them.
     oc = ec.online.copy_and_resolve_references()
     length = max(ctx.data.spec.doc_buckets)
-    step = online.step_bytes(ctx.model.graphdef, ctx.params, length, oc, online.inner_config(oc, ctx.data.spec.doc_buckets))
+    icfg = online.inner_config(oc, ctx.data.spec.doc_buckets)
+    step = online.step_bytes(ctx.model.graphdef, ctx.params, length, oc, icfg)
     for method in methods:
       if method in GRADIENT_METHODS:
         results["methods"][method]["memory_bytes"] = {"adapt": step}
