@@ -9,8 +9,13 @@ to cached keys and values of the tokens before them; method "dynamic" also takes
 segment after scoring it. Method "fwl" scores non-overlapping windows of `dynamic.window` tokens with the FWL
 head of the `fwl` train job in `fwl_workdir` (the head adapts within each window) and reports the same
 windows' static perplexity beside it.
+
+Launched as several processes (launch/*.sh with ENTRY=camels_jax.perplexity, or `--distributed`), the processes
+run the job as one program with the model replicated on every device (the reading is sequential, so there is
+nothing to split) and process 0 alone prints and writes.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -20,7 +25,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from camels_jax import checks, cli, io_utils, metrics
+from camels_jax import checks, cli, io_utils, metrics, sharding
 from camels_jax.data import generated
 from camels_jax.data import text as text_lib
 from camels_jax.data.sources import DataError, read_text
@@ -98,9 +103,14 @@ def check_prerequisites(config: ml_collections.ConfigDict, workdir: str = "") ->
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
-  """Loads the model, measures perplexity and writes `perplexity.json` and TensorBoard scalars."""
+  """Loads the model, measures perplexity and writes `perplexity.json` and TensorBoard scalars (on process 0)."""
+  first = jax.process_index() == 0
+  progress = progress and first
   text = load_text(config)  # before the model: a bad file fails in a second
   model = loading.load(config.model)
+  # Replicated on all devices: with several processes, every step is one program over all of them, and a
+  # trained FWL head (whatever mesh it was trained on) is restored onto this mesh.
+  model = dataclasses.replace(model, params=sharding.place_params(model.params, sharding.job_mesh(config)))
   ids = model.tokenizer.encode(text, add_bos=config.add_bos)
   if config.max_tokens:
     ids = ids[:config.max_tokens]
@@ -123,10 +133,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) 
                                    dynamic=config.method == "dynamic", progress=progress)
   result |= {"method": config.method, "source": config.model.source, "text": config.text_file or "generated",
              "manifest": cli.manifest_path(workdir)}
-  writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)
+  writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=first)
   writer.write_scalars(0, {f"perplexity/{config.method}": result["ppl"], f"nll/{config.method}": result["nll"]})
   writer.close()
-  io_utils.write_json(os.path.join(workdir, "perplexity.json"), result)
+  if first:
+    io_utils.write_json(os.path.join(workdir, "perplexity.json"), result)
   return result
 
 
@@ -134,8 +145,11 @@ def main(argv):
   del argv
   config = flags.FLAGS.config
   workdir = flags.FLAGS.workdir or config.workdir
-  with cli.session("perplexity", config, workdir, RULES, CROSS, SAFE_ON_RESUME, prerequisites=check_prerequisites):
+  with cli.session("perplexity", config, workdir, RULES, CROSS, SAFE_ON_RESUME, prerequisites=check_prerequisites,
+                   distributed=flags.FLAGS.distributed):
     result = run(config, workdir)
+  if jax.process_index():
+    return
   extra = ""
   if "static_same_windows" in result:
     extra = f"; static on the same windows {result['static_same_windows']['ppl']:.3f}"
@@ -147,6 +161,8 @@ def define_flags():
   """Flags of this entry point (defined only when it runs, so modules can import each other)."""
   config_flags.DEFINE_config_file("config", None, "Job config (configs/*.py).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Where results and TensorBoard events go (default: config.workdir).")
+  flags.DEFINE_bool(
+      "distributed", None, "Join a multi-process run (jax.distributed); default: detect from the environment.")
 
 
 if __name__ == "__main__":

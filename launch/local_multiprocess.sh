@@ -8,7 +8,7 @@
 # Variables:
 #   PORT    the coordinator's port on 127.0.0.1 (default 12355; give each concurrent run its own)
 #   PYTHON  the interpreter (default: the repo's .venv/bin/python)
-#   ENTRY   the entry point module (default camels_jax.train)
+#   ENTRY   the entry point module (default camels_jax.train; or camels_jax.evaluate, camels_jax.perplexity)
 # Exits with the first non-zero status of the processes (JAX's coordination service stops the others when
 # one dies).
 set -euo pipefail

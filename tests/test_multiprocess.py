@@ -3,7 +3,8 @@ loopback) train and evaluate what one process does, a run killed with SIGKILL re
 the same seed gives bitwise-identical metrics, and an FSDP mesh of 4 fake devices trains what one device trains.
 
 The train runs are the train job (QA-tuning, CaMeLS meta-training, then MAC) of configs/tiny.py, shortened, with
-2 document streams so that each of two processes feeds one; the FWL job runs on a tiny configs/fwl_small.py.
+2 document streams so that each of two processes feeds one; the FWL job runs on a tiny configs/fwl_small.py,
+and the perplexity job scores text with its head.
 The runs share a persistent compilation cache: the second run of a program skips XLA's compile, which is most
 of a tiny run's time.
 """
@@ -33,7 +34,15 @@ FWL = (os.path.join(REPO, "configs", "fwl_small.py"),
         "--config.fwl.lr=1e-2", "--config.fwl.body_lr=1e-2"])
 # Uniform weights, the trained weighting model and MAC's bank; the others follow the same path as uniform.
 EVAL = ["--config.eval.methods=uniform,camels,mac"]
-RESULTS = {"train": "train_results.json", "evaluate": os.path.join("eval", "results.json")}
+# Perplexity of FWL's tiny model on 2 generated documents; with the head of an FWL run (PPL + FWL_HEAD) or
+# with dynamic evaluation.
+PPL = (os.path.join(REPO, "configs", "ppl_smollm2.py"),
+       ["--config.model.source=random", "--config.model.tokenizer=smollm2", *FWL[1][:6],
+        "--config.generated_docs=2", "--config.dynamic.window=64", "--config.dynamic.stride=64"])
+FWL_HEAD = ["--config.method=fwl"]
+DYNAMIC = ["--config.method=dynamic", "--config.dynamic.stride=32", "--config.dynamic.lr=1e-2"]
+RESULTS = {"train": "train_results.json", "evaluate": os.path.join("eval", "results.json"),
+           "perplexity": "perplexity.json"}
 TIMEOUT_S = 600
 # The tests share the one-process run: one xdist worker takes them all (README runs --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("multiprocess")
@@ -71,7 +80,9 @@ def _start(processes: int, workdir, cache_dir, devices: int = 1, extra=(), entry
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _run(processes: int, workdir, cache_dir, devices: int = 1, extra=(), entry="train", job=TINY) -> dict:
+def _run_logged(processes: int, workdir, cache_dir, devices: int = 1, extra=(), entry="train",
+                job=TINY) -> tuple[dict, str]:
+  """The run's results file and what its processes printed."""
   proc = _start(processes, workdir, cache_dir, devices, extra, entry, job)
   try:
     out, _ = proc.communicate(timeout=TIMEOUT_S)
@@ -80,7 +91,11 @@ def _run(processes: int, workdir, cache_dir, devices: int = 1, extra=(), entry="
       os.killpg(proc.pid, signal.SIGKILL)
   assert proc.returncode == 0, out[-4000:]
   with open(os.path.join(workdir, RESULTS[entry]), encoding="utf-8") as f:
-    return json.load(f)
+    return json.load(f), out
+
+
+def _run(processes: int, workdir, cache_dir, devices: int = 1, extra=(), entry="train", job=TINY) -> dict:
+  return _run_logged(processes, workdir, cache_dir, devices, extra, entry, job)[0]
 
 
 def _metrics(results: dict, drop=("manifest",)) -> dict:
@@ -202,3 +217,19 @@ def test_two_processes_train_the_fwl_head_as_one(tmp_path, cache_dir):
   _assert_close(_metrics(one), _metrics(two))
   history = two["fwl"]["history"]
   assert history[-1]["val_nll"] < history[0]["val_nll"]  # it trained
+  # The perplexity job restores the head (trained split across two processes) onto its own mesh.
+  _assert_perplexity_matches(tmp_path, cache_dir, [*FWL_HEAD, f"--config.fwl_workdir={tmp_path / 'two'}"])
+
+
+def test_two_processes_score_perplexity_with_dynamic_evaluation_as_one(tmp_path, cache_dir):
+  result = _assert_perplexity_matches(tmp_path, cache_dir, DYNAMIC)
+  assert result["updates"] > 1
+
+
+def _assert_perplexity_matches(tmp_path, cache_dir, extra) -> dict:
+  """Runs the perplexity job on one process and on two: one report, one process's result. Returns it."""
+  one = _run(1, tmp_path / "ppl_one", cache_dir, extra=extra, entry="perplexity", job=PPL)
+  two, out = _run_logged(2, tmp_path / "ppl_two", cache_dir, extra=extra, entry="perplexity", job=PPL)
+  assert out.count(f"{one['method']} perplexity") == 1, out[-4000:]  # printed by process 0 alone
+  _assert_close(_metrics(one, ("manifest", "time_s")), _metrics(two, ("manifest", "time_s")))
+  return two
