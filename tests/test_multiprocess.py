@@ -44,8 +44,8 @@ DYNAMIC = ["--config.method=dynamic", "--config.dynamic.stride=32", "--config.dy
 RESULTS = {"train": "train_results.json", "evaluate": os.path.join("eval", "results.json"),
            "perplexity": "perplexity.json"}
 TIMEOUT_S = 600
-# The tests share the one-process run: one xdist worker takes them all (README runs --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("multiprocess")
+# The tests share the one- and two-process runs (module fixtures): README's `--dist loadfile` gives the whole
+# file to one xdist worker, which builds them once.
 # Metrics that are ratios of small differences of losses (uptake over uniform's, facts/filler weight, a KL
 # of nearly equal distributions) amplify float32 rounding; losses and NLLs are held to 1e-5.
 LOOSE = ("uptake", "facts_filler", "kl")
