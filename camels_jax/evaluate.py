@@ -11,7 +11,6 @@ Launched as several processes (launch/*.sh, `--distributed`), they run the proto
 with `mesh.fsdp` spanning them each holds its slice of every parameter; process 0 prints and writes.
 """
 
-import dataclasses
 import os
 
 import jax
@@ -29,9 +28,8 @@ def run(config, workdir: str, progress: bool = True, distributed: bool | None = 
   # Several processes run the same protocol in lockstep on one mesh (each holds its slice of the parameters
   # when mesh.fsdp spans them); the first reports and writes.
   progress = progress and jax.process_index() == 0
-  model = loading.load(config.model)
   # Online adaptation follows the base model's shardings: split over mesh.fsdp devices, or whole.
-  model = dataclasses.replace(model, params=sharding.place_params(model.params, sharding.job_mesh(config)))
+  model = loading.load(config.model, sharding.job_mesh(config))
   train.check_model_fits(config, model.cfg)
   data = data_lib.load(config.data, model.tokenizer, workdir)
   writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)

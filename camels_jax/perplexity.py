@@ -15,7 +15,6 @@ run the job as one program with the model replicated on every device (the readin
 nothing to split) and process 0 alone prints and writes.
 """
 
-import dataclasses
 import json
 import os
 import time
@@ -107,10 +106,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) 
   first = jax.process_index() == 0
   progress = progress and first
   text = load_text(config)  # before the model: a bad file fails in a second
-  model = loading.load(config.model)
   # Replicated on all devices: with several processes, every step is one program over all of them, and a
   # trained FWL head (whatever mesh it was trained on) is restored onto this mesh.
-  model = dataclasses.replace(model, params=sharding.place_params(model.params, sharding.job_mesh(config)))
+  model = loading.load(config.model, sharding.job_mesh(config))
   ids = model.tokenizer.encode(text, add_bos=config.add_bos)
   if config.max_tokens:
     ids = ids[:config.max_tokens]

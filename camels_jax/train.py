@@ -7,7 +7,6 @@ A rerun with the same workdir resumes: a finished QA-tuning is loaded rather tha
 meta-training continues from its latest checkpoint with the data position and RNG it had.
 """
 
-import dataclasses
 import os
 
 import jax
@@ -138,10 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
   progress = progress and jax.process_index() == 0
   say = cli.phase if progress else logging.info
   mesh = sharding.job_mesh(config)
-  model = loading.load(config.model)
-  # The base model goes on the mesh once, split over its FSDP axis by the parameters' logical axis names
-  # (whole on every device with mesh.fsdp = 1); every job's steps follow these shardings.
-  model = dataclasses.replace(model, params=sharding.place_params(model.params, mesh))
+  model = loading.load(config.model, mesh)  # every job's steps follow the base model's shardings
   check_model_fits(config, model.cfg)
   if "mac" in jobs:
     mac.check_fits(config.mac, model.cfg)

@@ -26,10 +26,12 @@ TINY = (os.path.join(REPO, "configs", "tiny.py"),
         ["--config.jobs=qa_tune,camels,mac", "--config.camels.streams=2", "--config.camels.compare=",
          "--config.camels.steps=4", "--config.camels.val_every=2", "--config.qa_tune.max_steps=2",
          "--config.qa_tune.val_every=1"])
+# FWL's tiny random model (the FWL and perplexity jobs must agree on it).
+FWL_MODEL = ["--config.model.random.d_model=32", "--config.model.random.n_layers=1",
+             "--config.model.random.n_heads=2", "--config.model.random.n_kv_heads=1",
+             "--config.model.random.d_ff=64", "--config.model.random.max_len=128"]
 FWL = (os.path.join(REPO, "configs", "fwl_small.py"),
-       ["--config.model.random.d_model=32", "--config.model.random.n_layers=1", "--config.model.random.n_heads=2",
-        "--config.model.random.n_kv_heads=1", "--config.model.random.d_ff=64", "--config.model.random.max_len=128",
-        "--config.text.generated_docs=24", "--config.fwl.seq_len=64", "--config.fwl.batch_size=2",
+       [*FWL_MODEL, "--config.text.generated_docs=24", "--config.fwl.seq_len=64", "--config.fwl.batch_size=2",
         "--config.fwl.steps=4", "--config.fwl.val_every=2", "--config.fwl.val_windows=2", "--config.fwl.chunk=16",
         "--config.fwl.lr=1e-2", "--config.fwl.body_lr=1e-2"])
 # Uniform weights, the trained weighting model and MAC's bank; the others follow the same path as uniform.
@@ -37,7 +39,7 @@ EVAL = ["--config.eval.methods=uniform,camels,mac"]
 # Perplexity of FWL's tiny model on 2 generated documents; with the head of an FWL run (PPL + FWL_HEAD) or
 # with dynamic evaluation.
 PPL = (os.path.join(REPO, "configs", "ppl_smollm2.py"),
-       ["--config.model.source=random", "--config.model.tokenizer=smollm2", *FWL[1][:6],
+       ["--config.model.source=random", "--config.model.tokenizer=smollm2", *FWL_MODEL,
         "--config.generated_docs=2", "--config.dynamic.window=64", "--config.dynamic.stride=64"])
 FWL_HEAD = ["--config.method=fwl"]
 DYNAMIC = ["--config.method=dynamic", "--config.dynamic.stride=32", "--config.dynamic.lr=1e-2"]

@@ -6,8 +6,9 @@ import os
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.sharding import Mesh
 
-from camels_jax import checks
+from camels_jax import checks, sharding
 from camels_jax.models import gguf, hf, transformer
 from camels_jax.models import tokenizer as tokenizer_lib
 from camels_jax.models.config import ARCHS, REMAT_POLICIES, ModelConfig
@@ -88,8 +89,12 @@ def _tokenizer(spec: str) -> tokenizer_lib.Tokenizer:
   return tokenizer_lib.from_hf_folder(spec)
 
 
-def load(mc: ml_collections.ConfigDict) -> Loaded:
-  """Loads the model and tokenizer a `model_config()` section describes; checks they fit."""
+def load(mc: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Loaded:
+  """Loads the model and tokenizer a `model_config()` section describes; checks they fit.
+
+  With a `mesh`, the parameters are placed on it once, split over its FSDP axis by their logical axis names
+  (whole on every device with fsdp = 1, replicated across processes); every step that meets them follows.
+  """
   source = mc.source
   tok = None
   if source == "random":
@@ -112,6 +117,8 @@ def load(mc: ml_collections.ConfigDict) -> Loaded:
                     remat_policy=mc.remat_policy)
   tokenizer_lib.check_fits(tok, cfg, source if source != "random" else "random model")
   graphdef, _ = transformer.abstract(cfg)
+  if mesh is not None:
+    params = sharding.place_params(params, mesh)
   return Loaded(cfg, graphdef, params, tok)
 
 
