@@ -40,7 +40,7 @@ def main():
 
   base = loading.load(loading.model_config("smollm2"))
   c = mac.mac_config()
-  graphdef, params = mac.init(c, base)
+  graphdef, params = mac.build(c, base)
   rng = np.random.default_rng(0)
   s = 32
   tokens_BxS = rng.integers(0, base.cfg.vocab_size, (args.questions, s)).astype(np.int32)

@@ -22,6 +22,11 @@ Guarantees (orbax's, checked against its docs and source):
     with the best value of that metric, however old.
   * Multi-process: every process calls `save` and `restore` with its part of the global arrays;
     orbax coordinates the processes and the primary one writes the JSON.
+  * Damage (a file truncated or overwritten after the save, e.g. by a partial copy): `restore(None, ...)`
+    resumes from the newest step that reads back whole, setting the unreadable newer steps aside as
+    `<step>.damaged` (kept, never deleted; new saves take their numbers); a damaged step asked for by
+    number or as the best, or no readable step at all, raises `DamagedCheckpoint`, one line naming the
+    step and what to do.
 
 Typical use:
 
@@ -41,11 +46,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+from camels_jax import checks
 
 PyTree = Any
 
 _STATE, _META = "state", "meta"  # item names inside a step directory
+DAMAGED_SUFFIX = ".damaged"  # an unreadable step set aside: <directory>/<step>.damaged
+
+
+class DamagedCheckpoint(checks.UserError):
+  """A checkpoint step that cannot be read back; the message names the step and what to do."""
 
 
 class Restored(NamedTuple):
@@ -86,6 +100,9 @@ class Checkpointer:
       raise ValueError(f"Checkpointer: best_mode={best_mode!r} is not 'min' or 'max'")
     # orbax wants absolute local paths; URLs (gs://...) pass through.
     self.directory = directory if "://" in directory else os.path.abspath(directory)
+    if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+      raise checks.UserError(f"{self.directory}: is a file, where a checkpoint directory is expected; move it "
+                             f"away or use another workdir")
     self.best_metric = best_metric
     policies: list[ocp_managers.PreservationPolicy] = [ocp_managers.LatestN(n=max_to_keep)]
     best_fn = None
@@ -104,7 +121,13 @@ class Checkpointer:
         cleanup_tmp_directories=True,  # leftovers of a crashed save
         create=True,
     )
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+    except Exception as e:  # orbax reads every kept step's metrics here: one that does not parse
+      step = _unreadable_metrics(self.directory)
+      if step is None:
+        raise
+      raise DamagedCheckpoint(self._damaged(step, f"its metrics do not read back: {_one_line(e)}")) from e
 
   # ----------------------------------------------------------------------------------------------
   # Queries.
@@ -179,7 +202,8 @@ class Checkpointer:
     """Restores a step onto the shapes, dtypes and shardings of `abstract_state`.
 
     Args:
-      step: the step to restore; None for the latest.
+      step: the step to restore; None for the latest that reads back whole (newer unreadable steps
+        are set aside as `<step>.damaged`, with a warning in the log).
       abstract_state: a pytree shaped like the saved state whose leaves are `jax.Array`s (their
         shardings are reused), `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape`; their
         `.sharding` is used when set) or numpy arrays. None restores the saved tree as nested
@@ -191,33 +215,97 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: if there is no checkpoint (or not that step).
+      DamagedCheckpoint: if the step asked for, or (step None) every kept step, does not read back.
     """
     self.wait()  # a step still being written in the background is not yet readable
     if step is None:
-      step = self.latest_step()
-      if step is None:
+      steps = self.all_steps()
+      if not steps:
         raise FileNotFoundError(f"Checkpointer.restore: no checkpoint in {self.directory}")
-    elif step not in self._manager.all_steps():
+      return self._restore_newest_intact(steps, abstract_state, sharding)
+    if step not in self._manager.all_steps():
       raise FileNotFoundError(f"Checkpointer.restore: no step {step} in {self.directory} "
                               f"(kept steps: {self.all_steps()})")
-    if abstract_state is None:
-      state_args = ocp.args.StandardRestore()
-    else:
-      state_args = ocp.args.StandardRestore(_abstract(abstract_state, sharding))
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(**{_STATE: state_args, _META: ocp.args.JsonRestore()}))
-    document = restored[_META]
-    rng = None if document["rng"] is None else key_from_json(document["rng"])
-    return Restored(restored[_STATE], document["meta"], rng, document["metrics"], step)
+    return self._read(step, abstract_state, sharding)
 
   def restore_best(self, abstract_state: PyTree | None,
                    sharding: jax.sharding.Sharding | None = None) -> Restored:
-    """`restore` of `best_step()`; same arguments and errors."""
+    """`restore` of `best_step()`; same arguments and errors (a damaged best step is never replaced
+    by another one silently: `DamagedCheckpoint` says which it is)."""
     step = self.best_step()
     if step is None:
       raise FileNotFoundError(f"Checkpointer.restore_best: no checkpoint with metric "
                               f"{self.best_metric!r} in {self.directory}")
     return self.restore(step, abstract_state, sharding)
+
+  # ----------------------------------------------------------------------------------------------
+  # Reading back, and what a damaged step becomes.
+
+  def _read(self, step: int, abstract_state: PyTree | None, sharding) -> Restored:
+    """One step as `Restored`; `DamagedCheckpoint` if any of its files does not read back (on any process)."""
+    if abstract_state is None:
+      state_args = ocp.args.StandardRestore()
+    else:
+      state_args = ocp.args.StandardRestore(_abstract(abstract_state, sharding))
+    error = None
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(**{_STATE: state_args, _META: ocp.args.JsonRestore()}))
+      document = restored[_META]
+      rng = None if document["rng"] is None else key_from_json(document["rng"])
+      result = Restored(restored[_STATE], document["meta"], rng, document["metrics"], step)
+    except Exception as e:  # tensorstore, JSON and orbax each raise their own kinds for a bad file
+      error = e
+    if not _everywhere(error is None):  # the processes of one run resume from the same step
+      cause = _one_line(error) if error is not None else "another process could not read it"
+      raise DamagedCheckpoint(self._damaged(step, cause)) from error
+    return result
+
+  def _restore_newest_intact(self, steps: list[int], abstract_state: PyTree | None, sharding) -> Restored:
+    """The newest of `steps` that reads back; the newer ones are set aside (see the module doc)."""
+    damaged = []
+    for step in reversed(steps):
+      try:
+        restored = self._read(step, abstract_state, sharding)
+      except DamagedCheckpoint as e:
+        damaged.append((step, e))
+        continue
+      for (s, e), name in zip(damaged, self._set_aside([s for s, _ in damaged]) if damaged else []):
+        logging.warning("%s; resuming from step %d (step %d set aside as %s)", e, step, s, name)
+      return restored
+    newest, error = damaged[0]
+    if len(steps) == 1:
+      raise error  # "checkpoint step N in DIR is damaged (...)"
+    cause = _one_line(error.__cause__ or error)
+    raise DamagedCheckpoint(f"no checkpoint in {self.directory} reads back (steps {', '.join(map(str, steps))}; "
+                            f"step {newest}: {cause}); remove {self.directory} to start again") from error
+
+  def _step_path(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(step)
+
+  def _set_aside(self, steps: list[int]) -> list[str]:
+    """Renames each step directory to <step>.damaged (kept for inspection; its number becomes free);
+    returns the new names."""
+    names = []
+    for step in steps:
+      path = self._step_path(step)
+      target, n = path.parent / f"{path.name}{DAMAGED_SUFFIX}", 1
+      while target.exists():
+        target, n = path.parent / f"{path.name}{DAMAGED_SUFFIX}{n}", n + 1
+      names.append(target.name)
+      if jax.process_index() == 0 and path.exists():  # one process renames; the others wait for it
+        path.rename(target)
+    ocp.multihost.sync_global_processes(f"camels_jax_set_aside_{'_'.join(map(str, steps))}")
+    self._manager.reload()
+    return names
+
+  def _damaged(self, step: int, cause: str) -> str:
+    """One line: which step of which directory cannot be read, why, and what to do."""
+    path = self._step_path(step)
+    earlier = [s for s in _step_numbers(self.directory) if s < step]
+    what = (f"remove {path} to go on from step {earlier[-1]}, or remove {self.directory} to start again"
+            if earlier else f"remove {self.directory} to start again")
+    return f"checkpoint step {step} in {self.directory} is damaged ({cause}); {what}"
 
   def wait(self) -> None:
     """Blocks until background saves are on disk; raises their errors."""
@@ -236,6 +324,43 @@ class Checkpointer:
 
 # ------------------------------------------------------------------------------------------------
 # Helpers.
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+  """An exception as one short line (tensorstore's messages run to pages of JSON)."""
+  text = " ".join(str(e).split()).split(" See full TensorStore details")[0] or type(e).__name__
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _step_numbers(directory: str) -> list[int]:
+  """The step directories' numbers (those orbax lists: digits only), ascending."""
+  try:
+    names = [p.name for p in epath.Path(directory).iterdir()]
+  except OSError:
+    return []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def _unreadable_metrics(directory: str) -> int | None:
+  """The first step whose metrics file is not JSON (what stops orbax from opening the directory)."""
+  for step in _step_numbers(directory):
+    path = epath.Path(directory) / str(step) / "metrics" / "metrics"
+    if not path.exists():
+      continue
+    try:
+      json.loads(path.read_text())
+    except (OSError, ValueError):
+      return step
+  return None
+
+
+def _everywhere(ok: bool) -> bool:
+  """`ok` on every process (one small all-gather when there are several)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return bool(np.all(multihost_utils.process_allgather(np.asarray([ok]))))
 
 
 def key_to_json(key: jax.Array) -> dict:

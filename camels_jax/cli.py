@@ -1,9 +1,12 @@
 """What every entry point (train, evaluate, perplexity, ...) shares on the command line.
 
 - One-line errors: an expected failure (`checks.UserError`: bad data, a bad config, a missing prerequisite,
-  an unreadable file) prints `error: <what, where, what to do>` on stderr and exits 2; a config that does not
-  parse (unknown key, bad value, missing file) too. `--verbosity=1` shows the traceback. Anything else is a
-  bug and keeps its traceback.
+  an unreadable file, a damaged checkpoint) prints `error: <what, where, what to do>` on stderr and exits 2; a
+  config that does not parse (unknown key, bad value, missing file, a directory) too, and a path of the wrong
+  kind (a file where a directory is expected, or the reverse). Ctrl-C prints one line saying that rerunning
+  the same command resumes, and exits 130 (the manifest records the run as "interrupted"; checkpoints
+  already written are kept). `--verbosity=1` shows the traceback. Anything else is a bug and keeps its
+  traceback.
 - The config is checked whole, every violation listed at once, before a model or dataset is loaded.
 - A quiet terminal: progress bars, one line per phase and the results. Library logs (absl, JAX's backend
   probes, TFDS, orbax, Python warnings) go to <workdir>/log.txt; `--verbosity=1` shows them as well.
@@ -12,14 +15,17 @@
   rerun in a workdir whose config.json differs outside the entry point's `safe` fields is refused with the
   differences listed.
 
+- Flags defined once (`define_flags`): --config, --workdir, --distributed, for every entry point.
+
 An entry point's main is
 
   def main(argv):
-    with cli.session("train", FLAGS.config, workdir, RULES, CROSS, SAFE_ON_RESUME):
+    config, workdir, distributed = cli.flag_values()
+    with cli.session("train", config, workdir, job.RULES, job.CROSS, job.SAFE_ON_RESUME):
       ...
 
   if __name__ == "__main__":
-    define_flags()
+    cli.define_flags(workdir_help="...")
     cli.run(main)
 """
 
@@ -35,10 +41,13 @@ import platform
 import re
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable, Sequence
+from typing import NamedTuple, NoReturn
 
 import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from camels_jax import checks, io_utils
 
@@ -46,10 +55,31 @@ LOG_FILE = "log.txt"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "manifest.json"
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C (128 + SIGINT)
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "tensorflow-datasets",
              "numpy", "ml-collections")
 # Fields that never change what a workdir's artifacts are (every entry point's own list adds to these).
 ALWAYS_SAFE = ("workdir", "jobs")
+
+
+class FlagValues(NamedTuple):
+  config: ml_collections.ConfigDict
+  workdir: str  # --workdir, else the config's workdir
+  distributed: bool | None
+
+
+def define_flags(workdir_help: str) -> None:
+  """The flags every entry point takes (defined only when it runs, so modules can import each other)."""
+  config_flags.DEFINE_config_file("config", None, "Job config (configs/*.py).", lock_config=True)
+  flags.DEFINE_string("workdir", None, f"{workdir_help} (default: config.workdir).")
+  flags.DEFINE_bool(
+      "distributed", None, "Join a multi-process run (jax.distributed); default: detect from the environment.")
+
+
+def flag_values() -> FlagValues:
+  """The parsed --config, --workdir and --distributed."""
+  config = flags.FLAGS.config
+  return FlagValues(config, flags.FLAGS.workdir or config.workdir, flags.FLAGS.distributed)
 
 
 def _verbose(argv: Sequence[str] | None = None) -> bool:
@@ -70,41 +100,112 @@ def one_line(message: str) -> str:
   return " ".join(str(message).split())
 
 
-def fail(message: str) -> None:
-  """Prints `error: message` (one line) on stderr and exits 2."""
-  sys.stderr.write(f"error: {one_line(message)}\n")
+def fail(message: str, status: int = EXIT_USER_ERROR, prefix: str = "error: ") -> NoReturn:
+  """Prints `error: message` (one line) on stderr and exits 2 (or `status`, after `prefix`)."""
+  sys.stderr.write(f"{prefix}{one_line(message)}\n")
   sys.stderr.flush()
-  sys.exit(EXIT_USER_ERROR)
+  sys.exit(status)
+
+
+def _file_on(path: str) -> str | None:
+  """The first part of `path` (itself included) that exists and is not a directory, or None."""
+  parts = os.path.abspath(path).split(os.sep)
+  for i in range(2, len(parts) + 1):
+    prefix = os.sep.join(parts[:i])
+    if os.path.exists(prefix) and not os.path.isdir(prefix):
+      return prefix
+    if not os.path.exists(prefix):
+      return None
+  return None
+
+
+def path_kind_message(e: OSError) -> str | None:
+  """One line for a path of the wrong kind (a file where a directory is expected, or the reverse);
+  None when `e` is another failure."""
+  path = e.filename
+  if path is None:
+    return None
+  if isinstance(e, IsADirectoryError):
+    return f"{path}: is a directory, where a file is expected; give the path of a file"
+  blocker = _file_on(os.fspath(path)) if isinstance(e, (NotADirectoryError, FileExistsError)) else None
+  if blocker is not None:
+    where = "" if os.path.abspath(blocker) == os.path.abspath(path) else f" (in {path})"
+    return f"{blocker}: is a file, where a directory is expected{where}; give a directory, or move the file away"
+  return None
 
 
 def _flag_error_message(e: Exception, argv: Sequence[str]) -> str:
   """What went wrong while parsing the flags (which includes loading and overriding the config)."""
   text = one_line(e)
-  if isinstance(e, AttributeError):  # ml_collections: an override names a field the config does not have
+  # ml_collections: an override names a field (AttributeError) or a section (KeyError) the config lacks.
+  if isinstance(e, (AttributeError, KeyError)):
     key = next(iter(re.findall(r"[A-Za-z_]\w*", text)), "?")
     override = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.") and
-                     a.split("=", 1)[0].split(".")[-1] == key), f"--config...{key}")
+                     key in a.split("=", 1)[0].split(".")[1:]), f"--config...{key}")
     suggestion = re.search(r'Did you mean "([^"]+)"', text)
     hint = f' (did you mean "{suggestion.group(1)}"?)' if suggestion else ""
     return f"{override}: the config has no field {key!r}{hint}"
   if isinstance(e, SyntaxError) and e.filename:
     return f"{e.filename}, line {e.lineno}: not a Python config file ({e.msg})"
+  if isinstance(e, OSError):
+    return _config_load_message(e, argv)
   return text
+
+
+def _config_arg(argv: Sequence[str]) -> str | None:
+  """The path given as --config (the last one given, as absl reads it; without a `:args` suffix), or None."""
+  path = None
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1].split(":", 1)[0]
+  return path
+
+
+def _config_load_message(e: OSError, argv: Sequence[str]) -> str:
+  """Why --config could not be loaded (ml_collections keeps the reason until the config is first read)."""
+  path = _config_arg(argv)
+  if path is not None and os.path.isdir(path):
+    return f"--config={path}: is a directory, where a config file is expected (e.g. configs/default.py)"
+  if path is not None and not os.path.exists(path):
+    return f"--config={path}: no such config file"
+  cause = e.__cause__ or getattr(e, "_error", None) or e
+  return f"--config={path}: the config file cannot be loaded ({one_line(cause)})"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing with one-line errors (exit 2) instead of absl's usage dump."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      getattr(flags.FLAGS.config, "keys", None)  # a config that failed to load raises its reason here
+    return rest
   except Exception as e:  # the config file is user code: any failure in it is the user's to fix
     if _verbose(argv):
       raise
     fail(_flag_error_message(e, argv))
-  return []
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """`absl.app.run(main)` with the project's flag parsing and error handling."""
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C inside `session`: carries the workdir the rerun resumes from."""
+
+  def __init__(self, workdir: str):
+    super().__init__(workdir)
+    self.workdir = workdir
+
+
+def interrupted(e: KeyboardInterrupt) -> NoReturn:
+  """One line saying how to resume, exit 130 (`--verbosity=1`: the traceback)."""
+  if _verbose():
+    raise e
+  workdir = getattr(e, "workdir", None)
+  where = f" from what {workdir} holds (its checkpoints are kept)" if workdir else ""
+  fail(f"rerunning the same command resumes{where}", EXIT_INTERRUPTED, prefix="interrupted: ")
+
+
+def guard(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """`main` with the expected failures turned into one line on stderr and exit 2 (see the module doc)."""
 
   def guarded(argv):
     try:
@@ -117,8 +218,23 @@ def run(main: Callable[[list[str]], None]) -> None:
       if _verbose():
         raise
       fail(f"a file is not UTF-8 text ({e.reason} at byte {e.start}); give a UTF-8 text file")
+    except OSError as e:
+      message = path_kind_message(e)
+      if message is None or _verbose():
+        raise
+      fail(message)
+    except KeyboardInterrupt as e:
+      interrupted(e)
 
-  app.run(guarded, flags_parser=parse_flags)
+  return guarded
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`absl.app.run(main)` with the project's flag parsing and error handling."""
+  try:
+    app.run(guard(main), flags_parser=parse_flags)
+  except KeyboardInterrupt as e:  # while the flags (and the config file) load
+    interrupted(e)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,6 +247,12 @@ def phase(message: str) -> None:
   print(message, flush=True)
 
 
+def _log_unraisable(u) -> None:
+  """Errors Python can only report (e.g. in a coroutine orbax drops after a failed read) go to the log."""
+  text = "".join(traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback))
+  logging.warning("%s: %s", u.err_msg or "Exception ignored", text)
+
+
 def route_logs(workdir: str) -> None:
   """Sends absl/Python logging (and warnings) to <workdir>/log.txt; also to stderr with --verbosity=1."""
   os.makedirs(workdir, exist_ok=True)
@@ -139,7 +261,17 @@ def route_logs(workdir: str) -> None:
   handler.python_handler.stream = stream
   flags.FLAGS.alsologtostderr = _verbose()
   py_logging.captureWarnings(True)
+  sys.unraisablehook = _log_unraisable
   logging.info("command: %s", " ".join(sys.argv))
+
+
+def check_workdir(workdir: str) -> None:
+  """A workdir that is (or lies under) a file is one `checks.UserError`, before anything is written."""
+  blocker = _file_on(workdir)
+  if blocker is not None:
+    where = "" if os.path.abspath(blocker) == os.path.abspath(workdir) else f" (in the workdir {workdir})"
+    raise checks.UserError(f"{blocker}: is a file, where the workdir (a directory: checkpoints, logs, results) "
+                           f"is expected{where}; give a directory with --workdir")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,6 +404,7 @@ def session(entry: str, config: ml_collections.ConfigDict, workdir: str, rules: 
       environment. It happens here, before the first JAX call (the manifest lists the devices).
   """
   checks.validate(config, rules, cross)
+  check_workdir(workdir)
   resolved = config_dict(config)
   changes = check_resume(workdir, resolved, safe)
   route_logs(workdir)
@@ -294,9 +427,9 @@ def session(entry: str, config: ml_collections.ConfigDict, workdir: str, rules: 
   try:
     yield Session(entry, workdir, resolved, record)
     status = "ok"
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
     status = "interrupted"
-    raise
+    raise Interrupted(workdir) from e
   except checks.UserError as e:
     status = f"error: {one_line(e)}"
     raise

@@ -14,10 +14,9 @@ with `mesh.fsdp` spanning them each holds its slice of every parameter; process 
 import os
 
 import jax
-from absl import flags
-from ml_collections import config_flags
+from absl import logging
 
-from camels_jax import cli, evaluation, metrics, sharding, train
+from camels_jax import cli, evaluation, job, metrics, qa_tune, report, sharding
 from camels_jax import data as data_lib
 from camels_jax.models import loading
 
@@ -28,13 +27,14 @@ def run(config, workdir: str, progress: bool = True, distributed: bool | None = 
   # Several processes run the same protocol in lockstep on one mesh (each holds its slice of the parameters
   # when mesh.fsdp spans them); the first reports and writes.
   progress = progress and jax.process_index() == 0
+  say = cli.phase if progress else logging.info
   # Online adaptation follows the base model's shardings: split over mesh.fsdp devices, or whole.
   model = loading.load(config.model, sharding.job_mesh(config))
-  train.check_model_fits(config, model.cfg)
+  job.check_model_fits(config, model.cfg)
   data = data_lib.load(config.data, model.tokenizer, workdir)
   writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)
-  params, _ = train.qa_tuned_params(config, model, data, workdir, writer, progress)
-  ctx = evaluation.Context(config, model, params, data, workdir, progress)
+  params, _ = qa_tune.tuned_params(config, model, data, workdir, writer, progress=progress, say=say)
+  ctx = evaluation.Context(config, model, params, data, workdir, progress, say)
   results = evaluation.run(ctx, writer)
   writer.close()
   return results
@@ -42,28 +42,19 @@ def run(config, workdir: str, progress: bool = True, distributed: bool | None = 
 
 def main(argv):
   del argv
-  config = flags.FLAGS.config
-  workdir = flags.FLAGS.workdir or config.workdir
-  with cli.session("evaluate", config, workdir, train.RULES, train.CROSS, train.SAFE_ON_RESUME,
-                   prerequisites=evaluation.check_prerequisites, distributed=flags.FLAGS.distributed):
-    results = run(config, workdir, distributed=flags.FLAGS.distributed)
+  config, workdir, distributed = cli.flag_values()
+  with cli.session("evaluate", config, workdir, job.RULES, job.CROSS, job.SAFE_ON_RESUME,
+                   prerequisites=job.check_eval_sources, distributed=distributed):
+    results = run(config, workdir, distributed=distributed)
   if jax.process_index():
     return
-  print(evaluation.table(results))
-  cost = evaluation.cost_lines(results)
+  print(report.table(results))
+  cost = report.cost_lines(results)
   if cost:
     print("\n".join(["Adaptation cost:"] + cost) + "\n")
   print(f"outputs in {os.path.join(workdir, 'eval')}; log and manifest in {workdir}")
 
 
-def define_flags():
-  """Flags of this entry point (defined only when it runs, so modules can import each other)."""
-  config_flags.DEFINE_config_file("config", None, "Job config (configs/*.py).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "The train job's workdir (default: config.workdir).")
-  flags.DEFINE_bool(
-      "distributed", None, "Join a multi-process run (jax.distributed); default: detect from the environment.")
-
-
 if __name__ == "__main__":
-  define_flags()
+  cli.define_flags(workdir_help="The train job's workdir")
   cli.run(main)

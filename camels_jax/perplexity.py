@@ -21,10 +21,8 @@ import time
 
 import jax
 import ml_collections
-from absl import flags
-from ml_collections import config_flags
 
-from camels_jax import checks, cli, io_utils, metrics, sharding
+from camels_jax import checks, cli, io_utils, job, metrics, sharding
 from camels_jax.data import generated
 from camels_jax.data import text as text_lib
 from camels_jax.data.sources import DataError, read_text
@@ -96,8 +94,10 @@ def check_prerequisites(config: ml_collections.ConfigDict, workdir: str = "") ->
   """The text is readable and, for method fwl, the train job's workdir holds its config (in seconds)."""
   del workdir
   if config.text_file:
+    job.expect_file(config.text_file, "text_file")
     read_text(config.text_file)
   if config.method == "fwl":
+    job.expect_dir(config.fwl_workdir, "fwl_workdir")
     fwl_job_config(config)
 
 
@@ -141,10 +141,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) 
 
 def main(argv):
   del argv
-  config = flags.FLAGS.config
-  workdir = flags.FLAGS.workdir or config.workdir
+  config, workdir, distributed = cli.flag_values()
   with cli.session("perplexity", config, workdir, RULES, CROSS, SAFE_ON_RESUME, prerequisites=check_prerequisites,
-                   distributed=flags.FLAGS.distributed):
+                   distributed=distributed):
     result = run(config, workdir)
   if jax.process_index():
     return
@@ -155,14 +154,6 @@ def main(argv):
         f"predicted tokens in {result['time_s']:.1f} s{extra}; results in {os.path.join(workdir, 'perplexity.json')}")
 
 
-def define_flags():
-  """Flags of this entry point (defined only when it runs, so modules can import each other)."""
-  config_flags.DEFINE_config_file("config", None, "Job config (configs/*.py).", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Where results and TensorBoard events go (default: config.workdir).")
-  flags.DEFINE_bool(
-      "distributed", None, "Join a multi-process run (jax.distributed); default: detect from the environment.")
-
-
 if __name__ == "__main__":
-  define_flags()
+  cli.define_flags(workdir_help="Where results and TensorBoard events go")
   cli.run(main)

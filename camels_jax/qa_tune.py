@@ -4,7 +4,9 @@ The reference (`subroutines.qa_light_tune_early_stop`, notes/reference.md §5) t
 with Adam (lr 2.5e-5), gradient clipping at 100 and the mean answer+EOS cross-entropy; it validates on
 the QA-val split every `val_steps` updates starting at step 0, stops early when the best of the last
 `stop_k` validations is worse than the best before them, and returns the best model by the stopping
-metric. This module does the same with a pure, jitted `train_step` and an in-memory best copy.
+metric. This module does the same with a pure, jitted `train_step` run by the shared `loop`: in a job it
+checkpoints at every validation (<workdir>/qa_tune), so a QA-tuning killed at any step resumes to the
+uninterrupted result, and the finished model is kept in <workdir>/qa_tuned for the jobs after it.
 
 Deviations: the transformer has no dropout (the reference trains GPT-2 in train mode, dropout 0.1); a step
 here is one optimizer update (the reference counts micro-batches); a final validation runs at max_steps
@@ -12,23 +14,25 @@ so the last params can be chosen.
 """
 
 import functools
-import math
+import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
+from absl import logging
 from flax import nnx
 
-from camels_jax import checks, qa, sharding
+from camels_jax import checkpoint, checks, loop, qa, sharding
 from camels_jax.adapt import loss
 from camels_jax.data import pipeline
 from camels_jax.models import transformer
 
+JOB = "qa_tune"  # the loop's checkpoints: <workdir>/qa_tune
+TUNED = "qa_tuned"  # the finished QA-tuned params: <workdir>/qa_tuned
 STOP_METRICS = {"nll": "min", "f1": "max", "em": "max", "prefix_em": "max"}
 OPTIMIZERS = ("adam", "adamw", "sgd")
 _TRAIN_KEYS = qa.LIKELIHOOD_KEYS
@@ -198,54 +202,6 @@ def stop_rule(history: Sequence[Mapping[str, float]], metric: str, patience: int
   return should_stop(values, patience, mode)
 
 
-def _improves(value: float, best: float | None, mode: str) -> bool:
-  if best is None:
-    return True
-  return value < best if mode == "min" else value > best
-
-
-# ------------------------------------------------------------------------------------------------
-# The loop.
-
-
-class TuneState(NamedTuple):
-  """Everything needed to resume `qa_tune` right after the validation at `step`."""
-
-  step: int
-  params: transformer.Params
-  opt_state: optax.OptState
-  loader_state: dict[str, int]
-  history: list[dict[str, Any]]  # the validation records so far, oldest first
-  best_params: transformer.Params
-
-
-class Checkpointer(Protocol):
-  """What `qa_tune` asks of a checkpointer (the orbax one is to come; `InMemoryCheckpointer` below)."""
-
-  def restore(self) -> TuneState | None:
-    """The state to resume from, or None to start afresh."""
-
-  def on_validate(self, step: int, params, opt_state, loader_state: dict[str, int],
-                  metrics: dict[str, Any]) -> None:
-    """Called after every validation. `metrics` is the validation record (with "step", "is_best" and
-    "stop"); saving params as the best ones when metrics["is_best"] makes the run resumable."""
-
-
-class InMemoryCheckpointer:
-  """A `Checkpointer` that keeps the latest state in memory (the contract, and a test double)."""
-
-  def __init__(self):
-    self.state: TuneState | None = None
-
-  def restore(self) -> TuneState | None:
-    return self.state
-
-  def on_validate(self, step, params, opt_state, loader_state, metrics):
-    history = (list(self.state.history) if self.state else []) + [dict(metrics)]
-    best = params if metrics["is_best"] or self.state is None else self.state.best_params
-    self.state = TuneState(step, params, opt_state, dict(loader_state), history, best)
-
-
 def validate(model, data, config: ml_collections.ConfigDict, params,
              progress: bool = False) -> dict[str, Any]:
   """QA-val metrics of `params`: NLL, plus EM / prefix EM / F1 when config.val_decoding is set."""
@@ -260,81 +216,101 @@ def _check(config: ml_collections.ConfigDict) -> None:
 
 
 def qa_tune(model, data, config: ml_collections.ConfigDict, writer, progress: bool = True,
-            checkpointer: Checkpointer | None = None,
-            on_validate: Callable[..., None] | None = None, mesh: jax.sharding.Mesh | None = None
+            mesh: jax.sharding.Mesh | None = None, workdir: str | None = None
             ) -> tuple[transformer.Params, list[dict[str, Any]]]:
-  """QA-tunes `model` on data's QA-train split with early stopping on QA-val.
+  """QA-tunes `model` on data's QA-train split with early stopping on QA-val, through `loop.run`.
 
   Args:
     model: a `loading.Loaded` (graphdef, params, cfg, tokenizer); its params are not modified.
     data: a `data.Data` (qa_loader / qa_eval_batches / splits).
     config: a `qa_tune_config()` section.
-    writer: has write_scalars(step, dict) (`metrics.MetricWriter`); gets "qa_tune/train_*" every
-      log_every updates and "qa_tune/val_*" at every validation.
+    writer: has write_scalars(step, dict) (`metrics.MetricWriter`); gets "qa_tune/train/*" every
+      log_every updates and "qa_tune/val/*" at every validation.
     progress: show tqdm bars.
-    checkpointer: resumes from `restore()` and receives every validation (see `Checkpointer`).
-    on_validate: extra callback on_validate(step, params, opt_state, loader_state, metrics) after every
-      validation (e.g. a plain save hook).
     mesh: batches are split over its data axis (default: the mesh the model's params are on).
+    workdir: checkpoints in <workdir>/qa_tune at every validation (a killed run resumes from the last one);
+      None keeps the best params in memory (the evaluation's light-tune).
 
   Returns:
     (best_params, history): the params of the best validation by config.stop_metric, and the validation
-    records (step, nll, em, prefix_em, f1, n, tokens, is_best, stop), oldest first.
+    records (step, train_loss, nll, em, prefix_em, f1, n, tokens, is_best, stop), oldest first.
   """
   _check(config)
   mesh = mesh or sharding.mesh_of(model.params)
   if data.config.qa_batch_size % mesh.shape[sharding.DATA_AXIS]:
     raise checks.ConfigError(f"data.qa_batch_size={data.config.qa_batch_size} must be a multiple of the "
                              f"{mesh.shape[sharding.DATA_AXIS]} devices QA-tuning splits each batch over")
-  mode = STOP_METRICS[config.stop_metric]
-  graphdef = model.graphdef
   opt = make_optimizer(config)
   loader = data.qa_loader(config.train_split)
-  resumed = checkpointer.restore() if checkpointer is not None else None
-  if resumed is not None:
-    step, params, opt_state, history, best_params = (resumed.step, resumed.params, resumed.opt_state,
-                                                     list(resumed.history), resumed.best_params)
-    loader.restore(resumed.loader_state)
-  else:
-    step, params, opt_state, history, best_params = 0, model.params, opt.init(model.params), [], model.params
-  best = min((h[config.stop_metric] for h in history if h["is_best"]), default=None,
-             key=lambda v: v if mode == "min" else -v)
 
-  def run_validation() -> bool:
-    nonlocal best, best_params
-    record = dict(step=step, **validate(model, data, config, params, progress))
-    record["is_best"] = _improves(record[config.stop_metric], best, mode)
-    if record["is_best"]:
-      best, best_params = record[config.stop_metric], params
-    history.append(record)
-    record["stop"] = stop_rule(history, config.stop_metric, config.patience)
-    writer.write_scalars(step, {f"qa_tune/val_{k}": v for k, v in record.items()
-                                if k in ("nll", "em", "prefix_em", "f1") and not math.isnan(v)})
-    for hook in (checkpointer.on_validate if checkpointer else None, on_validate):
-      if hook is not None:
-        hook(step, params, opt_state, loader.state, dict(record))
-    return record["stop"]
-
-  stopped = stop_rule(history, config.stop_metric, config.patience) if resumed else run_validation()
-  bar = tqdm.tqdm(total=config.max_steps, initial=step, desc="qa tune", disable=not progress)
-  sums, n_logged = {}, 0
-  while not stopped and step < config.max_steps:
+  def step_fn(state, carry, step, rng):
+    del step, rng
     micro = [next(loader) for _ in range(config.grad_accum)]
     batch = stack(micro) if config.grad_accum > 1 else {k: micro[0][k] for k in _TRAIN_KEYS}
     # Data parallel: the question rows split over the mesh's data axis (every process feeds its own).
     batch = sharding.shard_batch(batch, mesh, dim=int(config.grad_accum > 1))
-    params, opt_state, metrics = train_step(graphdef, opt, params, opt_state, batch)
-    step += 1
-    bar.update(1)
-    for k, v in metrics.items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-    n_logged += 1
-    if step % config.log_every == 0 or step == config.max_steps:
-      means = {k: v / n_logged for k, v in sums.items()}
-      writer.write_scalars(step, {f"qa_tune/train_{k}": v for k, v in means.items()})
-      bar.set_postfix(loss=f"{means['loss']:.3f}", val_nll=f"{history[-1]['nll']:.3f}")
-      sums, n_logged = {}, 0
-    if step % config.val_every == 0 or step == config.max_steps:
-      stopped = run_validation()
-  bar.close()
-  return best_params, history
+    params, opt_state, metrics = train_step(model.graphdef, opt, state["params"], state["opt"], batch)
+    return {"params": params, "opt": opt_state}, carry, metrics
+
+  cfg = loop.LoopConfig(JOB, config.max_steps, config.val_every, config.stop_metric,
+                        STOP_METRICS[config.stop_metric], log_every=config.log_every, max_to_keep=1)
+  result = loop.run(cfg, {"params": model.params, "opt": opt.init(model.params)}, step_fn,
+                    lambda state: validate(model, data, config, state["params"], progress), workdir=workdir,
+                    writer=writer, rng=jax.random.key(0), loader=loader,
+                    stop_fn=lambda history: stop_rule(history, config.stop_metric, config.patience),
+                    progress=progress, desc="qa tune")
+  return result.state["params"], result.history
+
+
+# ------------------------------------------------------------------------------------------------
+# The QA-tuned model of a workdir.
+
+
+def load_tuned(model, workdir: str):
+  """(params, history) of the finished QA-tuning in <workdir>/qa_tuned, or None if there is none."""
+  directory = os.path.join(workdir, TUNED)
+  if not os.path.isdir(directory):
+    return None
+  with checkpoint.Checkpointer(directory, max_to_keep=1) as ckpt:
+    if ckpt.latest_step() is None:
+      return None
+    restored = ckpt.restore(None, {"params": model.params})
+  logging.info("qa_tune: loaded the QA-tuned model from %s", directory)
+  return restored.state["params"], restored.meta["history"]
+
+
+def tuned_params(config: ml_collections.ConfigDict, model, data, workdir: str, writer, progress: bool = True,
+                 say: Callable[[str], None] = logging.info):
+  """The QA-tuned base params of the job `config`: loaded from <workdir>/qa_tuned when a QA-tuning finished
+  there, else trained (resuming an interrupted one from <workdir>/qa_tune) and saved there.
+
+  Returns:
+    (params, history) as `qa_tune` returns them.
+  """
+  tuned = os.path.join(workdir, TUNED)
+  try:
+    found = load_tuned(model, workdir)
+  except checkpoint.DamagedCheckpoint as e:
+    # The loop's own checkpoints in <workdir>/qa_tune hold the same run: set the damaged copy aside (nothing
+    # written is deleted) and rebuild it from them, which costs no training when that run had finished.
+    os.replace(tuned, _free_name(tuned + checkpoint.DAMAGED_SUFFIX))
+    say(f"qa_tune: {e}; set it aside and rebuilding it from {os.path.join(workdir, JOB)}")
+    found = None
+  if found is not None:
+    say(f"qa_tune: loaded the finished QA-tuning in {tuned}")
+    return found
+  say(f"qa_tune: QA-tuning the base model, at most {config.qa_tune.max_steps} steps")
+  params, history = qa_tune(model, data, config.qa_tune, writer, progress=progress,
+                            mesh=sharding.job_mesh(config), workdir=workdir)
+  with checkpoint.Checkpointer(tuned, max_to_keep=1) as ckpt:
+    ckpt.save(history[-1]["step"] + 1, {"params": params}, meta={"history": history})
+  return params, history
+
+
+def _free_name(path: str) -> str:
+  """`path`, or `path`.1, .2, ... : the first that does not exist."""
+  candidate, i = path, 0
+  while os.path.exists(candidate):
+    i += 1
+    candidate = f"{path}.{i}"
+  return candidate

@@ -15,7 +15,7 @@ A smoke test that it runs end to end: add --config.qa_tune.max_steps=2 --config.
 import ml_collections
 
 from camels_jax.data import get_data_config
-from camels_jax.evaluation import eval_config
+from camels_jax.eval_config import eval_config
 from camels_jax.methods.camels import camels_config
 from camels_jax.models.loading import model_config
 from camels_jax.qa_tune import qa_tune_config

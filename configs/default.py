@@ -57,7 +57,7 @@ What differs from the reference's settings (configs/camels_squad.py keeps them),
 import ml_collections
 
 from camels_jax.data import get_data_config
-from camels_jax.evaluation import eval_config
+from camels_jax.eval_config import eval_config
 from camels_jax.methods.camels import INIT_WEIGHT, camels_config
 from camels_jax.models.loading import model_config
 from camels_jax.qa_tune import qa_tune_config

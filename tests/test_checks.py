@@ -7,7 +7,7 @@ import os
 import ml_collections
 import pytest
 
-from camels_jax import checks, evaluation, perplexity, qa_tune, train
+from camels_jax import checks, eval_config, evaluation, job, perplexity, qa_tune
 from camels_jax.methods import camels
 from tests.tiny_config import REPO, load_config
 
@@ -16,7 +16,7 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 
 
 def _job(config):
   """(rules, cross) of the entry point that reads `config`: train / evaluate, or perplexity."""
-  return (train.RULES, train.CROSS) if "jobs" in config else (perplexity.RULES, perplexity.CROSS)
+  return (job.RULES, job.CROSS) if "jobs" in config else (perplexity.RULES, perplexity.CROSS)
 
 
 def _loose(config) -> ml_collections.ConfigDict:
@@ -60,7 +60,7 @@ def _holder(path: str) -> str:
   return "tiny" if path.split(".")[0] in _LOADED["tiny"] else "fwl_small"
 
 
-_BAD = ([(_holder(path), path, rule) for path, rule in checks.flat_rules(train.RULES).items()]
+_BAD = ([(_holder(path), path, rule) for path, rule in checks.flat_rules(job.RULES).items()]
         + [("ppl_smollm2", path, rule) for path, rule in checks.flat_rules(perplexity.RULES).items()])
 
 
@@ -78,7 +78,7 @@ def test_every_violation_is_listed_in_one_error():
   config = _loose(load_config("tiny"))
   config.data.qa_len, config.camels.outer_lr, config.eval.select, config.model.dtype = 0, -1.0, "bleu", "int8"
   with pytest.raises(checks.ConfigError) as e:
-    checks.validate(config, train.RULES, train.CROSS)
+    checks.validate(config, job.RULES, job.CROSS)
   message = str(e.value)
   assert "4 invalid field(s)" in message
   for key in ("data.qa_len=0", "camels.outer_lr=-1.0", "eval.select='bleu'", "model.dtype='int8'"):
@@ -117,7 +117,7 @@ def test_a_cross_field_violation_is_reported_by_full_key(changes, expected):
   config = _loose(load_config("tiny"))
   for path, value in changes.items():
     _set(config, path.replace("__", "."), value)
-  found = checks.violations(config, train.RULES, train.CROSS)
+  found = checks.violations(config, job.RULES, job.CROSS)
   assert len(found) == 1 and expected in found[0], found
 
 
@@ -125,7 +125,7 @@ def test_cross_checks_wait_for_fields_in_range():
   # A field out of range is reported alone: cross-field checks assume every field is valid.
   config = _loose(load_config("tiny"))
   config.camels.val_every, config.camels.reset_every = 6, 0
-  assert _keys(checks.violations(config, train.RULES, train.CROSS)) == ["camels.reset_every"]
+  assert _keys(checks.violations(config, job.RULES, job.CROSS)) == ["camels.reset_every"]
 
 
 def test_sections_check_themselves_when_called_as_a_library():
@@ -139,7 +139,7 @@ def test_sections_check_themselves_when_called_as_a_library():
   q.patience = 0
   with pytest.raises(checks.ConfigError, match="qa_tune.patience=0"):
     qa_tune._check(q)
-  e = evaluation.eval_config()
+  e = eval_config.eval_config()
   assert checks.violations(ml_collections.ConfigDict({"eval": e}), {"eval": evaluation.RULES},
                            checks.within("eval", evaluation.CROSS)) == []
 

@@ -1,9 +1,11 @@
 """The command line every entry point shares (camels_jax/cli.py): one-line errors with exit status 2, the
 config checked before any work, the run manifest, quiet terminals. Entry points run as subprocesses."""
 
+import collections
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -52,6 +54,11 @@ CASES = {
         ("negative count", ("--config.camels.steps=-3",), "camels.steps"),
         ("MAC with T = 0", ("--config.jobs=qa_tune,mac", "--config.mac.tokens=0"), "mac.tokens"),
         ("MAC heads that do not divide the width", ("--config.jobs=mac", "--config.mac.heads=3"), "mac.heads=3"),
+        # Paths of the wrong kind: a file where a directory is expected, and the reverse.
+        ("workdir is a file", ("--workdir={dir}/empty.txt",), "empty.txt: is a file, where the workdir"),
+        ("data_dir is a file", ("--config.data.data_dir={dir}/empty.txt",), "empty.txt: is a file, where a directory"),
+        ("config is a directory", ("--config={dir}",), "is a directory, where a config file is expected"),
+        ("missing config file", ("--config={dir}/missing.py",), "missing.py: no such config file"),
     ],
     "evaluate": [
         *DATA_CASES,
@@ -59,6 +66,8 @@ CASES = {
         ("unknown method", ("--config.eval.methods=uniform,foo",), "eval.methods"),
         ("negative count", ("--config.eval.curve_points=-1",), "eval.curve_points"),
         ("MAC not trained", ("--config.eval.methods=uniform,mac",), "no trained MAC"),
+        ("data file is a directory", (*SQUAD, "--config.data.path={dir}/ckpt"), "ckpt: is a directory, where a file"),
+        ("workdir under a file", ("--workdir={dir}/empty.txt/wd",), "empty.txt: is a file, where the workdir"),
     ],
     "perplexity": [
         ("missing file", ("--config.text_file={dir}/missing.txt",), "missing.txt"),
@@ -68,6 +77,7 @@ CASES = {
         ("unknown key", ("--config.stepz=1",), "stepz"),
         ("unknown choice", ("--config.model.dtype=float99",), "model.dtype"),
         ("negative count", ("--config.batch_size=-1",), "batch_size"),
+        ("text file is a directory", ("--config.text_file={dir}/ckpt",), "ckpt: is a directory, where a file"),
     ],
 }
 
@@ -84,6 +94,57 @@ def test_expected_failures_print_one_line_and_exit_2(tmp_path, name, case, args,
   assert names in lines[0], (case, lines[0])
   assert "Traceback" not in result.stderr + result.stdout
   assert not os.path.exists(tmp_path / "wd" / "qa_tune"), "failed after starting to QA-tune"
+
+
+def test_interrupt_says_how_to_resume_and_exits_130(tmp_path):
+  """Ctrl-C once the job has started (its first phase line): one line, exit 130, the run marked interrupted."""
+  workdir = tmp_path / "wd"
+  cmd = [sys.executable, "-m", "camels_jax.train", f"--config={ENTRY_CONFIGS['train']}", f"--workdir={workdir}",
+         "--config.jobs=qa_tune"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  first = proc.stdout.readline()
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert first.startswith("model:"), (first, err[-3000:])
+  assert proc.returncode == cli.EXIT_INTERRUPTED, err[-3000:]
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert lines == [f"interrupted: rerunning the same command resumes from what {workdir} holds (its checkpoints "
+                   f"are kept)"], err[-3000:]
+  assert "Traceback" not in out + err
+  (run,) = json.loads((workdir / cli.MANIFEST_FILE).read_text())["runs"]
+  assert run["status"] == "interrupted" and run["end"] is not None
+
+
+def test_path_kind_messages():
+  e = NotADirectoryError(20, "Not a directory", __file__ + "/sub/file.json")
+  assert cli.path_kind_message(e) == (f"{__file__}: is a file, where a directory is expected (in {e.filename}); "
+                                      f"give a directory, or move the file away")
+  e = IsADirectoryError(21, "Is a directory", os.path.dirname(__file__))
+  assert cli.path_kind_message(e).startswith(f"{e.filename}: is a directory, where a file is expected")
+  assert cli.path_kind_message(FileNotFoundError(2, "No such file", "/nonexistent/x")) is None
+  assert cli.path_kind_message(PermissionError(13, "Permission denied")) is None
+
+
+def test_guard_turns_expected_failures_into_one_line(capsys):
+  def raising(error):
+    def main(argv):
+      raise error
+    return cli.guard(main)
+
+  for error, status, line in [
+      (checks.UserError("bad\nthing"), 2, "error: bad thing"),
+      (IsADirectoryError(21, "Is a directory", os.path.dirname(__file__)), 2,
+       f"error: {os.path.dirname(__file__)}: is a directory, where a file is expected; give the path of a file"),
+      (cli.Interrupted("/w"), 130, "interrupted: rerunning the same command resumes from what /w holds (its "
+                                   "checkpoints are kept)"),
+      (KeyboardInterrupt(), 130, "interrupted: rerunning the same command resumes"),
+  ]:
+    with pytest.raises(SystemExit) as e:
+      raising(error)(["prog"])
+    assert e.value.code == status
+    assert capsys.readouterr().err == line + "\n"
+  with pytest.raises(FileNotFoundError):  # not a path of the wrong kind: a bug keeps its traceback
+    raising(FileNotFoundError(2, "No such file", "/nonexistent/x"))(["prog"])
 
 
 def test_verbosity_1_shows_the_traceback(tmp_path):
@@ -139,6 +200,41 @@ def test_manifest_quiet_terminal_and_resume_rules(tmp_path):
   assert runs[1]["config_changes"] == {"camels.steps": [8, 12]}
   assert json.loads((workdir / cli.CONFIG_FILE).read_text())["camels"]["steps"] == 12
 
+  # A damaged copy of the finished QA-tuning (its array data cut short, as a partial copy leaves it) is set
+  # aside, never deleted, and rebuilt from the QA-tuning's own checkpoints without training again.
+  tuned = workdir / "qa_tuned"
+  (step,) = [p for p in tuned.iterdir() if p.name.isdigit()]
+  _truncate_largest(step)
+  before = sorted(str(p.relative_to(tuned)) for p in tuned.rglob("*"))
+  rebuilt = entry("train", workdir, "--config.jobs=qa_tune", "--config.camels.steps=12")
+  assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+  assert "set it aside" in rebuilt.stdout and "Traceback" not in rebuilt.stderr
+  aside = workdir / "qa_tuned.damaged"
+  assert sorted(str(p.relative_to(aside)) for p in aside.rglob("*")) == before
+  assert json.loads((workdir / "train_results.json").read_text())["qa_tune"] == results["qa_tune"]
+
+  # With every checkpoint of the run damaged as well: one line naming the step and what to do, files kept.
+  for directory in (tuned, workdir / "qa_tune"):
+    for step in [p for p in directory.iterdir() if p.name.isdigit()]:
+      _truncate_largest(step)
+  files = lambda: sorted((p.name, p.stat().st_size) for p in workdir.rglob("*") if p.is_file() and "qa_tune" in str(p))
+  before = files()
+  damaged = entry("train", workdir, "--config.jobs=qa_tune", "--config.camels.steps=12")
+  lines = [line for line in damaged.stderr.splitlines() if line.strip()]
+  assert damaged.returncode == 2, damaged.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and "qa_tune" in lines[0], lines
+  assert ("is damaged (" in lines[0] or "reads back" in lines[0]) and lines[0].endswith("to start again"), lines
+  assert "Traceback" not in damaged.stderr + damaged.stdout
+  assert not collections.Counter(before) - collections.Counter(files())  # every file is still there
+  assert json.loads((workdir / cli.MANIFEST_FILE).read_text())["runs"][-1]["status"].startswith("error: ")
+
+
+def _truncate_largest(step_dir):
+  data_files = [os.path.join(root, f) for root, _, names in os.walk(step_dir / "state") for f in names
+                if f != "commit_success.txt"]
+  with open(max(data_files, key=os.path.getsize), "r+b") as f:
+    f.truncate(100)
+
 
 def test_flag_errors_name_the_override():
   e = AttributeError("'stepz'\nDid you mean \"steps\" instead of \"stepz\"?")
@@ -158,7 +254,7 @@ def test_config_differences_and_safe_fields():
 def test_user_errors_are_the_expected_ones():
   from camels_jax.data.sources import DataError
   from camels_jax.models.convert import CheckpointError
-  from camels_jax.models.gguf import GGUFError
+  from camels_jax.models.gguf_file import GGUFError
   from camels_jax.models.tokenizer import TokenizerError
 
   for error in (DataError, CheckpointError, GGUFError, TokenizerError, checks.ConfigError):

@@ -1,17 +1,19 @@
-"""The evaluation job: every method through one adaptation path, intervals and paired comparisons, the lr rule,
-the table, predictions, strict JSON, atomic outputs, SQuAD end to end."""
+"""The evaluation job: every method through one protocol, a new method as one class, intervals and paired
+comparisons (a pure function of the results), the lr rule, the clock, predictions, strict JSON, atomic outputs,
+SQuAD end to end."""
 
+import dataclasses
 import json
 import os
 
 import numpy as np
 import pytest
 
-from camels_jax import evaluate, evaluation, io_utils, plots, train
+from camels_jax import checks, eval_config, evaluate, evaluation, io_utils, plots, qa_tune, report, stats, train
 from camels_jax.methods import mac
-from tests.tiny_config import REPO, tiny_default
+from tests.tiny_config import tiny_default
 
-SQUAD = os.path.join(REPO, "..", "shared", "data", "squad_v1.1_dev_part.json")
+METHODS = ("uniform", "ssm", "tfidf", "camels", "uniform+qa_lt", "mac")  # every method the library registers
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,7 @@ def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("eval"))
   config = tiny_default()
   config.jobs = "qa_tune,camels,mac"
-  config.eval.methods = ",".join(evaluation.METHODS)
+  config.eval.methods = ",".join(METHODS)
   train.run(config, workdir, progress=False)
   return config, workdir
 
@@ -27,7 +29,7 @@ def trained(tmp_path_factory):
 def test_all_methods_produce_the_table_and_outputs(trained):
   config, workdir = trained
   results = evaluate.run(config, workdir, progress=False)
-  assert set(results["methods"]) == set(evaluation.METHODS)
+  assert set(results["methods"]) == set(METHODS) == set(evaluation.REGISTRY)
   n = results["test_questions"]
   assert results["select"] == config.eval.select
   _assert_ci(results["no_adaptation"], n)
@@ -42,6 +44,11 @@ def test_all_methods_produce_the_table_and_outputs(trained):
       assert p["lo"] <= p["f1"] <= p["hi"]
     assert set(r["retention"]) == {"right_after", "at_end"}
     assert r["uptake"] == pytest.approx(results["no_adaptation"]["nll"] - r["test"]["nll"])
+    assert r["test"]["nll"] != results["no_adaptation"]["nll"]  # it adapted (MAC: answered with a prefix)
+    # Each second is charged to one phase: the curve scored along the stream is not also "adapt".
+    t = r["time_s"]
+    phases = sum(v for k, v in t.items() if k not in ("adapt_per_doc", "total"))
+    assert phases <= t["total"] and t["adapt_per_doc"] == pytest.approx(t["adapt"] / results["test_docs"])
     if method != "mac":  # MAC weighs no tokens
       assert r["weights"]["facts_tokens"] > 0 and r["weights"]["facts_filler"] > 0 and r["weights"]["mean_weight"] > 0
     assert r["memory_bytes"]["adapt"] > 0
@@ -55,6 +62,8 @@ def test_all_methods_produce_the_table_and_outputs(trained):
       assert all(p["vs_uniform"]["n"] > 0 for p in r["curve"])
   for method in ("uniform", "uniform+qa_lt"):
     assert results["methods"][method]["weights"]["facts_filler"] == pytest.approx(1.0)
+  assert results["methods"]["camels"]["weights"]["facts_filler"] != pytest.approx(1.0)  # learned, not uniform
+  assert results["methods"]["uniform"]["time_s"]["curve"] > 0  # scored along the stream, timed apart
   # uniform + light-tune reuses uniform's chosen lr without a sweep, and uniform's adapted stream: the same
   # curve along the stream, the light-tune only after it.
   lt, uniform = results["methods"]["uniform+qa_lt"], results["methods"]["uniform"]
@@ -75,14 +84,15 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   names = set(os.listdir(out))
   assert {"results.json", "results.md", "f1_curve.png", "predictions"} <= names
   assert {f"weights_{m}.{ext}" for m in ("uniform", "ssm", "tfidf", "camels") for ext in ("png", "html")} <= names
+  assert not any(n.startswith(("weights_mac", "weights_uniform+")) for n in names)  # no weights, or uniform's
   with open(os.path.join(out, "results.json")) as f:
     text = f.read()
   stored = _strict_json(text)
   assert stored["methods"].keys() == results["methods"].keys()
   assert "per_question" not in text and "predictions" not in text  # those go to predictions/
   assert stored["methods"]["camels"]["vs_uniform"]["f1"].keys() == {"mean", "lo", "hi", "n"}
-  for name in ("no_adaptation",) + evaluation.METHODS:
-    stem = os.path.join(out, "predictions", evaluation.prediction_file_name(name))
+  for name in ("no_adaptation",) + METHODS:
+    stem = os.path.join(out, "predictions", report.prediction_file_name(name))
     with open(stem + ".json") as f:
       answers = _strict_json(f.read())
     assert len(answers) == n and all(isinstance(a, str) for a in answers.values())
@@ -95,9 +105,9 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   with open(os.path.join(out, "results.md")) as f:
     md = f.read()
   assert md.count("**best**") == 1 and "| camels |" in md and "| no adaptation |" in md
-  assert "MAC / CaMeLS adaptation time per document" in md and "| mac | - |" in md
+  assert "mac / camels adaptation time per document" in md and "| mac | - |" in md
   assert "F1 − uniform [95% CI]" in md and f"{n} questions" in md and evaluation.SELECT_RULES[config.eval.select] in md
-  printed = evaluation.table(results)
+  printed = report.table(results)
   assert "nan" not in printed.lower() and max(len(line) for line in printed.splitlines()) <= 160
 
 
@@ -116,14 +126,13 @@ def _strict_json(text):
 
 def test_zero_learning_rate_leaves_qa_scores_unchanged(trained):
   config, workdir = trained
-  model_ctx = _context(config, workdir)
-  docs = list(model_ctx.data.stream().docs)
-  weights = evaluation.weighting_fn(model_ctx, "uniform", [])
-  adapted = evaluation.adapt(model_ctx, docs, weights, 0.0)
-  before = evaluation.score(model_ctx, model_ctx.params, docs, "greedy", "before")
-  after = evaluation.score(model_ctx, adapted, docs, "greedy", "after")
+  ctx = _context(config, workdir)
+  docs = list(ctx.data.stream().docs)
+  uniform = evaluation.REGISTRY["uniform"].prepare(ctx, docs)
+  before = evaluation.score(ctx, ctx.params, docs, "greedy", "before")
+  after = uniform.answer(ctx, uniform.adapt(ctx, docs, 0.0), docs, "greedy", "after")
   assert after == before
-  moved = evaluation.score(model_ctx, evaluation.adapt(model_ctx, docs, weights, 1e-2), docs, "greedy", "x")
+  moved = uniform.answer(ctx, uniform.adapt(ctx, docs, 1e-2), docs, "greedy", "x")
   assert moved["nll"] != before["nll"]
 
 
@@ -132,7 +141,7 @@ def _context(config, workdir):
   from camels_jax.models import loading
   model = loading.load(config.model)
   data = data_lib.load(config.data, model.tokenizer, workdir)
-  params, _ = train.qa_tuned_params(config, model, data, workdir, writer=None, progress=False)
+  params, _ = qa_tune.tuned_params(config, model, data, workdir, writer=None, progress=False)
   return evaluation.Context(config, model, params, data, workdir, progress=False)
 
 
@@ -148,8 +157,7 @@ def test_interrupted_evaluation_leaves_complete_outputs_or_none(trained, monkeyp
     raise KeyboardInterrupt  # as if the job were stopped while writing its outputs
 
   monkeypatch.setattr(plots, "plot_curves", crash)
-  ctx = _context(config, workdir)
-  ctx.workdir = out
+  ctx = dataclasses.replace(_context(config, workdir), workdir=out)
   with pytest.raises(KeyboardInterrupt):
     evaluation.run(ctx, _NullWriter())
   assert os.listdir(out) == []  # no eval/ folder and no temporary leftovers
@@ -169,12 +177,47 @@ class _NullWriter:
     pass
 
 
-@pytest.mark.skipif(not os.path.exists(SQUAD), reason="needs ../shared/data")
-def test_tiny_end_to_end_evaluation_on_the_shared_squad_file(tmp_path):
+class _Unadapted(evaluation.Method):
+  """A method that reads the stream and learns nothing: all a new method has to write."""
+
+  name = "unadapted"
+
+  def adapt(self, ctx, docs, lr, on_doc=None, desc="adapt"):
+    for i in range(len(docs)):
+      on_doc and on_doc(i, ctx.params)
+    return ctx.params
+
+
+def test_a_new_method_is_one_class_and_one_registry_line(trained, tmp_path):
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.eval.methods = "uniform,unadapted"
+  config.eval.lrs = (1e-3,)
+  ctx = dataclasses.replace(_context(config, workdir), workdir=str(tmp_path))
+  evaluation.register(_Unadapted())
+  try:
+    results = evaluation.run(ctx, _NullWriter())
+  finally:
+    evaluation.REGISTRY.pop("unadapted")
+  r, na, n = results["methods"]["unadapted"], results["no_adaptation"], results["test_questions"]
+  # It learned nothing: the base model's answers and scores, exactly; no lr, no token weights.
+  assert r["test"] == na and r["uptake"] == 0.0 and r["lr"] is None and r["sweep"] == [] and r["weights"] == {}
+  assert [p["docs"] for p in r["curve"]] == [2, 4] and set(r["retention"]) == {"right_after", "at_end"}
+  uniform_f1 = results["methods"]["uniform"]["test"]["f1"]
+  assert r["vs_uniform"]["f1"]["n"] == n and r["vs_uniform"]["f1"]["mean"] == pytest.approx(na["f1"] - uniform_f1)
+  assert "\nunadapted " in report.table(results)
+  with open(tmp_path / "eval" / "results.md") as f:
+    assert "| unadapted | - |" in f.read()
+  assert (tmp_path / "eval" / "predictions" / "unadapted.json").exists()
+  with pytest.raises(checks.ConfigError, match="eval.methods"):  # unregistered again
+    evaluation.run(ctx, _NullWriter())
+
+
+def test_tiny_end_to_end_evaluation_on_the_shared_squad_file(tmp_path, shared_data):
   from camels_jax.data import get_data_config  # pylint: disable=g-import-not-at-top
   config = tiny_default()
   config.data = get_data_config("squad")
-  config.data.path = SQUAD
+  config.data.path = shared_data("squad_v1.1_dev_part.json")
   config.data.split_sizes.update(qa_train=2, qa_val=1, meta_train=1, meta_val=1, test=1)
   config.data.doc_buckets = (256,)
   config.data.qa_len = 64
@@ -214,7 +257,7 @@ def test_select_lr_rules_pick_different_known_best_lrs():
   assert evaluation.select_lr([{"lr": 1.0, "f1": None, "prefix_em": None, "nll": 0.1}] + SWEEP, "f1") == 1e-5
   with pytest.raises(ValueError, match="eval.select"):
     evaluation.select_lr(SWEEP, "em")
-  assert evaluation.eval_config().select in evaluation.SELECT_RULES
+  assert eval_config.eval_config().select in evaluation.SELECT_RULES
 
 
 def test_weight_diagnostics_pool_over_documents():
@@ -232,45 +275,103 @@ def test_weight_diagnostics_pool_over_documents():
 
 
 def _scores(f1s, nll=1.0):
+  """A `score` result with these per-question F1s (EM: F1 == 1), each question's answer NLL `nll`."""
+  f1s = [float(x) for x in f1s]
   n = len(f1s)
-  pq = {m: list(map(float, f1s)) for m in evaluation.CI_METRICS} | {"nll": [nll] * n, "tokens": [2.0] * n}
+  pq = {m: [float(x == 1.0) if "em" in m else x for x in f1s] for m in evaluation.CI_METRICS}
+  pq |= {"nll": [nll] * n, "tokens": [2.0] * n}
   predictions = [{"index": i, "id": f"doc/{i}", "question": f"q{i}?", "golds": ["a"], "answer": f"a{i}"}
                  for i in range(n)]
-  return {m: float(np.mean(f1s)) if n else float("nan") for m in evaluation.CI_METRICS} | {
+  return {m: float(np.mean(pq[m])) if n else float("nan") for m in evaluation.CI_METRICS} | {
       "nll": nll, "n": n, "tokens": 2 * n, "per_question": pq, "predictions": predictions}
 
 
-def test_comparisons_table_report_and_predictions_without_a_model():
-  bc = evaluation.eval_config().bootstrap
-  raw = {"no_adaptation": {"test": _scores([0, 0, 1, 0], nll=2.0)}}
-  results = {"no_adaptation": evaluation.with_ci(raw["no_adaptation"]["test"], bc), "methods": {},
-             "test_docs": 2, "val_docs": 1, "test_questions": 4, "select": "nll", "bootstrap": dict(bc)}
-  for method, f1s in (("uniform", [0, 1, 1, 0]), ("camels", [0, 1, 1, 0]), ("ssm", [1, 1, 1, 0])):
-    test = _scores(f1s, nll=1.5)
-    curve_scores = [(2, _scores(f1s[:2])), (4, test)]
-    results["methods"][method] = {
-        "sweep": [{"lr": 1e-4} | evaluation.summary(test)], "lr": 1e-4, "test": evaluation.with_ci(test, bc),
-        "curve": [{"docs": d, "f1": m["f1"], "lo": None, "hi": None} for d, m in curve_scores],
-        "retention": {"at_end": 0.5}, "weights": evaluation.weight_diagnostics([], [])}
-    raw[method] = {"test": test, "curve": curve_scores}
-  evaluation.add_comparisons(results, raw, bc)
-  camels_vs = results["methods"]["camels"]["vs_uniform"]
-  assert camels_vs["f1"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n": 4}  # same answers as uniform: exactly 0
-  assert results["methods"]["ssm"]["vs_uniform"]["f1"]["mean"] == pytest.approx(0.25)
-  assert results["methods"]["ssm"]["curve"][0]["vs_uniform"]["n"] == 2
-  assert results["methods"]["uniform"]["uptake"] == pytest.approx(0.5)
-  printed, md = evaluation.table(results), evaluation.report(results)
-  for text in (printed, md):
-    assert "nan" not in text.lower() and "camels" in text
-  assert "+0.250 [" in printed and "+0.000 [+0.000, +0.000]" in md and md.count("**best**") == 1
-  assert "right_after" not in md and "| ssm | 0.0001 (chosen) |" in md
-  json.dumps(io_utils.strict_json(results), allow_nan=False)
-  details = evaluation.prediction_details(raw["ssm"]["test"])
-  assert details[0] == {"id": "doc/0", "question": "q0?", "golds": ["a"], "answer": "a0", "em": 1.0,
-                        "prefix_em": 1.0, "f1": 1.0, "official_em": 1.0, "official_f1": 1.0, "nll": 1.5}
-  assert evaluation.answers_by_id(raw["ssm"]["test"]) == {f"doc/{i}": f"a{i}" for i in range(4)}
-  assert evaluation.prediction_file_name("uniform+qa_lt") == "uniform+qa_lt"
-  assert evaluation.prediction_file_name("a/b c") == "a_b_c"
+def _result(name, f1s, nll=1.5, versus=(), curve_docs=(2, 4)):
+  test = _scores(f1s, nll)
+  return evaluation.MethodResult(
+      name=name, adaptation=name, versus=versus, sweep=({"lr": 1e-4} | evaluation.summary(test),), lr=1e-4,
+      test=test, curve=tuple(evaluation.CurvePoint(d, _scores(f1s[:d], nll)) for d in curve_docs),
+      retention={"right_after": None, "at_end": 0.5}, doc_weights=None, weights={},
+      time_s={"adapt": 1.0, "adapt_per_doc": 0.25, "total": 2.0}, record={})
+
+
+def test_comparisons_are_a_pure_function_of_the_results():
+  bc = eval_config.eval_config().bootstrap
+  kw = dict(n_boot=bc.resamples, seed=bc.seed, level=bc.level)
+  rng = np.random.default_rng(3)
+  f1 = {m: rng.choice([0.0, 0.5, 1.0], size=12) for m in ("uniform", "ssm", "camels", "mac")}
+  results = {m: _result(m, f1[m], nll=1.0 + k / 10, versus=("camels",) if m == "mac" else ())
+             for k, m in enumerate(f1)}
+  no_adaptation = _scores(np.zeros(12), nll=2.0)
+  snapshot = json.dumps(io_utils.strict_json({m: dataclasses.asdict(r) for m, r in results.items()}))
+  out = evaluation.compare(no_adaptation, results, bc)
+  assert snapshot == json.dumps(io_utils.strict_json({m: dataclasses.asdict(r) for m, r in results.items()}))
+  assert evaluation.compare(no_adaptation, results, bc) == out  # nothing but its inputs
+  for m in ("ssm", "camels", "mac"):
+    em = lambda x: (x == 1.0).astype(float)
+    assert out[m].versus["uniform"]["f1"] == stats.paired_bootstrap_ci(f1[m], f1["uniform"], **kw)
+    assert out[m].versus["uniform"]["em"] == stats.paired_bootstrap_ci(em(f1[m]), em(f1["uniform"]), **kw)
+    assert out[m].curve_versus == {d: stats.paired_bootstrap_ci(f1[m][:d], f1["uniform"][:d], **kw)
+                                   for d in (2, 4)}
+  assert out["mac"].versus["camels"]["f1"] == stats.paired_bootstrap_ci(f1["mac"], f1["camels"], **kw)
+  assert list(out["mac"].versus) == ["uniform", "camels"] and list(out["camels"].versus) == ["uniform"]
+  assert out["uniform"].versus == {} and out["uniform"].curve_versus == {}
+  assert out["ssm"].uptake == pytest.approx(2.0 - 1.1) and out["uniform"].uptake == pytest.approx(1.0)
+  # Without the baseline (or the versus method) there is nothing to pair with.
+  alone = evaluation.compare(no_adaptation, {"mac": results["mac"]}, bc)["mac"]
+  assert alone.versus == {} and alone.curve_versus == {}
+  # A method against itself is exactly 0.
+  same = evaluation.compare(no_adaptation, {"uniform": results["uniform"],
+                                            "copy": dataclasses.replace(results["uniform"], name="copy")}, bc)
+  assert same["copy"].versus["uniform"]["f1"] == {"mean": 0.0, "lo": 0.0, "hi": 0.0, "n": 12}
+
+
+def test_result_json_carries_the_comparisons_without_per_question_lists():
+  bc = eval_config.eval_config().bootstrap
+  results = {"uniform": _result("uniform", [0, 1, 1, 0]), "camels": _result("camels", [1, 1, 1, 0]),
+             "mac": _result("mac", [1, 0, 1, 0], versus=("camels",))}
+  cmp = evaluation.compare(_scores([0, 0, 1, 0], nll=2.0), results, bc)
+  mac_json = evaluation.result_json(results["mac"], cmp["mac"], bc)
+  assert mac_json["vs_uniform"] == cmp["mac"].versus["uniform"] and mac_json["vs_camels"] == cmp["mac"].versus["camels"]
+  assert [p["vs_uniform"] for p in mac_json["curve"]] == [cmp["mac"].curve_versus[d] for d in (2, 4)]
+  assert mac_json["curve"][1]["f1"] == 0.5 and mac_json["sweep"] == [{"lr": 1e-4} | evaluation.summary(
+      results["mac"].test)]
+  ci = mac_json["test"]["ci"]["f1"]
+  assert ci == stats.bootstrap_ci([1.0, 0.0, 1.0, 0.0], n_boot=bc.resamples, seed=bc.seed, level=bc.level)
+  uniform_json = evaluation.result_json(results["uniform"], cmp["uniform"], bc)
+  assert "vs_uniform" not in uniform_json and all("vs_uniform" not in p for p in uniform_json["curve"])
+  assert uniform_json["uptake"] == pytest.approx(0.5)
+  text = json.dumps(io_utils.strict_json(mac_json), allow_nan=False)
+  assert "per_question" not in text and "predictions" not in text
+
+
+def test_clock_charges_nested_phases_to_the_inner_one():
+  now = [0.0]
+  clock = evaluation.Clock(timer=lambda: now[0])
+  with clock("adapt"):
+    now[0] += 3.0
+    with clock("curve"):  # scored inside the adaptation: paused, not subtracted afterwards
+      now[0] += 2.0
+    now[0] += 1.0
+    with clock("curve"):
+      now[0] += 0.5
+  with clock("test_score"):
+    now[0] += 4.0
+  assert clock.totals == {"adapt": 4.0, "curve": 2.5, "test_score": 4.0}
+  assert clock.elapsed() == sum(clock.totals.values()) == 10.5
+
+
+def test_methods_config_accepts_registered_names_only():
+  rule = evaluation.RULES["methods"]
+  assert rule("uniform,mac") and not rule("uniform,nope") and not rule("") and not rule(rule.bad_example)
+  evaluation.register(_Unadapted())
+  try:
+    assert rule("uniform,unadapted")
+    with pytest.raises(ValueError, match="already registered"):
+      evaluation.register(_Unadapted())
+  finally:
+    evaluation.REGISTRY.pop("unadapted")
+  assert not rule("unadapted")
 
 
 def test_write_json_is_strict(tmp_path):

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from camels_jax import cli, io_utils, perplexity, train
-from tests.tiny_config import load_config
+from tests.tiny_config import Killed, kill_job_at, load_config
 
 
 def tiny_fwl():
@@ -41,6 +41,19 @@ def test_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):
   fresh = train.run(longer, str(tmp_path), progress=False)["fwl"]["history"]
   assert [h["step"] for h in resumed] == [0, 2, 4, 6]
   assert resumed[-1]["val_nll"] == pytest.approx(fresh[-1]["val_nll"], abs=1e-5)
+
+
+def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(trained, tmp_path, monkeypatch):
+  _, _, results = trained
+  kill_job_at(monkeypatch, "fwl", 3)  # after the step-2 checkpoint
+  with pytest.raises(Killed):
+    train.run(tiny_fwl(), str(tmp_path), progress=False)
+  resumed = train.run(tiny_fwl(), str(tmp_path), progress=False)["fwl"]
+  assert [h["step"] for h in resumed["history"]] == [0, 2, 4]
+  for a, b in zip(results["fwl"]["history"], resumed["history"]):
+    for k in ("val_nll", "train_loss"):
+      if k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-6), (a["step"], k)
 
 
 def test_perplexity_scores_with_the_trained_head(trained, tmp_path):

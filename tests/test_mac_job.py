@@ -5,7 +5,7 @@ import os
 import pytest
 
 from camels_jax import train
-from tests.tiny_config import tiny_default
+from tests.tiny_config import Killed, kill_job_at, tiny_default
 
 
 def tiny_mac(steps=4):
@@ -41,3 +41,20 @@ def test_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):
   assert [h["step"] for h in resumed] == [0, 2, 4, 6]
   assert resumed[-1]["val_nll"] == pytest.approx(fresh[-1]["val_nll"], abs=1e-5)
   assert resumed[-1]["val_nll_other_bank"] == pytest.approx(fresh[-1]["val_nll_other_bank"], abs=1e-5)
+
+
+def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(trained, tmp_path, monkeypatch):
+  _, results = trained
+  workdir = str(tmp_path)
+  kill_job_at(monkeypatch, "mac", 3)  # after the step-2 checkpoint
+  with pytest.raises(Killed):
+    train.run(tiny_mac(), workdir, progress=False)
+  assert not os.path.exists(os.path.join(workdir, "train_results.json"))
+  resumed = train.run(tiny_mac(), workdir, progress=False)["mac"]
+  want = results["mac"]
+  assert [h["step"] for h in resumed["history"]] == [0, 2, 4]
+  for a, b in zip(want["history"], resumed["history"]):
+    for k in ("val_nll", "val_nll_other_bank", "train_loss"):
+      if k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-6), (a["step"], k)
+  assert resumed["best_step"] == want["best_step"]

@@ -21,6 +21,9 @@ import pytest
 
 from tests.tiny_config import REPO
 
+# Every test runs the jobs as subprocesses on 1, 2 or 4 devices (~20 minutes for the file on 2 cores).
+pytestmark = pytest.mark.slow
+
 # A job: (config file, its overrides).
 TINY = (os.path.join(REPO, "configs", "tiny.py"),
         ["--config.jobs=qa_tune,camels,mac", "--config.camels.streams=2", "--config.camels.compare=",

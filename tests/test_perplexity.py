@@ -1,16 +1,13 @@
 """The perplexity job: windows, and SmolLM2's perplexity on real text."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 
 from camels_jax import perplexity
 from camels_jax.data import text
-from tests.tiny_config import REPO, load_config
-
-WIKITEXT = os.path.join(REPO, "..", "shared", "data", "wikitext2_raw_test.txt")
+from tests.tiny_config import load_config
 
 
 def test_windows_cover_the_tokens_once():
@@ -20,10 +17,9 @@ def test_windows_cover_the_tokens_once():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(WIKITEXT), reason="needs ../shared/data")
-def test_smollm2_perplexity_on_the_first_1024_wikitext_tokens(tmp_path):
+def test_smollm2_perplexity_on_the_first_1024_wikitext_tokens(tmp_path, shared_data):
   config = load_config("ppl_smollm2")
-  config.text_file = WIKITEXT
+  config.text_file = shared_data("wikitext2_raw_test.txt")
   config.max_tokens = 1024
   result = perplexity.run(config, str(tmp_path), progress=False)
   # An independent numpy forward pass of the same GGUF measured 13.7.

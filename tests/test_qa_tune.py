@@ -3,6 +3,7 @@
 import inspect
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -130,9 +131,9 @@ def test_qa_tuning_lowers_val_nll_and_returns_the_best_params(tiny, small):
   assert history[int(np.argmin(nll))]["is_best"]
   again = qa_tune.validate(tiny, small, _config(), best)
   assert again["nll"] == pytest.approx(min(nll), rel=1e-6)
-  assert writer.steps("qa_tune/val_nll") == [0, 10, 20, 30]
-  assert writer.steps("qa_tune/train_loss") == [5, 10, 15, 20, 25, 30]
-  assert "qa_tune/val_f1" not in dict(writer.scalars)[0]  # no decoding: no F1 scalar
+  assert writer.steps("qa_tune/val/nll") == [0, 10, 20, 30]
+  assert writer.steps("qa_tune/train/loss") == [5, 10, 15, 20, 25, 30]
+  assert "qa_tune/val/f1" not in dict(writer.scalars)[0]  # no decoding: no F1 scalar
   assert _trees_equal(tiny.params, before)  # the input params are not modified (nor donated)
 
 
@@ -142,40 +143,57 @@ def test_early_stopping_on_a_plateau_keeps_the_best_params(tiny, small, monkeypa
   seen = {}
 
   def fake_validate(model, data_, config, params, progress=False):
+    seen[2 * len(seen)] = params
     return dict(nll=next(scripted), em=float("nan"), prefix_em=float("nan"), f1=float("nan"), n=1, tokens=1)
-
-  def on_validate(step, params, opt_state, loader_state, metrics):
-    seen[step] = (params, loader_state, metrics)
 
   monkeypatch.setattr(qa_tune, "validate", fake_validate)
   best, history = qa_tune.qa_tune(tiny, small, _config(val_every=2, patience=2), RecordingWriter(),
-                                  progress=False, on_validate=on_validate)
+                                  progress=False)
   assert [h["step"] for h in history] == [0, 2, 4, 6, 8]
   assert [h["stop"] for h in history] == [False] * 4 + [True]
   assert [h["is_best"] for h in history] == [True, True, True, False, False]
-  assert best is seen[4][0] and not _trees_equal(best, seen[8][0])
-  assert seen[8][1] == {"qa_epoch": 1, "qa_step": 2}  # 24 questions in batches of 4: 6 per epoch
+  assert best is seen[4] and not _trees_equal(best, seen[8])
 
 
-def test_resume_from_a_checkpoint_matches_an_unbroken_run(tiny, small):
+def test_a_qa_tuning_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tiny, small, tmp_path,
+                                                                                  monkeypatch):
   config = _config(max_steps=12, val_every=4)
-  snapshots = {}
-  ckpt = qa_tune.InMemoryCheckpointer()
-  full_best, full_history = qa_tune.qa_tune(
-      tiny, small, config, RecordingWriter(), progress=False, checkpointer=ckpt,
-      on_validate=lambda step, *_: snapshots.setdefault(step, ckpt.state))
-  assert ckpt.state.step == 12 and len(ckpt.state.history) == 4
+  full_best, full_history = qa_tune.qa_tune(tiny, small, config, RecordingWriter(), progress=False,
+                                            workdir=str(tmp_path / "whole"))
+  step = qa_tune.train_step
+  calls = []
 
-  resumed = qa_tune.InMemoryCheckpointer()
-  resumed.state = snapshots[4]
+  def dies_at_step_6(*args):
+    calls.append(1)
+    if len(calls) == 7:  # the 7th update: after the step-4 checkpoint, before the step-8 one
+      raise KeyboardInterrupt
+    return step(*args)
+
+  monkeypatch.setattr(qa_tune, "train_step", dies_at_step_6)
+  with pytest.raises(KeyboardInterrupt):
+    qa_tune.qa_tune(tiny, small, config, RecordingWriter(), progress=False, workdir=str(tmp_path / "killed"))
+  monkeypatch.setattr(qa_tune, "train_step", step)
   writer = RecordingWriter()
-  best, history = qa_tune.qa_tune(tiny, small, config, writer, progress=False, checkpointer=resumed)
-  assert writer.steps("qa_tune/val_nll") == [8, 12]  # step 4 is not validated again
+  best, history = qa_tune.qa_tune(tiny, small, config, writer, progress=False, workdir=str(tmp_path / "killed"))
+  assert writer.steps("qa_tune/val/nll") == [8, 12]  # step 4 is not validated again
   assert [h["step"] for h in history] == [0, 4, 8, 12]
   for a, b in zip(history, full_history):
     assert a["nll"] == pytest.approx(b["nll"], rel=1e-6) and a["is_best"] == b["is_best"]
   for x, y in zip(jax.tree.leaves(best), jax.tree.leaves(full_best)):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_tuned_params_trains_once_then_loads(tiny, small, tmp_path):
+  config = ml_collections.ConfigDict({"qa_tune": _config(max_steps=4, val_every=2), "mesh": {"fsdp": 1}})
+  said = []
+  params, history = qa_tune.tuned_params(config, tiny, small, str(tmp_path), RecordingWriter(), progress=False,
+                                         say=said.append)
+  again, history_again = qa_tune.tuned_params(config, tiny, small, str(tmp_path), RecordingWriter(),
+                                              progress=False, say=said.append)
+  assert "QA-tuning" in said[0] and "loaded" in said[1]
+  assert [(h["step"], h["nll"]) for h in history_again] == [(h["step"], h["nll"]) for h in history]
+  assert _trees_equal(again, params)
+  assert not _trees_equal(params, tiny.params)
 
 
 def test_f1_stopping_with_greedy_validation(tiny, small):
@@ -185,7 +203,7 @@ def test_f1_stopping_with_greedy_validation(tiny, small):
   assert [h["step"] for h in history] == [0, 2, 4]
   assert all(0.0 <= h[k] <= 1.0 for h in history for k in ("f1", "em", "prefix_em"))
   assert history[0]["n"] == len(data.pipeline.questions(small.splits["qa_val"]))
-  assert writer.steps("qa_tune/val_f1") == [0, 2, 4]
+  assert writer.steps("qa_tune/val/f1") == [0, 2, 4]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ def _repro(*args):
                         text=True, timeout=900)
 
 
+@pytest.mark.slow  # the tiny suite end to end in a subprocess (~4 min on 2 cores)
 def test_tiny_suite_reproduces_and_a_perturbed_expected_value_fails(tmp_path):
   workdir = str(tmp_path / "run")
   run = _repro("--suite", "tiny", f"--workdir={workdir}")

@@ -9,14 +9,14 @@ import time
 import numpy as np
 import pytest
 
-from camels_jax import train
+from camels_jax import report, train
 from tests.tiny_config import REPO, tiny_default
 
 _CHILD = """
 import sys
 sys.path.insert(0, {repo!r})
 from tests.tiny_config import tiny_default
-from camels_jax import train
+from camels_jax import report, train
 train.run(tiny_default(), {workdir!r}, progress=False)
 """
 
@@ -94,13 +94,13 @@ def test_validation_reports_uptake_against_mean_matched_uniform_and_facts_filler
   assert compare["uniform"]["x_uniform"] == pytest.approx(1.0)
   assert compare["oracle"]["facts_filler"] is None  # no weight at all on the filler
   assert compare["uniform"]["facts_filler"] == pytest.approx(1.0)
-  assert "uptake" in train.camels_summary(r) and "learned > SSM" in train.camels_summary(r)
+  assert "uptake" in report.camels_summary(r) and "learned > SSM" in report.camels_summary(r)
 
 
 def test_camels_job_alone_meta_trains_the_qa_tuned_model_of_its_workdir(tmp_path, full_run):
   import shutil
   workdir = str(tmp_path / "camels_only")
-  shutil.copytree(os.path.join(full_run[0], "qa_tune"), os.path.join(workdir, "qa_tune"))
+  shutil.copytree(os.path.join(full_run[0], "qa_tuned"), os.path.join(workdir, "qa_tuned"))
   c = tiny_default()
   c.jobs, c.camels.steps, c.camels.compare = "camels", 0, ""
   got = train.run(c, workdir, progress=False)["camels"]

@@ -11,18 +11,16 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
-from absl import logging
 from flax import nnx
 
-from camels_jax import checkpoint, checks, sharding, stats
+from camels_jax import checks, loop, sharding, stats
 from camels_jax.data import pipeline
 from camels_jax.adapt import inner as inner_lib
 from camels_jax.adapt import loss
@@ -363,9 +361,64 @@ def _stack(batches):
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
+JOB = "camels"  # the loop's checkpoints: <workdir>/camels
+BEST_METRIC = "val_loss"  # the validation that picks the weighting model evaluation uses
+
+
+class Trainable(NamedTuple):
+  """What `init` builds: the weighting model's graph, the state the loop trains and checkpoints."""
+
+  wm_graphdef: Any
+  state: dict  # {"meta": meta-parameters (`init_meta_params`), "opt": the outer optimizer's state}
+  optimizer: optax.GradientTransformation
+  mcfg: MetaConfig
+
+
+def init(config: ml_collections.ConfigDict, base: loading.Loaded, mesh) -> Trainable:
+  """The weighting model, its meta-parameters and optimizer state on `mesh`, split by their logical axis
+  names: what `fit` trains and `load_trained` restores onto."""
+  c = config.camels
+  mcfg = meta_config(c, config.data.doc_buckets)
+  optimizer = make_optimizer(c)
+  wm_graphdef, wm_params = build_weighting_model(c.weighting, base)
+  meta = sharding.place_params(init_meta_params(wm_params, mcfg), mesh)
+  return Trainable(wm_graphdef, {"meta": meta, "opt": sharding.place_params(optimizer.init(meta), mesh)},
+                   optimizer, mcfg)
+
+
+def no_trained(directory: str) -> checks.UserError:
+  return checks.UserError(f"{directory}: no trained weighting model, which eval.methods=camels needs; run "
+                          f"`python -m camels_jax.train` with this config and workdir first (jobs qa_tune,camels), "
+                          f"or drop camels from eval.methods")
+
+
+def require_trained(workdir: str) -> None:
+  """Raises `no_trained` unless <workdir>/camels holds a trained weighting model (before anything loads)."""
+  loop.require_trained(os.path.join(workdir, JOB), no_trained)
+
+
+def load_trained(config: ml_collections.ConfigDict, base: loading.Loaded, workdir: str):
+  """(wm_graphdef, meta params) of the best validation of the camels job in `workdir`, on `base`'s mesh
+  (every device of a multi-process run) as `fit` put them."""
+  t = init(config, base, sharding.mesh_of(base.params))
+  return t.wm_graphdef, loop.restore_best(os.path.join(workdir, JOB), t.state, no_trained)["meta"]
+
+
+def _validation(eval_step, base_params, batches):
+  """meta params -> the means over `batches` of `meta_eval_step`'s metrics, prefixed "val_"."""
+
+  def validate(meta):
+    sums = {}
+    for batch in batches:
+      for k, v in eval_step(meta, base_params, batch).items():
+        sums[k] = sums.get(k, 0.0) + float(v)
+    return {f"val_{k}": v for k, v in summarize(sums, len(batches)).items()}
+  return validate
+
+
 def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, data, workdir: str,
         writer, progress: bool = True):
-  """Meta-trains the weighting model; resumes from `workdir`'s latest checkpoint if there is one.
+  """Meta-trains the weighting model through `loop.run` (resuming from <workdir>/camels).
 
   Args:
     config: the job config (uses `config.camels` and `config.data.doc_buckets`).
@@ -381,89 +434,57 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   c = config.camels
   mesh = sharding.job_mesh(config)
   _check(c, mesh.shape[sharding.DATA_AXIS])
-  mcfg = meta_config(c, config.data.doc_buckets)
-  optimizer = make_optimizer(c)
-  wm_graphdef, wm_params = build_weighting_model(c.weighting, base)
+  t = init(config, base, mesh)
   rep, dat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   # Every parameter-shaped tree by its logical axis names: split over the FSDP axis, whole without one; the
   # per-stream base params (adapted in place between resets) also over the streams on "data".
   base_params = sharding.place_params(base_params, mesh)
-  meta = sharding.place_params(init_meta_params(wm_params, mcfg), mesh)
-  opt_state = sharding.place_params(optimizer.init(meta), mesh)
   broadcast = lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x, (c.streams,) + x.shape), p)
-  base_sh, meta_sh, opt_sh = (sharding.param_shardings(t, mesh) for t in (base_params, meta, opt_state))
+  base_sh, meta_sh, opt_sh = (sharding.param_shardings(x, mesh) for x in (base_params, *t.state.values()))
   streams_sh = sharding.param_shardings(jax.eval_shape(broadcast, base_params), mesh, lead=(sharding.DATA_AXIS,))
-  kw = dict(graphdef=base.graphdef, wm_graphdef=wm_graphdef, mcfg=mcfg)
-  train_step = jax.jit(functools.partial(meta_train_step, optimizer=optimizer, **kw),
+  kw = dict(graphdef=base.graphdef, wm_graphdef=t.wm_graphdef, mcfg=t.mcfg)
+  train_step = jax.jit(functools.partial(meta_train_step, optimizer=t.optimizer, **kw),
                        in_shardings=(meta_sh, opt_sh, streams_sh, dat),
                        out_shardings=(meta_sh, opt_sh, streams_sh, rep), donate_argnums=(0, 1, 2))
   eval_step = jax.jit(functools.partial(meta_eval_step, **kw), in_shardings=(meta_sh, base_sh, rep),
                       out_shardings=rep)
   reset_train = jax.jit(broadcast, out_shardings=streams_sh)
-
-  val_batches = list(data.meta_eval_batches())
-  if c.val_batches:
-    val_batches = val_batches[:c.val_batches]
-  val_batches = [sharding.replicate(b, mesh) for b in val_batches]
-
-  def validate(meta):
-    sums = {}
-    for batch in val_batches:
-      for k, v in eval_step(meta, base_params, batch).items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-    return {f"val_{k}": v for k, v in summarize(sums, len(val_batches)).items()}
-
+  val_batches = list(data.meta_eval_batches())[:c.val_batches or None]
+  validate = _validation(eval_step, base_params, [sharding.replicate(b, mesh) for b in val_batches])
   rows = sharding.process_rows(c.streams, mesh)  # the streams this process builds and feeds
   loader = data.meta_loader()
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "camels"), max_to_keep=2, best_metric="val_loss")
-  step, rng, history = 0, jax.random.key(c.seed), []
-  if ckpt.latest_step() is not None:
-    restored = ckpt.restore(None, {"meta": meta, "opt": opt_state})
-    meta, opt_state = restored.state["meta"], restored.state["opt"]
-    loader.restore(restored.meta["data"])
-    step, rng, history = restored.step, restored.rng, restored.meta["history"]
-    logging.info("camels: resumed from step %d of %s", step, ckpt.directory)
 
-  def checkpoint_now(step, val):
-    checkpoint.check_finite(step, validation_loss=jnp.asarray(val["val_loss"]))
-    history.append({"step": step} | val)
-    writer.write_scalars(step, val)
-    ckpt.save(step, {"meta": meta, "opt": opt_state}, meta={"data": loader.state, "history": history},
-              rng=rng, metrics=val)
-
-  if step == 0:
-    checkpoint_now(0, validate(meta))
-  bar = tqdm.tqdm(range(step, c.steps), initial=step, total=c.steps, desc="camels meta-train",
-                  disable=not progress)
-  for step in bar:
+  def step_fn(state, base_P, step, rng):
+    del rng  # the inner updates are deterministic
     if step % c.reset_every == 0:
       base_P = reset_train(base_params)
     batch_P = sharding.shard_rows(_stack(loader.take(c.streams, rows)), c.streams, mesh)
-    meta, opt_state, base_P, m = train_step(meta, opt_state, base_P, batch_P)
-    checkpoint.check_finite(step, loss=m["loss"], meta_gradient=m["grad_norm"])
-    m = {k: float(v) for k, v in m.items()}
-    bar.set_postfix(loss=f"{m['loss']:.4f}")
-    writer.write_scalars(step + 1, {f"train_{k}": v for k, v in m.items()})
-    if (step + 1) % c.val_every == 0 or step + 1 == c.steps:
-      checkpoint_now(step + 1, validate(meta))
-  ckpt.wait()
-  best = ckpt.restore_best({"meta": meta, "opt": opt_state})
-  ckpt.close()
-  results = {"best_step": best.step, "best": best.metrics, "history": history}
+    meta, opt_state, base_P, m = train_step(state["meta"], state["opt"], base_P, batch_P)
+    return {"meta": meta, "opt": opt_state}, base_P, m
+
+  cfg = loop.LoopConfig(JOB, c.steps, c.val_every, BEST_METRIC)
+  r = loop.run(cfg, t.state, step_fn, lambda state: validate(state["meta"]), workdir=workdir, writer=writer,
+               rng=jax.random.key(c.seed), loader=loader, progress=progress, desc="camels meta-train")
+  results = {"best_step": r.best_step, "best": r.best, "history": r.history}
   names = [n.strip() for n in c.compare.split(",") if n.strip()]
   if names:
-    chunks = pipeline.meta_eval_chunks(data.splits["meta_val"], data.spec.qa_slots, config.data.meta_batch_docs)
-    texts = [d.doc.text for docs in data.splits.values() for d in docs]
-    fns = {n: baselines.doc_weighting(n, base.tokenizer, texts, data.spec.add_bos) for n in names}
-    batches = [sharding.replicate(b, mesh) for b in data.meta_eval_batches()]
-    if c.compare_batches:
-      batches, chunks = batches[:c.compare_batches], chunks[:c.compare_batches]
-    results["compare"] = compare_weightings(best.state["meta"], base_params, batches, chunks, fns,
-                                            graphdef=base.graphdef, wm_graphdef=wm_graphdef, mcfg=mcfg)
-    results["compare_step"] = best.step
-    writer.write_scalars(best.step, {f"compare/{n}/{k}": v.get("mean") if isinstance(v, dict) else v
-                                     for n, m in results["compare"].items() for k, v in m.items()})
-  return wm_graphdef, best.state["meta"], results
+    results["compare"] = _compare(config, base, base_params, data, r.state["meta"], names, mesh, kw)
+    results["compare_step"] = r.best_step
+    writer.write_scalars(r.best_step, {f"{JOB}/compare/{n}/{k}": v.get("mean") if isinstance(v, dict) else v
+                                       for n, m in results["compare"].items() for k, v in m.items()})
+  return t.wm_graphdef, r.state["meta"], results
+
+
+def _compare(config, base, base_params, data, meta, names, mesh, kw) -> dict[str, dict]:
+  """`compare_weightings` of the best weighting model against `names` on meta-val."""
+  c = config.camels
+  chunks = pipeline.meta_eval_chunks(data.splits["meta_val"], data.spec.qa_slots, config.data.meta_batch_docs)
+  texts = [d.doc.text for docs in data.splits.values() for d in docs]
+  fns = {n: baselines.doc_weighting(n, base.tokenizer, texts, data.spec.add_bos) for n in names}
+  batches = [sharding.replicate(b, mesh) for b in data.meta_eval_batches()]
+  if c.compare_batches:
+    batches, chunks = batches[:c.compare_batches], chunks[:c.compare_batches]
+  return compare_weightings(meta, base_params, batches, chunks, fns, **kw)
 
 
 def summarize(sums: dict[str, float], n_batches: int) -> dict[str, float | None]:

@@ -69,10 +69,9 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-from absl import logging
 from flax import nnx
 
-from camels_jax import checkpoint, checks, sharding
+from camels_jax import checks, loop, sharding
 from camels_jax.adapt import loss
 from camels_jax.data import text as text_lib
 from camels_jax.models import transformer
@@ -423,24 +422,33 @@ def _order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n_windows)
 
 
-def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress: bool = True):
-  """Trains an FWL head (and the body when `fwl.train_body`) on `config.text`'s training articles; validates
-  on the held-out articles. Resumes from <workdir>/fwl's latest checkpoint (step = data position).
+JOB = "fwl"  # the loop's checkpoints: <workdir>/fwl
+BEST_METRIC = "val_nll"  # held-out NLL per token
 
-  Args:
-    config: the job config (`fwl` and `text` sections).
-    base: the loaded base model (`models.loading.Loaded`).
-    workdir: checkpoints go to <workdir>/fwl.
-    writer: TensorBoard scalars (fwl/train_loss, fwl/val_ppl, fwl/val_static_ppl, fwl/eta/<group>).
 
-  Returns:
-    (head_graphdef, best head params, results: {"history", "best", "best_step", "train_windows",
-    "val_windows", ...}).
-  """
+class Trainable(NamedTuple):
+  """What `init` builds: the head's graph, the state the loop trains and checkpoints, its optimizer."""
+
+  head_graphdef: nnx.GraphDef
+  state: dict  # {"trainable": {"head": ..., ["body": ...]}, "opt": the optimizer's state}
+  optimizer: optax.GradientTransformation
+
+
+def init(config: ml_collections.ConfigDict, base) -> Trainable:
+  """The FWL head (and the body when `fwl.train_body`) with its optimizer state, on the base model's mesh and
+  split over its FSDP axis like the base model: what `fit` trains and `load_trained` restores onto."""
   c = config.fwl
-  seq_len = min(c.seq_len, base.cfg.max_len)
+  head_graphdef, head_params = init_head(c, base.cfg.d_model)
+  head_params = sharding.place_params(head_params, sharding.mesh_of(base.params))
+  trainable = {"head": head_params} | ({"body": base.params} if c.train_body else {})
+  optimizer = make_optimizer(float(c.lr), float(c.body_lr), float(c.grad_clip), bool(c.train_body))
+  return Trainable(head_graphdef, {"trainable": trainable, "opt": optimizer.init(trainable)}, optimizer)
+
+
+def _windows(config: ml_collections.ConfigDict, base, seq_len: int):
+  """(train_NxL, train_mask_NxL, val_NxL, val_mask_NxL, articles): `config.text` in windows of `seq_len`."""
+  c, tok = config.fwl, base.tokenizer
   train_articles, heldout = text_lib.load_articles(config.text)
-  tok = base.tokenizer
   train_NxL, train_mask_NxL = text_lib.windows(text_lib.token_stream(tok, train_articles), seq_len, tok.pad_id)
   val_NxL, val_mask_NxL = text_lib.windows(text_lib.token_stream(tok, heldout), seq_len, tok.pad_id)
   if c.val_windows:
@@ -448,76 +456,67 @@ def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress:
   if len(train_NxL) < c.batch_size:
     raise checks.UserError(f"fwl: {len(train_NxL)} training windows of {seq_len} tokens, fewer than "
                            f"fwl.batch_size={c.batch_size}; give more text or a smaller batch")
-  head_graphdef, head_params = init_head(c, base.cfg.d_model)
-  # On the base model's mesh, split over its FSDP axis like the base model (the batches stay whole).
-  head_params = sharding.place_params(head_params, sharding.mesh_of(base.params))
-  trainable = {"head": head_params} | ({"body": base.params} if c.train_body else {})
-  optimizer = make_optimizer(float(c.lr), float(c.body_lr), float(c.grad_clip), bool(c.train_body))
-  opt_state = optimizer.init(trainable)
+  return train_NxL, train_mask_NxL, val_NxL, val_mask_NxL, {"train_articles": len(train_articles),
+                                                            "heldout_articles": len(heldout)}
+
+
+def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress: bool = True):
+  """Trains an FWL head (and the body when `fwl.train_body`) on `config.text`'s training articles through
+  `loop.run`; validates on the held-out articles. Resumes from <workdir>/fwl (the step is the data position).
+
+  Args:
+    config: the job config (`fwl` and `text` sections).
+    base: the loaded base model (`models.loading.Loaded`).
+    workdir: checkpoints go to <workdir>/fwl.
+    writer: TensorBoard scalars (fwl/train/loss, fwl/val/ppl, fwl/val/static_ppl, fwl/val/eta/<group>).
+
+  Returns:
+    (head_graphdef, best trainable {"head", ["body"]}, results: {"history", "best", "best_step",
+    "train_windows", "val_windows", ...}).
+  """
+  c = config.fwl
+  seq_len = min(c.seq_len, base.cfg.max_len)
+  train_NxL, train_mask_NxL, val_NxL, val_mask_NxL, articles = _windows(config, base, seq_len)
+  t = init(config, base)
   frozen = None if c.train_body else base.params
-  history, start = [], 0
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "fwl"), max_to_keep=2, best_metric="val_nll")
-  if ckpt.latest_step() is not None:
-    restored = ckpt.restore(None, {"trainable": trainable, "opt": opt_state})
-    trainable, opt_state = restored.state["trainable"], restored.state["opt"]
-    history, start = list(restored.meta["history"]), int(restored.meta["step"])
-    logging.info("fwl: resumed at step %d from %s", start, ckpt.directory)
 
-  def validate(step, trainable):
-    body = trainable.get("body", frozen)
-    m = score_windows(base.graphdef, body, head_graphdef, trainable["head"], val_NxL, val_mask_NxL,
-                      c.batch_size, c.chunk)
-    etas = {g: float(v) for g, v in step_sizes(trainable["head"]).items()}
-    entry = {"step": step, "val_nll": m["nll"], "val_ppl": m["ppl"], "val_static_ppl": m["static_ppl"],
-             "val_tokens": m["tokens"], "eta": etas}
-    writer.write_scalars(step, {"fwl/val_ppl": m["ppl"], "fwl/val_static_ppl": m["static_ppl"]}
-                         | {f"fwl/eta/{g}": v for g, v in etas.items()})
-    return entry
+  def validate(state):
+    trainable = state["trainable"]
+    m = score_windows(base.graphdef, trainable.get("body", frozen), t.head_graphdef, trainable["head"], val_NxL,
+                      val_mask_NxL, c.batch_size, c.chunk)
+    return {"val_nll": m["nll"], "val_ppl": m["ppl"], "val_static_ppl": m["static_ppl"], "val_tokens": m["tokens"]
+            } | {f"eta/{g}": float(v) for g, v in step_sizes(trainable["head"]).items()}
 
-  if not history:
-    history.append(validate(0, trainable))
   n_per_epoch = len(train_NxL) // c.batch_size
-  bar = tqdm.tqdm(range(start, c.steps), desc="fwl train", disable=not progress, initial=start, total=c.steps)
-  losses = []
-  for step in bar:
+
+  def step_fn(state, carry, step, rng):
+    del rng
     epoch, k = divmod(step, n_per_epoch)
     idx = _order(len(train_NxL), c.seed, epoch)[k * c.batch_size:(k + 1) * c.batch_size]
-    trainable, opt_state, value = train_step(base.graphdef, trainable, opt_state, frozen, train_NxL[idx],
-                                             train_mask_NxL[idx], head_graphdef=head_graphdef, chunk=c.chunk,
-                                             optimizer=optimizer)
-    losses.append(float(value))
-    if not math.isfinite(losses[-1]):
-      raise FloatingPointError(f"fwl: non-finite training loss at step {step}")
-    if (step + 1) % c.val_every == 0 or step + 1 == c.steps:
-      entry = validate(step + 1, trainable) | {"train_loss": float(np.mean(losses))}
-      writer.write_scalars(step + 1, {"fwl/train_loss": entry["train_loss"]})
-      history.append(entry)
-      losses = []
-      bar.set_postfix(val_ppl=f"{entry['val_ppl']:.2f}", static=f"{entry['val_static_ppl']:.2f}")
-      ckpt.save(step + 1, {"trainable": trainable, "opt": opt_state}, meta={"step": step + 1, "history": history},
-                metrics={"val_nll": entry["val_nll"]})
-  ckpt.wait()
-  best = min(history, key=lambda h: h["val_nll"])
-  if best["step"] != history[-1]["step"]:  # the params in hand are the last step's
-    trainable = ckpt.restore_best({"trainable": trainable, "opt": opt_state}).state["trainable"]
-  ckpt.close()
-  results = {"history": history, "best": best, "best_step": best["step"], "seq_len": seq_len,
-             "train_windows": len(train_NxL), "val_windows": len(val_NxL), "train_articles": len(train_articles),
-             "heldout_articles": len(heldout)}
-  return head_graphdef, trainable, results
+    trainable, opt_state, value = train_step(base.graphdef, state["trainable"], state["opt"], frozen,
+                                             train_NxL[idx], train_mask_NxL[idx], head_graphdef=t.head_graphdef,
+                                             chunk=c.chunk, optimizer=t.optimizer)
+    return {"trainable": trainable, "opt": opt_state}, carry, {"loss": value}
+
+  r = loop.run(loop.LoopConfig(JOB, c.steps, c.val_every, BEST_METRIC, log_every=c.val_every), t.state, step_fn,
+               validate, workdir=workdir, writer=writer, rng=jax.random.key(c.seed), progress=progress,
+               desc="fwl train")
+  results = {"history": r.history, "best": r.best, "best_step": r.best_step, "seq_len": seq_len,
+             "train_windows": len(train_NxL), "val_windows": len(val_NxL)} | articles
+  return t.head_graphdef, r.state["trainable"], results
+
+
+def no_trained(directory: str) -> checks.UserError:
+  return checks.UserError(f"{directory}: no trained FWL head; run `python -m camels_jax.train` with an fwl "
+                          f"config (jobs=fwl) and this workdir first")
+
+
+def require_trained(workdir: str) -> None:
+  """Raises `no_trained` unless <workdir>/fwl holds a trained head (before anything loads)."""
+  loop.require_trained(os.path.join(workdir, JOB), no_trained)
 
 
 def load_trained(config: ml_collections.ConfigDict, base, workdir: str):
   """(head_graphdef, trainable {"head", ["body"]}) of the best checkpoint of the fwl job in `workdir`."""
-  c = config.fwl
-  head_graphdef, head_params = init_head(c, base.cfg.d_model)
-  # On the base model's mesh, split over its FSDP axis like the base model (the batches stay whole).
-  head_params = sharding.place_params(head_params, sharding.mesh_of(base.params))
-  trainable = {"head": head_params} | ({"body": base.params} if c.train_body else {})
-  opt_state = make_optimizer(float(c.lr), float(c.body_lr), float(c.grad_clip), bool(c.train_body)).init(trainable)
-  directory = os.path.join(workdir, "fwl")
-  with checkpoint.Checkpointer(directory, best_metric="val_nll") as ckpt:
-    if ckpt.best_step() is None:
-      raise checks.UserError(f"{directory}: no trained FWL head; run `python -m camels_jax.train` with an fwl "
-                             f"config (jobs=fwl) and this workdir first")
-    return head_graphdef, ckpt.restore_best({"trainable": trainable, "opt": opt_state}).state["trainable"]
+  t = init(config, base)
+  return t.head_graphdef, loop.restore_best(os.path.join(workdir, JOB), t.state, no_trained)["trainable"]

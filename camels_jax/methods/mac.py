@@ -52,10 +52,9 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-from absl import logging
 from flax import nnx
 
-from camels_jax import checkpoint, checks, sharding
+from camels_jax import checkpoint, checks, loop, sharding
 from camels_jax.adapt import loss
 from camels_jax.data import pipeline
 from camels_jax.models import loading, transformer
@@ -201,7 +200,7 @@ def check_fits(c: ml_collections.ConfigDict, base_cfg: transformer.ModelConfig) 
                              f"{base_cfg.n_layers}")
 
 
-def init(c: ml_collections.ConfigDict, base: loading.Loaded):
+def build(c: ml_collections.ConfigDict, base: loading.Loaded):
   """(graphdef, params) of MAC's networks for `base`; the encoder starts from `c.encoder`'s weights.
 
   Raises:
@@ -434,12 +433,21 @@ def _prefix_jit(graphdef, params, batch, bank_MxTxD, valid_M, *, window):
                 batch["qa_loss_mask_BxS"], bank_MxTxD, valid_M, window)
 
 
+_QUESTION_KEYS = ("qa_tokens_BxS", "qa_mask_BxS", "qa_loss_mask_BxS")  # what a prefix reads of a QA batch
+
+
 def prefix_fn(graphdef, params, bank: Bank, capacity: int, window: int):
   """batch -> the prefix of its question rows given `bank` (what `qa.evaluate_qa(prefix_fn=)` takes)."""
   bank_MxTxD, valid_M = bank.padded(capacity)
-  return lambda batch: _prefix_jit(graphdef, params, {k: batch[k] for k in ("qa_tokens_BxS", "qa_mask_BxS",
-                                                                             "qa_loss_mask_BxS")},
+  return lambda batch: _prefix_jit(graphdef, params, {k: batch[k] for k in _QUESTION_KEYS},
                                    bank_MxTxD, valid_M, window=window)
+
+
+def prefix_lowered(graphdef, params, batch, bank: Bank, capacity: int, window: int) -> jax.stages.Lowered:
+  """`prefix_fn`'s computation for one QA batch, lowered and not run (for XLA's memory analysis)."""
+  bank_MxTxD, valid_M = bank.padded(capacity)
+  return _prefix_jit.lower(graphdef, params, {k: batch[k] for k in _QUESTION_KEYS}, bank_MxTxD, valid_M,
+                           window=window)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,41 +479,30 @@ def val_batches(docs, spec: pipeline.Spec, pad_id: int, bank_docs: int):
   return [_bank_batch(chunk + [None] * (bank_docs - len(chunk)), spec, pad_id) for chunk in chunks]
 
 
-def _state(c, base):
-  graphdef, params = init(c, base)
-  optimizer = make_optimizer(c)
-  return graphdef, params, optimizer, optimizer.init(params)
+JOB = "mac"  # the loop's checkpoints: <workdir>/mac
+BEST_METRIC = "val_nll"  # meta-val answer NLL with the questions' own bank
 
 
-def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, data, workdir: str, writer,
-        progress: bool = True):
-  """Trains MAC on the meta-train split with the (QA-tuned) base model frozen; validates on meta-val.
+class Trainable(NamedTuple):
+  """What `init` builds: MAC's graph, the state the loop trains and checkpoints, its optimizer."""
 
-  Resumes from <workdir>/mac's latest checkpoint (data position and RNG included).
+  graphdef: nnx.GraphDef
+  state: dict  # {"params": MAC's networks, "opt": the optimizer's state}
+  optimizer: optax.GradientTransformation
 
-  Returns:
-    (graphdef, best params by validation answer NLL, results {"history", "best", "best_step", ...}).
-  """
-  c = config.mac
-  graphdef, params, optimizer, opt_state = _state(c, base)
-  # On the base model's mesh, split over its FSDP axis like the base model (the batches stay whole).
-  mesh = sharding.mesh_of(base_params)
-  params, opt_state = sharding.place_params(params, mesh), sharding.place_params(opt_state, mesh)
-  scfg = step_config(c)
-  spec, pad = data.spec, data.pad_id
-  loader = bank_loader(data.splits["meta_train"], spec, pad, c.bank_docs, c.seed)
-  vals = val_batches(data.splits["meta_val"], spec, pad, c.bank_docs)
-  kw = dict(graphdef=graphdef, base_graphdef=base.graphdef)
-  step_fn = jax.jit(functools.partial(train_step, scfg=scfg, optimizer=optimizer, **kw), donate_argnums=(0, 1))
-  eval_fn = jax.jit(functools.partial(eval_sums, window=c.window, **kw))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "mac"), max_to_keep=2, best_metric="val_nll")
-  step, rng, history = 0, jax.random.key(c.seed), []
-  if ckpt.latest_step() is not None:
-    restored = ckpt.restore(None, {"params": params, "opt": opt_state})
-    params, opt_state = restored.state["params"], restored.state["opt"]
-    loader.restore(restored.meta["data"])
-    step, rng, history = restored.step, restored.rng, restored.meta["history"]
-    logging.info("mac: resumed from step %d of %s", step, ckpt.directory)
+
+def init(config: ml_collections.ConfigDict, base: loading.Loaded, mesh) -> Trainable:
+  """MAC's networks and optimizer state on `mesh`, split over its FSDP axis like the base model: what `fit`
+  trains and `load_trained` restores onto."""
+  graphdef, params = build(config.mac, base)
+  optimizer = make_optimizer(config.mac)
+  params = sharding.place_params(params, mesh)
+  return Trainable(graphdef, {"params": params, "opt": sharding.place_params(optimizer.init(params), mesh)},
+                   optimizer)
+
+
+def _validation(graphdef, eval_fn, base_params, vals):
+  """params -> meta-val answer NLL with each batch's own bank, another batch's bank, and no bank."""
 
   def validate(params):
     banks = [amortize_jit(graphdef, params, b["doc_tokens_BxL"], b["doc_mask_BxL"]) for b in vals]
@@ -520,45 +517,52 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
     n = max(sums["tokens"], 1.0)
     return {"val_nll": sums["nll"] / n, "val_nll_other_bank": sums["nll_other_bank"] / n,
             "val_nll_base": sums["nll_base"] / n, "val_tokens": int(sums["tokens"])}
+  return validate
 
-  def checkpoint_now(step, val):
-    checkpoint.check_finite(step, validation_nll=jnp.asarray(val["val_nll"]))
-    history.append({"step": step} | val)
-    writer.write_scalars(step, {f"mac/{k}": v for k, v in val.items()})
-    ckpt.save(step, {"params": params, "opt": opt_state}, meta={"data": loader.state, "history": history},
-              rng=rng, metrics=val)
 
-  if step == 0:
-    checkpoint_now(0, validate(params))
-  bar = tqdm.tqdm(range(step, c.steps), initial=step, total=c.steps, desc="mac train", disable=not progress)
-  for step in bar:
-    rng, step_rng = jax.random.split(rng)
-    params, opt_state, m = step_fn(params, opt_state, base_params, next(loader), step_rng)
-    checkpoint.check_finite(step, loss=m["loss"], gradient=m["grad_norm"])
-    m = {k: float(v) for k, v in m.items()}
-    bar.set_postfix(loss=f"{m['loss']:.4f}")
-    writer.write_scalars(step + 1, {f"mac/train_{k}": v for k, v in m.items()})
-    if (step + 1) % c.val_every == 0 or step + 1 == c.steps:
-      checkpoint_now(step + 1, validate(params))
-  ckpt.wait()
-  best = ckpt.restore_best({"params": params, "opt": opt_state})
-  ckpt.close()
-  results = {"best_step": best.step, "best": best.metrics, "history": history,
-             "params": int(sum(x.size for x in jax.tree.leaves(params))),
+def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, data, workdir: str, writer,
+        progress: bool = True):
+  """Trains MAC on the meta-train split with the (QA-tuned) base model frozen; validates on meta-val.
+
+  Resumes from <workdir>/mac's latest checkpoint (data position and RNG included), through `loop.run`.
+
+  Returns:
+    (graphdef, best params by validation answer NLL, results {"history", "best", "best_step", ...}).
+  """
+  c = config.mac
+  # On the base model's mesh, split over its FSDP axis like the base model (the batches stay whole).
+  t = init(config, base, sharding.mesh_of(base_params))
+  spec, pad = data.spec, data.pad_id
+  loader = bank_loader(data.splits["meta_train"], spec, pad, c.bank_docs, c.seed)
+  kw = dict(graphdef=t.graphdef, base_graphdef=base.graphdef)
+  train_fn = jax.jit(functools.partial(train_step, scfg=step_config(c), optimizer=t.optimizer, **kw),
+                     donate_argnums=(0, 1))
+  validate = _validation(t.graphdef, jax.jit(functools.partial(eval_sums, window=c.window, **kw)), base_params,
+                         val_batches(data.splits["meta_val"], spec, pad, c.bank_docs))
+
+  def step_fn(state, carry, step, rng):
+    del step
+    params, opt_state, m = train_fn(state["params"], state["opt"], base_params, next(loader), rng)
+    return {"params": params, "opt": opt_state}, carry, m
+
+  r = loop.run(loop.LoopConfig(JOB, c.steps, c.val_every, BEST_METRIC), t.state, step_fn,
+               lambda state: validate(state["params"]), workdir=workdir, writer=writer, rng=jax.random.key(c.seed),
+               loader=loader, progress=progress, desc="mac train")
+  results = {"best_step": r.best_step, "best": r.best, "history": r.history,
+             "params": int(sum(x.size for x in jax.tree.leaves(r.state["params"]))),
              "bank_bytes_per_doc": c.tokens * base.cfg.d_model * 4}
-  return graphdef, best.state["params"], results
+  return t.graphdef, r.state["params"], results
+
+
+def require_trained(workdir: str) -> None:
+  """Raises `no_trained_mac` unless <workdir>/mac holds trained networks (before anything loads)."""
+  loop.require_trained(os.path.join(workdir, JOB), no_trained_mac)
 
 
 def load_trained(config: ml_collections.ConfigDict, base: loading.Loaded, workdir: str):
   """(graphdef, params) of the best checkpoint of the mac job in `workdir`, on `base`'s mesh as `fit` put them."""
-  graphdef, params, _, opt_state = _state(config.mac, base)
-  mesh = sharding.mesh_of(base.params)  # the restore follows the target's shardings
-  params, opt_state = sharding.place_params(params, mesh), sharding.place_params(opt_state, mesh)
-  directory = os.path.join(workdir, "mac")
-  with checkpoint.Checkpointer(directory, best_metric="val_nll") as ckpt:
-    if ckpt.best_step() is None:
-      raise no_trained_mac(directory)
-    return graphdef, ckpt.restore_best({"params": params, "opt": opt_state}).state["params"]
+  t = init(config, base, sharding.mesh_of(base.params))  # the restore follows the target's shardings
+  return t.graphdef, loop.restore_best(os.path.join(workdir, JOB), t.state, no_trained_mac)["params"]
 
 
 def no_trained_mac(directory: str) -> checks.UserError:

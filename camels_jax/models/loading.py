@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from camels_jax import checks, sharding
-from camels_jax.models import gguf, hf, transformer
+from camels_jax.models import assets, gguf_file, hf, transformer
 from camels_jax.models import tokenizer as tokenizer_lib
 from camels_jax.models.config import ARCHS, REMAT_POLICIES, ModelConfig
 
@@ -102,8 +102,8 @@ def load(mc: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Loaded:
     _, params = transformer.init(cfg.replace(param_dtype=mc.param_dtype), mc.seed)
     tok = _tokenizer(mc.tokenizer or "smollm2")
   elif source == "smollm2" or source.endswith(".gguf"):
-    path = gguf.smollm2_path() if source == "smollm2" else source
-    cfg, params, tok = gguf.load(path, dtype=mc.param_dtype)
+    path = assets.smollm2_path() if source == "smollm2" else source
+    cfg, params, tok = gguf_file.load(path, dtype=mc.param_dtype)
   elif source.startswith("hub:"):
     folder, (cfg, params) = hf.load_hub(source.removeprefix("hub:"), dtype=mc.param_dtype)
     tok = tokenizer_lib.from_hf_folder(folder)

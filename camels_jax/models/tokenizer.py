@@ -14,10 +14,12 @@ import importlib.util
 import json
 import os
 
+import gguf
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from camels_jax import checks
+from camels_jax.models import assets
 
 # GGUF token types (llama.cpp's llama_token_type) that become added tokens, matched whole in raw text.
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
@@ -307,8 +309,6 @@ def from_gguf(path: str) -> Tokenizer:
   Returns:
     A Tokenizer whose control tokens (e.g. "<|im_end|>") are matched whole in raw text.
   """
-  import gguf  # the PyPI package (absolute import; not camels_jax.models.gguf)
-
   path = os.fspath(path)
   _require(path, "GGUF file")
   try:
@@ -321,5 +321,4 @@ def from_gguf(path: str) -> Tokenizer:
 @functools.lru_cache(maxsize=None)
 def smollm2() -> Tokenizer:
   """SmolLM2's tokenizer, read from the offline SmolLM2-135M-Instruct GGUF (a cached, shared instance)."""
-  from camels_jax.models import gguf as gguf_models  # lazy: gguf.py imports this module
-  return from_gguf(gguf_models.smollm2_path())
+  return from_gguf(assets.smollm2_path())

@@ -7,10 +7,6 @@ import pytest
 
 from camels_jax.models import tokenizer as tokenizer_lib
 
-# The shared data folder sits beside the repository (../shared/data), never inside it.
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
-SQUAD_FILE = SHARED_DATA / "squad_v1.1_dev_part.json"
-
 
 @pytest.fixture(scope="session")
 def tok():
@@ -18,9 +14,8 @@ def tok():
 
 
 @pytest.fixture(scope="session")
-def squad_file() -> str:
-  assert SQUAD_FILE.is_file(), f"shared test data missing: {SQUAD_FILE}"
-  return str(SQUAD_FILE)
+def squad_file(shared_data) -> str:
+  return shared_data("squad_v1.1_dev_part.json")
 
 
 @pytest.fixture

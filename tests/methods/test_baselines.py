@@ -13,7 +13,6 @@ from camels_jax.data.sources import Document
 from camels_jax.methods import baselines as bl
 from camels_jax.models import tokenizer as tokenizer_lib
 
-WIKITEXT = "/work/shared/data/wikitext2_raw_test.txt"
 OBAMA = "Barack Obama was born in Hawaii in 1961 and had 2 dogs."
 
 # TF-IDF corpus. GPT-2 tokens of DOC0: We|'ll| see| the| cat|,| don|'t| we|?| The| (|cat|)| sat|.
@@ -113,12 +112,12 @@ def _reference_ssm(tok, nlp, ids):
   return np.array([char_w[a:b].max() if b > a else 0 for a, b in zip(bounds[:-1], bounds[1:])]), text
 
 
-def test_ssm_matches_reference_mapping_and_full_pipeline(tok, ssm):
+def test_ssm_matches_reference_mapping_and_full_pipeline(tok, ssm, shared_data):
   """Offsets + the trimmed pipeline give the reference's tokens (full spaCy pipeline, decode + find)."""
   import spacy
 
   full = spacy.load(bl.SSM_MODELS[0])  # every component, as the reference loads it
-  with open(WIKITEXT, encoding="utf-8") as f:
+  with open(shared_data("wikitext2_raw_test.txt"), encoding="utf-8") as f:
     paragraphs = [line for line in f.read().splitlines() if len(line) > 300 and line.isascii()][:25]
   marked = 0
   for text in paragraphs:

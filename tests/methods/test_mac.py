@@ -69,7 +69,7 @@ def _prefix(graphdef, params, qa, bank, valid, window=2):
 
 def test_untrained_mac_is_exactly_the_base_model():
   base = _base()
-  graphdef, params = mac.init(_config(), base)
+  graphdef, params = mac.build(_config(), base)
   qa = _qa(3)
   bank = mac.amortize(graphdef, params, *_docs(4))
   pfx = _prefix(graphdef, params, qa, bank, jnp.ones(4, bool))
@@ -83,7 +83,7 @@ def test_untrained_mac_is_exactly_the_base_model():
 
 def test_encoder_starts_from_the_base_models_first_blocks_without_sharing_buffers():
   base = _base()
-  _, params = mac.init(_config(base_layers=1), base)
+  _, params = mac.build(_config(base_layers=1), base)
   enc = nnx.to_flat_state(params["encoder"])
   src = dict(nnx.to_flat_state(transformer.first_layers(base.params, 1)))
   for path, var in enc:
@@ -94,7 +94,7 @@ def test_encoder_starts_from_the_base_models_first_blocks_without_sharing_buffer
 def test_bank_grows_by_t_tokens_per_document_and_restores_bit_exactly(tmp_path):
   base = _base()
   c = _config()
-  graphdef, params = mac.init(c, base)
+  graphdef, params = mac.build(c, base)
   tokens, mask = _docs(5)
   bank = mac.Bank.empty(c.tokens, D)
   for i in range(5):
@@ -112,7 +112,7 @@ def test_bank_grows_by_t_tokens_per_document_and_restores_bit_exactly(tmp_path):
 
 def test_prefix_depends_on_question_and_bank_not_on_order_within_a_window():
   base = _base()
-  graphdef, params = mac.init(_config(), base)
+  graphdef, params = mac.build(_config(), base)
   params = _randomized(params)
   qa = _qa(3)
   bank = mac.amortize(graphdef, params, *_docs(4))
@@ -145,7 +145,7 @@ def test_prefix_depends_on_question_and_bank_not_on_order_within_a_window():
 
 def test_hierarchical_aggregation_of_a_bank_within_one_window_is_one_pass():
   base = _base()
-  graphdef, params = mac.init(_config(), base)
+  graphdef, params = mac.build(_config(), base)
   params = _randomized(params)
   q = mac.amortize(graphdef, params, *_docs(2, seed=3))
   bank, valid = mac.amortize(graphdef, params, *_docs(3)), jnp.ones(3, bool)
@@ -182,7 +182,7 @@ def _all_shapes(jaxpr):
 def test_the_base_model_is_never_differentiated_nor_updated():
   base = _base()
   c = _config(encoder="random", random=dict(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=24))
-  graphdef, params = mac.init(c, base)
+  graphdef, params = mac.build(c, base)
   scfg = mac.step_config(c)
   grad_fn = jax.grad(functools.partial(mac.train_loss, graphdef=graphdef, base_graphdef=base.graphdef, scfg=scfg))
   jaxpr = jax.make_jaxpr(grad_fn)(params, base.params, _batch(), jax.random.key(0))
@@ -215,7 +215,7 @@ def test_the_base_model_is_never_differentiated_nor_updated():
 def test_backprop_fraction_only_differentiates_some_documents():
   base = _base()
   c = _config(backprop_fraction=0.25)  # 1 of 4 documents
-  graphdef, params = mac.init(c, base)
+  graphdef, params = mac.build(c, base)
   params = _randomized(params)
   batch = _batch()
   grad = lambda p, n: jax.grad(lambda p: mac._bank_of(graphdef, p, batch, jax.random.key(0), n)[0].sum())(p)
@@ -234,7 +234,7 @@ def optax_global_norm(x):
 def test_training_on_one_document_lowers_its_questions_nll():
   base = _base()
   c = _config(bank_docs=1, questions=3, lr=3e-3)
-  graphdef, params = mac.init(c, base)
+  graphdef, params = mac.build(c, base)
   batch = _batch(k=1, q=3)
   scfg = mac.step_config(c)
   optimizer = mac.make_optimizer(c)
@@ -256,9 +256,9 @@ def test_bad_configs_get_one_clear_error():
   assert any("backprop_fraction" in v for v in checks.violations(
       ml_collections.ConfigDict({"mac": _config(backprop_fraction=0.0)}), {"mac": mac.RULES}))
   with pytest.raises(checks.ConfigError, match="mac.heads=5 must divide the base model's d_model=32"):
-    mac.init(_config(heads=5), base)
+    mac.build(_config(heads=5), base)
   with pytest.raises(checks.ConfigError, match="mac.base_layers: 3 blocks of the base model, which has 2"):
-    mac.init(_config(base_layers=3), base)
+    mac.build(_config(base_layers=3), base)
 
 
 def test_an_encoder_with_another_tokenizer_is_refused(monkeypatch):
@@ -266,4 +266,4 @@ def test_an_encoder_with_another_tokenizer_is_refused(monkeypatch):
   other = dataclasses.replace(_base(seed=1), tokenizer=_Tok(vocab_size=V + 1))
   monkeypatch.setattr(loading, "load", lambda mc: other)
   with pytest.raises(checks.ConfigError, match=r"mac.encoder=other.gguf: its tokenizer \(62 ids\) is not the base"):
-    mac.init(_config(encoder="other.gguf"), base)
+    mac.build(_config(encoder="other.gguf"), base)

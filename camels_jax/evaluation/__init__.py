@@ -1,0 +1,465 @@
+"""The online-adaptation evaluation: adapt the QA-tuned model on a document stream, then answer questions.
+
+Every method is a `Method` named in `REGISTRY` (what `eval.methods` lists): the weighted-gradient methods
+(uniform, SSM, TF-IDF, CaMeLS: one Adam step per document on token-weighted losses, `adapt.online`), uniform
+followed by a QA light-tune after the stream, and MAC (no gradient step: a memory bank of amortized
+documents). For each, the protocol is the same: the learning rate it sweeps is picked on a validation stream
+(meta-val documents; by answer NLL or F1, `eval.select`); the test stream is read at that lr with F1
+measured at points along it and the retention of its first documents; then the test score (EM, prefix EM,
+F1, the official SQuAD EM / F1, answer NLL). Each phase is timed apart (`Clock`).
+
+`run` collects one frozen `MethodResult` per method; `compare` derives every paired interval (each method
+against uniform, MAC against CaMeLS) from them; `camels_jax.report` writes the table, results.md,
+results.json, the plots and the answers (eval/predictions/).
+"""
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from camels_jax import checks, qa, qa_tune, report, stats
+from camels_jax import data as data_lib
+from camels_jax.adapt import online, uptake
+from camels_jax.data import pipeline
+from camels_jax.evaluation import methods as _builtin  # noqa: F401  (registers the built-in methods)
+from camels_jax.evaluation.method import (CI_METRICS, REGISTRY, Context, Method, method_names, pad,  # noqa: F401
+                                          register, score, summary)
+
+BASELINE = "uniform"  # every other method gets a paired interval against it
+MANIFEST_FILE = "manifest.json"  # the workdir's record of its runs, which results.json points to
+
+# Learning-rate selection rules (`eval.select`) and how the outputs describe them.
+SELECT_RULES = {
+    "nll": "lowest validation answer NLL (ties: higher F1)",
+    "f1": "highest validation F1 (ties: higher prefix EM, then lower answer NLL)",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# The rules of the `eval` config section (built by `camels_jax.eval_config`).
+
+
+def _registered(names) -> bool:
+  listed = [n.strip() for n in names.split(",") if n.strip()]
+  return bool(listed) and all(n in REGISTRY for n in listed)
+
+
+RULES = {
+    # Read at check time, so a method registered after import is accepted.
+    "methods": checks.Rule(_registered, f"a comma-separated subset of the registered methods "
+                                        f"({', '.join(REGISTRY)})", bad_example="?unknown?"),
+    "lrs": checks.each(checks.positive),
+    "val_docs": checks.count,
+    "val_decoding": checks.one_of(*qa.DECODINGS),
+    "decoding": checks.one_of(*qa.DECODINGS),
+    "num_beams": checks.count,
+    "num_groups": checks.count,
+    "diversity_penalty": checks.non_negative,
+    "max_new_tokens": checks.count,
+    "batch_size": checks.count,
+    "curve_points": checks.count,
+    "retention_docs": checks.count,
+    "heatmap_docs": checks.count,
+    "select": checks.one_of(*SELECT_RULES),
+    "bootstrap": {"resamples": checks.count, "level": checks.between(0, 1), "seed": checks.seed},
+    "tfidf_min_threshold": checks.non_negative,
+    "light_tune": {name: qa_tune.RULES[name] for name in ("lr", "patience", "val_every", "max_steps")},
+    "online": online.RULES,
+}
+
+
+def _beam_groups(c, at=""):
+  if "beam" in (c.decoding, c.val_decoding) and c.num_beams % c.num_groups:
+    return [f"{at}num_beams={c.num_beams} must be a multiple of {at}num_groups={c.num_groups} (beams per group)"]
+  return []
+
+
+CROSS = [_beam_groups]
+
+
+def check_prerequisites(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Fails before anything is loaded (or QA-tuned) when the data or a configured method cannot be had."""
+  data_lib.check_sources(config.data)
+  for name in method_names(config.eval):
+    REGISTRY[name].require(config, workdir)
+
+
+# ------------------------------------------------------------------------------------------------
+# Intervals, the lr rule, weight diagnostics.
+
+
+def _boot_kwargs(bc) -> dict:
+  return dict(n_boot=int(bc["resamples"]), seed=int(bc["seed"]), level=float(bc["level"]))
+
+
+def with_ci(scores: dict, bc) -> dict:
+  """`summary(scores)` plus "ci": {metric: stats.bootstrap_ci} over its questions for `CI_METRICS`."""
+  pq = scores["per_question"]
+  return summary(scores) | {"ci": {m: stats.bootstrap_ci(pq[m], **_boot_kwargs(bc)) for m in CI_METRICS}}
+
+
+def paired(a_scores: dict, b_scores: dict, bc, metrics=CI_METRICS) -> dict:
+  """{metric: stats.paired_bootstrap_ci} of a - b on the same questions (two `score` results)."""
+  a, b = a_scores["per_question"], b_scores["per_question"]
+  return {m: stats.paired_bootstrap_ci(a[m], b[m], **_boot_kwargs(bc)) for m in metrics}
+
+
+def _finite_or(x, default: float) -> float:
+  return float(x) if x is not None and math.isfinite(float(x)) else default
+
+
+def select_lr(sweep, rule: str) -> float:
+  """The lr a selection rule picks from validation rows [{"lr", "f1", "prefix_em", "nll", ...}].
+
+  "nll": lowest answer NLL, ties to higher F1; "f1": highest F1, ties to higher prefix EM, then lower NLL.
+  A missing (None / NaN) score ranks last; among full ties the first row wins.
+  """
+  if rule not in SELECT_RULES:
+    raise ValueError(f"eval.select={rule!r}: expected one of {sorted(SELECT_RULES)}")
+  if not sweep:
+    raise ValueError("select_lr: empty sweep")
+  nll = lambda r: _finite_or(r.get("nll"), math.inf)
+  higher = lambda r, k: -_finite_or(r.get(k), -math.inf)
+  if rule == "nll":
+    key = lambda r: (nll(r), higher(r, "f1"))
+  else:
+    key = lambda r: (higher(r, "f1"), higher(r, "prefix_em"), nll(r))
+  return min(sweep, key=key)["lr"]
+
+
+def weight_diagnostics(w_Ns, answer_masks) -> dict:
+  """Where a method's weights went over some documents (`adapt.uptake`'s definitions, pooled).
+
+  Args:
+    w_Ns: each document's token weights.
+    answer_masks: each document's `TokenizedDoc.answer_mask` (True on answer-span tokens).
+
+  Returns:
+    {"facts_filler": mean weight on answer tokens / on the others (1 for uniform), "mean_weight": over
+    every predicted token, "facts_weight", "filler_weight": the two means, "facts_tokens",
+    "filler_tokens": their counts}; None where undefined (no answer tokens, zero filler weight).
+  """
+  if not w_Ns:
+    return dict.fromkeys(("facts_filler", "mean_weight", "facts_weight", "filler_weight"), None) | {
+        "facts_tokens": 0, "filler_tokens": 0}
+  length = max(len(w) for w in w_Ns)
+  w_BxL = np.stack([pad(np.asarray(w, np.float32), length) for w in w_Ns])
+  a_BxL = np.stack([pad(np.asarray(a, bool)[:len(w)], length) for a, w in zip(answer_masks, w_Ns)])
+  m_BxL = np.stack([pad(np.ones(len(w), bool), length) for w in w_Ns])
+  sums = {k: float(v) for k, v in uptake.facts_filler_sums(w_BxL, a_BxL, m_BxL).items()}
+  mean = lambda w, n: w / n if n else None
+  return {"facts_filler": stats.finite_or_none(uptake.facts_filler_ratio(sums)),
+          "mean_weight": mean(sums["facts_w"] + sums["filler_w"], sums["facts_n"] + sums["filler_n"]),
+          "facts_weight": mean(sums["facts_w"], sums["facts_n"]),
+          "filler_weight": mean(sums["filler_w"], sums["filler_n"]),
+          "facts_tokens": int(sums["facts_n"]), "filler_tokens": int(sums["filler_n"])}
+
+
+# ------------------------------------------------------------------------------------------------
+# The protocol: one method's lr sweep, test stream, post-stream step and test score.
+
+
+class Clock:
+  """Wall-clock seconds per phase (`with clock("adapt"):`), to say where an evaluation's time goes.
+
+  Phases nest exclusively: an inner phase pauses the outer one (the curve points scored while a stream is
+  read count as "curve", not "adapt"), so every second is charged to one phase.
+  """
+
+  def __init__(self, timer: Callable[[], float] = time.perf_counter):
+    self.totals: dict[str, float] = {}
+    self._timer = timer
+    self._start = self._since = timer()
+    self._open: list[str] = []  # the phases entered and not left, innermost last
+
+  def _charge(self) -> None:
+    """Charges the time since the last change of phase to the innermost open phase."""
+    now = self._timer()
+    if self._open:
+      self.add(self._open[-1], now - self._since)
+    self._since = now
+
+  @contextlib.contextmanager
+  def __call__(self, name: str):
+    self._charge()
+    self._open.append(name)
+    self.add(name, 0.0)
+    try:
+      yield
+    finally:
+      self._charge()
+      self._open.pop()
+
+  def add(self, name: str, seconds: float) -> None:
+    self.totals[name] = self.totals.get(name, 0.0) + seconds
+
+  def elapsed(self) -> float:
+    return self._timer() - self._start
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvePoint:
+  docs: int  # documents read
+  scores: dict  # the greedy `score` of their questions at that point
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+  """A method's test stream, read: its state after the last document and what was scored along it."""
+
+  state: Any
+  curve: tuple[CurvePoint, ...]
+  right_after: float | None  # greedy F1 on the first `retention_docs` documents' questions right after them
+
+
+def curve_points(n: int, points: int) -> list[int]:
+  """The documents-read counts (of a stream of `n`) where the curve is scored: `points` evenly spaced."""
+  return sorted({max(1, round(n * (k + 1) / points)) for k in range(points)})
+
+
+def read_test_stream(ctx: Context, method: Method, docs, lr: float | None, clock: Clock) -> Stream:
+  """`method` adapted on the test stream at `lr`, scored (greedy) at the curve points and right after the
+  first documents; the scoring is timed as "curve", apart from "adapt"."""
+  points, retention_n = curve_points(len(docs), ctx.ec.curve_points), min(ctx.ec.retention_docs, len(docs))
+  curve, right_after = [], []
+
+  def on_doc(i, state):
+    seen = i + 1
+    with clock("curve"):
+      if seen == retention_n:
+        right_after.append(method.answer(ctx, state, docs[:seen], "greedy", "retention")["f1"])
+      if seen in points:
+        curve.append(CurvePoint(seen, method.answer(ctx, state, docs[:seen], "greedy", "curve")))
+
+  lr_s = "" if lr is None else f" lr={lr:g}"
+  with clock("adapt"):
+    state = method.adapt(ctx, docs, lr, on_doc=on_doc, desc=f"{method.name}{lr_s} (test)")
+  return Stream(state, tuple(curve), right_after[0] if right_after else None)
+
+
+def sweep_lr(ctx: Context, method: Method, val_docs, lrs: Sequence[float], clock: Clock):
+  """(validation rows {"lr"} | `summary`, the lr `select_lr` picks from them); no rows for one lr (or
+  none: then the lr is None)."""
+  if len(lrs) <= 1:  # one lr needs no validation
+    return (), (lrs[0] if lrs else None)
+  rows = []
+  for lr in lrs:
+    with clock("sweep"):
+      state = method.adapt(ctx, val_docs, lr, desc=f"{method.name} lr={lr:g} (val)")
+      state = method.post_stream(ctx, state)
+      m = method.answer(ctx, state, val_docs, ctx.ec.val_decoding, f"{method.name} lr={lr:g} val QA")
+    rows.append({"lr": lr} | summary(m))
+    logging.info("%s lr=%g: val F1 %.4f, answer NLL %.4f", method.name, lr, m["f1"], m["nll"])
+  return tuple(rows), select_lr(rows, ctx.ec.select)
+
+
+def final_score(ctx: Context, method: Method, state, stream: Stream, docs, clock: Clock):
+  """(the test `score` after the whole stream, the first documents' greedy F1 at the end)."""
+  ec = ctx.ec
+  retention_n = min(ec.retention_docs, len(docs))
+  last = stream.curve[-1] if stream.curve else None
+  with clock("test_score"):
+    if (method.post_phase is None and last is not None and last.docs == len(docs)
+        and ec.decoding == "greedy"):
+      test = last.scores  # the last curve point is the test score: same state, same decoding
+    else:
+      test = method.answer(ctx, state, docs, ec.decoding, f"{method.name} test QA")
+    if ec.decoding == "greedy":  # the first documents' questions are the test's first rows
+      first = len(pipeline.questions(docs[:retention_n]))
+      at_end = float(np.mean(test["per_question"]["f1"][:first])) if first else None
+    else:
+      at_end = method.answer(ctx, state, docs[:retention_n], "greedy", "retention")["f1"]
+  return test, at_end
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodResult:
+  """One method's evaluation, as `run` collects it (comparisons: `compare`; results.json: `result_json`)."""
+
+  name: str
+  adaptation: str  # `Method.adaptation`: methods sharing it share their token weights
+  versus: tuple[str, ...]  # `Method.versus`
+  sweep: tuple[dict, ...]  # validation aggregates per lr ({"lr"} | `summary`)
+  lr: float | None  # the lr chosen (None: the method has none)
+  test: dict  # the test `score`: aggregates, per-question lists, answers
+  curve: tuple[CurvePoint, ...]  # along the test stream
+  retention: Mapping[str, float | None]  # greedy F1 on the first documents' questions: "right_after", "at_end"
+  doc_weights: tuple[np.ndarray, ...] | None  # w_N of each test document (None: it weighs no tokens)
+  weights: Mapping[str, Any]  # `weight_diagnostics` of doc_weights ({} when None)
+  time_s: Mapping[str, float]  # seconds per `Clock` phase, "adapt_per_doc", "total"
+  record: Mapping[str, Any]  # `Method.record`'s fields
+
+
+def evaluate_method(ctx: Context, method: Method, val_docs, test_docs, chosen: Mapping[str, float],
+                    streams: Mapping[tuple, Stream]) -> tuple[MethodResult, Stream]:
+  """The lr sweep on the validation stream, then the test stream at the chosen lr, the post-stream step and
+  the test score.
+
+  Args:
+    ctx: the evaluation context.
+    method: a prepared `Method`.
+    val_docs, test_docs: the validation and test streams (`TokenizedDoc`s, in order).
+    chosen: the lr each method evaluated before chose (`Method.lrs`).
+    streams: {(adaptation, lr): `Stream`} read by methods before it, reused when its adaptation and lr
+      match one (uniform + QA light-tune light-tunes uniform's adapted model).
+
+  Returns:
+    (its result, its test `Stream`).
+  """
+  clock = Clock()
+  sweep, lr = sweep_lr(ctx, method, val_docs, method.lrs(ctx.ec, chosen), clock)
+  stream = streams.get((method.adaptation, lr))
+  if stream is None:
+    stream = read_test_stream(ctx, method, test_docs, lr, clock)
+  else:
+    clock.add("adapt", 0.0)  # read by the method it shares the adaptation with, and timed there
+  state = stream.state
+  if method.post_phase is not None:
+    with clock(method.post_phase):
+      state = method.post_stream(ctx, state)
+  test, at_end = final_score(ctx, method, state, stream, test_docs, clock)
+  w_Ns = [method.token_weights(ctx, d) for d in test_docs]
+  w_Ns = None if any(w is None for w in w_Ns) else tuple(w_Ns)
+  weights = {} if w_Ns is None else weight_diagnostics(w_Ns, [d.answer_mask for d in test_docs])
+  n = len(test_docs)
+  time_s = dict(clock.totals, adapt_per_doc=clock.totals["adapt"] / max(n, 1), total=clock.elapsed())
+  result = MethodResult(method.name, method.adaptation, tuple(method.versus), sweep, lr, test, stream.curve,
+                        {"right_after": stream.right_after, "at_end": at_end}, w_Ns, weights, time_s,
+                        method.record(ctx, state, test_docs))
+  return result, stream
+
+
+# ------------------------------------------------------------------------------------------------
+# Comparisons: a pure function of the results.
+
+
+def _difference(a, b):
+  return a - b if a is not None and b is not None and math.isfinite(a - b) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """A method against the others, on the same questions."""
+
+  uptake: float | None  # no-adaptation test answer NLL − the method's (> 0: the gold answers became likelier)
+  versus: Mapping[str, dict]  # {other method: {metric: paired interval of this − other}}; the baseline first
+  curve_versus: Mapping[int, dict]  # {documents read: paired F1 interval against the baseline's same point}
+
+
+def compare(no_adaptation: dict, results: Mapping[str, MethodResult], bc,
+            baseline_name: str = BASELINE) -> dict[str, Comparison]:
+  """Every method's `Comparison`: uptake, paired intervals against the baseline (when it ran; test metrics
+  and each curve point's F1) and against its `versus` methods that ran.
+
+  Args:
+    no_adaptation: the no-adaptation test `score`.
+    results: {method: its result}.
+    bc: the `eval.bootstrap` settings.
+    baseline_name: the method every other is compared with.
+  """
+  base = results.get(baseline_name)
+  out = {}
+  for name, r in results.items():
+    others = ((baseline_name,) if base is not None and name != baseline_name else ()) + tuple(
+        o for o in r.versus if o in results and o != name)
+    curve_versus = {}
+    if base is not None and name != baseline_name:
+      base_curve = {p.docs: p.scores for p in base.curve}
+      curve_versus = {p.docs: paired(p.scores, base_curve[p.docs], bc, ("f1",))["f1"]
+                      for p in r.curve if p.docs in base_curve}
+    out[name] = Comparison(_difference(no_adaptation["nll"], r.test["nll"]),
+                           {o: paired(r.test, results[o].test, bc) for o in others}, curve_versus)
+  return out
+
+
+def result_json(r: MethodResult, c: Comparison, bc, baseline_name: str = BASELINE) -> dict:
+  """A method's entry of results.json: aggregates with intervals, the curve, comparisons (no per-question
+  lists: those go to eval/predictions/)."""
+  curve = []
+  for p in r.curve:
+    ci = stats.bootstrap_ci(p.scores["per_question"]["f1"], **_boot_kwargs(bc))
+    point = {"docs": p.docs, "f1": p.scores["f1"], "lo": ci["lo"], "hi": ci["hi"]}
+    if p.docs in c.curve_versus:
+      point[f"vs_{baseline_name}"] = c.curve_versus[p.docs]
+    curve.append(point)
+  out = {"sweep": list(r.sweep), "lr": r.lr, "test": with_ci(r.test, bc), "curve": curve,
+         "retention": dict(r.retention), "weights": dict(r.weights), "time_s": dict(r.time_s),
+         "uptake": c.uptake} | dict(r.record)
+  return out | {f"vs_{other}": v for other, v in c.versus.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Every method, then the outputs.
+
+
+def _val_docs(ctx: Context) -> list:
+  meta_val = ctx.data.splits["meta_val"]
+  return list(pipeline.Stream(meta_val, min(ctx.ec.val_docs, len(meta_val)), ctx.data.config.stream_seed,
+                              ctx.data.spec, ctx.data.pad_id).docs)
+
+
+def evaluate_methods(ctx: Context, names: Sequence[str], val_docs, test_docs, writer) -> dict[str, MethodResult]:
+  """{name: `MethodResult`} of the methods `names`, in order; an adapted test stream is kept only while a
+  later method shares its adaptation."""
+  results, streams, chosen = {}, {}, {}
+  for k, name in enumerate(names):
+    method = REGISTRY[name].prepare(ctx, test_docs)
+    r, stream = evaluate_method(ctx, method, val_docs, test_docs, chosen, streams)
+    results[name] = r
+    if r.lr is not None:
+      chosen[name] = r.lr
+    if any(REGISTRY[later].adaptation == method.adaptation for later in names[k + 1:]):
+      streams[(method.adaptation, r.lr)] = stream
+    writer.write_scalars(0, {f"eval/{name}/{m}": v for m, v in r.test.items() if m in CI_METRICS})
+    at_lr = "" if r.lr is None else f" at lr {r.lr:g}"
+    ctx.say(f"{name}: test F1 {r.test['f1']:.4f}, answer NLL {r.test['nll']:.4f}{at_lr} "
+            f"({r.time_s['total']:.0f} s)")
+  return results
+
+
+def heatmaps(ctx: Context, results: Mapping[str, MethodResult], docs) -> dict[str, list]:
+  """{method: [(document id, token strings, w_N)]} of `docs`, once per adaptation (methods sharing one
+  share their weights) for the methods that weigh tokens (`report.write`'s heatmaps)."""
+  tok = ctx.model.tokenizer
+  pieces = [[tok.decode([t]) for t in d.tokens] for d in docs]
+  drawn, out = set(), {}
+  for name, r in results.items():
+    if r.doc_weights is None or r.adaptation in drawn:
+      continue
+    drawn.add(r.adaptation)
+    out[name] = [(d.doc.id, p, w) for d, p, w in zip(docs, pieces, r.doc_weights)]
+  return out
+
+
+def run(ctx: Context, writer) -> dict:
+  """Evaluates every configured method; writes <workdir>/eval/ (all files, or none of them) and returns
+  results.json's content."""
+  ec = ctx.ec
+  checks.validate_section("eval", ec, RULES, CROSS)  # before any adaptation, not after the first sweep
+  test_docs, val_docs = list(ctx.data.stream().docs), _val_docs(ctx)
+  start = time.perf_counter()
+  no_adapt = score(ctx, ctx.params, test_docs, ec.decoding, desc="no adaptation")
+  no_adapt_s = time.perf_counter() - start
+  ctx.say(f"no adaptation: test F1 {no_adapt['f1']:.4f}, answer NLL {no_adapt['nll']:.4f} on "
+          f"{no_adapt['n']} questions")
+  methods = evaluate_methods(ctx, method_names(ec), val_docs, test_docs, writer)
+  comparisons = compare(no_adapt, methods, ec.bootstrap)
+  results = {"no_adaptation": with_ci(no_adapt, ec.bootstrap),
+             "methods": {name: result_json(r, comparisons[name], ec.bootstrap) for name, r in methods.items()},
+             "test_docs": len(test_docs), "val_docs": len(val_docs), "test_questions": no_adapt["n"],
+             "select": ec.select, "select_rule": SELECT_RULES[ec.select], "bootstrap": dict(ec.bootstrap),
+             "time_s": {"no_adaptation": no_adapt_s}, "manifest": os.path.join(ctx.workdir, MANIFEST_FILE)}
+  if jax.process_index() == 0:  # every process computed the same results; one writes them
+    report.write(os.path.join(ctx.workdir, "eval"), results,
+                 {"no_adaptation": no_adapt} | {name: r.test for name, r in methods.items()},
+                 heatmaps(ctx, methods, test_docs[:ec.heatmap_docs]))
+  return results

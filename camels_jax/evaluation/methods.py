@@ -1,0 +1,228 @@
+"""The built-in evaluation methods, registered under the names `eval.methods` lists: the weighted-gradient
+methods (uniform, SSM, TF-IDF, CaMeLS: one Adam step per document on token-weighted losses, `adapt.online`),
+uniform followed by a QA light-tune after the stream, and MAC (no gradient step: a memory bank of amortized
+documents).
+"""
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+
+from camels_jax import checks, qa_tune
+from camels_jax.adapt import online
+from camels_jax.data import pipeline
+from camels_jax.evaluation.method import REGISTRY, Context, Method, OnDoc, WeightFn, pad, register, score
+from camels_jax.methods import baselines, camels, mac
+
+MAC_BANK_DIR = "eval_mac_bank"  # <workdir>/eval_mac_bank: MAC's bank after the test stream (orbax)
+
+MAC_BANK_DIR = "eval_mac_bank"  # <workdir>/eval_mac_bank: MAC's bank after the test stream (orbax)
+
+
+def cached_weights(fn: WeightFn) -> WeightFn:
+  """`fn` computed once per (document, length): the lr sweep and the diagnostics read the same weights."""
+  cache = {}
+
+  def cached(d, length):
+    if (d.doc.id, length) not in cache:
+      cache[(d.doc.id, length)] = np.asarray(fn(d, length), np.float32)
+    return cache[(d.doc.id, length)]
+  return cached
+
+
+def doc_weights(ctx: Context, weights: WeightFn, d) -> np.ndarray:
+  """w_N of document `d`'s tokens, computed at its bucket length as the adaptation does (so CaMeLS's
+  jitted weighting compiles once per bucket and the cache of `cached_weights` is hit)."""
+  n = len(d.tokens)
+  return np.asarray(weights(d, pipeline.bucket(n, ctx.data.spec.doc_buckets)))[:n]
+
+
+def baseline(name: str, **eval_options: str) -> Callable[[Context], WeightFn]:
+  """Builds `baselines.doc_weighting(name)` for a context; `eval_options` maps its options to `eval` fields."""
+
+  def build(ctx: Context) -> WeightFn:
+    texts = [d.doc.text for docs in ctx.data.splits.values() for d in docs]  # TF-IDF's idf: every document
+    options = {option: ctx.ec[field] for option, field in eval_options.items()}
+    return baselines.doc_weighting(name, ctx.model.tokenizer, texts, add_bos=ctx.data.spec.add_bos, **options)
+  return build
+
+
+def camels_weights(ctx: Context) -> WeightFn:
+  """The trained weighting model's token weights (the best meta-validation of the camels job)."""
+  wm_graphdef, meta = camels.load_trained(ctx.config, ctx.model, ctx.workdir)
+  weigh = jax.jit(functools.partial(camels.token_weights, wm_graphdef))
+
+  def fn(d, length):
+    tokens_1xL = pad(d.tokens, length)[None].astype(np.int32)
+    mask_1xL = pad(np.ones(len(d.tokens), np.int32), length)[None]
+    return np.asarray(weigh(meta["wm"], tokens_1xL, mask_1xL))[0]
+  return fn
+
+
+def adapt(ctx: Context, docs, weights: WeightFn, lr: float, on_doc: OnDoc | None = None, desc: str = "adapt"):
+  """The QA-tuned model adapted on `docs` in order with `weights` at learning rate `lr`."""
+  oc = ctx.ec.online.copy_and_resolve_references()
+  oc.lr = lr
+  icfg = online.inner_config(oc, ctx.data.spec.doc_buckets)
+  batches = [pipeline.doc_batch([d], ctx.data.spec, ctx.data.pad_id) for d in docs]
+  weight_fn = lambda i, b: weights(docs[i], b["doc_tokens_BxL"].shape[1])[None]
+  params, _ = online.adapt_stream(ctx.model.graphdef, ctx.params, batches, weight_fn, oc, icfg,
+                                  on_doc=on_doc, progress=ctx.progress, desc=desc)
+  return params
+
+
+def adapt_step_bytes(ctx: Context) -> int:
+  """XLA's compiled memory of one adaptation step at the longest bucket: one step shape serves every
+  weighting (the weights are an input)."""
+  oc = ctx.ec.online.copy_and_resolve_references()
+  buckets = ctx.data.spec.doc_buckets
+  return online.step_bytes(ctx.model.graphdef, ctx.params, max(buckets), oc, online.inner_config(oc, buckets))
+
+
+@dataclasses.dataclass(frozen=True)
+class Weighted(Method):
+  """One clipped Adam step per document on its token-weighted LM loss (`adapt.online`): the weighting is
+  all that tells uniform, SSM, TF-IDF and CaMeLS apart."""
+
+  name: str
+  build_weights: Callable[[Context], WeightFn]  # the weighting, built once per evaluation
+  require_trained: Callable[[str], None] | None = None  # workdir -> raises UserError without what it loads
+  weights: WeightFn | None = None  # `build_weights`'s, set by `prepare`
+
+  def require(self, config, workdir):
+    if self.require_trained is not None:
+      self.require_trained(workdir)
+
+  def prepare(self, ctx, test_docs):
+    return dataclasses.replace(self, weights=cached_weights(self.build_weights(ctx)))
+
+  def lrs(self, ec, chosen):
+    return tuple(ec.lrs)
+
+  def adapt(self, ctx, docs, lr, on_doc=None, desc="adapt"):
+    return adapt(ctx, docs, self.weights, lr, on_doc, desc)
+
+  def token_weights(self, ctx, d):
+    return doc_weights(ctx, self.weights, d)
+
+  def record(self, ctx, state, test_docs):
+    return {"memory_bytes": {"adapt": adapt_step_bytes(ctx)}}
+
+
+class _NullWriter:
+  def write_scalars(self, step, scalars):
+    del step, scalars
+
+
+def light_tune(ctx: Context, params):
+  """QA light-tune after adaptation (reference baseline): QA-train, early stop on QA-val F1."""
+  lt = ctx.ec.light_tune
+  c = qa_tune.qa_tune_config()
+  c.update(lr=lt.lr, patience=lt.patience, val_every=lt.val_every, max_steps=lt.max_steps,
+           stop_metric="f1", val_decoding="greedy", max_new_tokens=ctx.ec.max_new_tokens)
+  model = dataclasses.replace(ctx.model, params=params)
+  best, _ = qa_tune.qa_tune(model, ctx.data, c, _NullWriter(), progress=ctx.progress)
+  return best
+
+
+@dataclasses.dataclass(frozen=True)
+class LightTuned(Method):
+  """`base`'s adaptation, then a QA light-tune of the adapted model (the reference's uniform + QA
+  light-tune). It takes `base`'s chosen lr and adapted test stream when `base` ran before it: a sweep would
+  light-tune once per lr."""
+
+  name: str
+  base: Method
+  post_phase: ClassVar[str] = "light_tune"
+
+  @property
+  def adaptation(self):
+    return self.base.adaptation
+
+  def require(self, config, workdir):
+    self.base.require(config, workdir)
+
+  def prepare(self, ctx, test_docs):
+    return dataclasses.replace(self, base=self.base.prepare(ctx, test_docs))
+
+  def lrs(self, ec, chosen):
+    return (chosen[self.base.name],) if self.base.name in chosen else self.base.lrs(ec, chosen)
+
+  def adapt(self, ctx, docs, lr, on_doc=None, desc="adapt"):
+    return self.base.adapt(ctx, docs, lr, on_doc, desc)
+
+  def post_stream(self, ctx, state):
+    return light_tune(ctx, state)
+
+  def answer(self, ctx, state, docs, decoding, desc):
+    return self.base.answer(ctx, state, docs, decoding, desc)
+
+  def token_weights(self, ctx, d):
+    return self.base.token_weights(ctx, d)
+
+  def record(self, ctx, state, test_docs):
+    return self.base.record(ctx, state, test_docs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mac(Method):
+  """MAC: no gradient step. Each document is amortized into a memory bank as it arrives; each question is
+  answered by the frozen QA-tuned model with the prefix aggregated from the bank for it. No lr."""
+
+  name: str = "mac"
+  versus: ClassVar[tuple[str, ...]] = ("camels",)  # the paper's comparison: amortization against learned weights
+  graphdef: Any = None  # the trained networks (`mac.load_trained`), set by `prepare`
+  params: Any = None
+  capacity: int = 0  # bank slots every prefix is aggregated over: the test stream's length
+
+  def require(self, config, workdir):
+    if "mac" not in config:
+      raise checks.ConfigError("config: eval.methods has mac but the config has no mac section "
+                               "(configs/mac_default.py)")
+    mac.require_trained(workdir)
+
+  def prepare(self, ctx, test_docs):
+    graphdef, params = mac.load_trained(ctx.config, ctx.model, ctx.workdir)
+    first = pipeline.doc_batch([test_docs[0]], ctx.data.spec, ctx.data.pad_id)
+    # Compiled before the clock starts, as the gradient methods' steps are by their lr sweep.
+    jax.block_until_ready(mac.amortize_jit(graphdef, params, first["doc_tokens_BxL"], first["doc_mask_BxL"]))
+    return dataclasses.replace(self, graphdef=graphdef, params=params, capacity=len(test_docs))
+
+  def adapt(self, ctx, docs, lr, on_doc=None, desc="adapt"):
+    c = ctx.config.mac
+    return mac.stream_bank(self.graphdef, self.params, docs, ctx.data.spec, ctx.data.pad_id, c.tokens,
+                           ctx.model.cfg.d_model, on_doc=on_doc, progress=ctx.progress, desc=desc)
+
+  def answer(self, ctx, state, docs, decoding, desc):
+    prefix_fn = mac.prefix_fn(self.graphdef, self.params, state, self.capacity, ctx.config.mac.window)
+    return score(ctx, ctx.params, docs, decoding, desc, prefix_fn=prefix_fn)
+
+  def record(self, ctx, state, test_docs):
+    bank = state
+    bank.save(os.path.join(ctx.workdir, MAC_BANK_DIR))
+    ctx.say(f"mac: bank of {bank.docs} documents, {bank.size_tokens} tokens, {bank.nbytes / 2**20:.2f} MiB")
+    return {"bank": {"docs": bank.docs, "tokens": bank.size_tokens, "bytes": bank.nbytes},
+            "memory_bytes": self._memory(ctx, bank, test_docs[0])}
+
+  def _memory(self, ctx, bank, doc) -> dict:
+    """XLA's compiled memory of one document's amortization and of one question batch's prefix, and the bank's."""
+    first = pipeline.doc_batch([doc], ctx.data.spec, ctx.data.pad_id)
+    amortize = mac.amortize_jit.lower(self.graphdef, self.params, first["doc_tokens_BxL"], first["doc_mask_BxL"])
+    batch = next(iter(pipeline.qa_eval_batches(ctx.data.splits["meta_val"][:1], ctx.data.spec, ctx.data.pad_id,
+                                               ctx.ec.batch_size)))
+    prefix = mac.prefix_lowered(self.graphdef, self.params, batch, bank, bank.docs, ctx.config.mac.window)
+    return {"adapt": online.compiled_bytes(amortize.compile()), "prefix": online.compiled_bytes(prefix.compile()),
+            "bank": bank.nbytes}
+
+
+for _method in (Weighted("uniform", baseline("uniform")), Weighted("ssm", baseline("ssm")),
+                Weighted("tfidf", baseline("tfidf", min_threshold="tfidf_min_threshold")),
+                Weighted("camels", camels_weights, camels.require_trained)):
+  register(_method)
+register(LightTuned("uniform+qa_lt", REGISTRY["uniform"]))
+register(Mac())
