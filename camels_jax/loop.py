@@ -64,6 +64,13 @@ class LoopConfig:
   log_every: int = 1  # steps between train scalars (means over the interval)
   max_to_keep: int = 2  # newest checkpoints kept besides the best one
 
+  def __post_init__(self):
+    if self.best_mode not in ("min", "max"):
+      raise ValueError(f"LoopConfig({self.job}): best_mode={self.best_mode!r} is not 'min' or 'max'")
+    if self.steps < 0 or self.val_every < 1 or self.log_every < 1:
+      raise ValueError(f"LoopConfig({self.job}): steps={self.steps} must be >= 0, val_every={self.val_every} and "
+                       f"log_every={self.log_every} >= 1")
+
 
 @dataclasses.dataclass(frozen=True)
 class Result:
@@ -110,7 +117,7 @@ class _Checkpoints:
     if self.ckpt is None or self.ckpt.latest_step() is None:
       return None
     restored = self.ckpt.restore(None, state)
-    logging.info("%s: resumed from step %d of %s", self.ckpt.directory, restored.step, self.ckpt.directory)
+    logging.info("resumed from step %d of %s", restored.step, self.ckpt.directory)
     return restored
 
   def save(self, step, state, meta, rng, rank: int):

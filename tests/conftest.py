@@ -39,7 +39,9 @@ LONGEST_FIRST = (
     "tests/test_train.py",  # ~300
     "tests/test_evaluate.py",  # ~250
     "tests/test_repro.py",  # ~220
+    "tests/test_mac_job.py",  # ~210 (measured alone, single process)
     "tests/methods/test_mac.py",  # ~200
+    "tests/test_cli.py",  # ~190 (measured alone, single process)
     "tests/methods/test_camels_sharded.py",  # ~150
 )
 

@@ -97,15 +97,16 @@ def test_expected_failures_print_one_line_and_exit_2(tmp_path, name, case, args,
 
 
 def test_interrupt_says_how_to_resume_and_exits_130(tmp_path):
-  """Ctrl-C once the job has started (its first phase line): one line, exit 130, the run marked interrupted."""
+  """Ctrl-C while the job trains (once it says it QA-tunes, with more steps than it can finish before the
+  signal lands): one line, exit 130, the run marked interrupted."""
   workdir = tmp_path / "wd"
   cmd = [sys.executable, "-m", "camels_jax.train", f"--config={ENTRY_CONFIGS['train']}", f"--workdir={workdir}",
-         "--config.jobs=qa_tune"]
+         "--config.jobs=qa_tune", "--config.qa_tune.max_steps=100000", "--config.qa_tune.patience=100000"]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  first = proc.stdout.readline()
+  said = [proc.stdout.readline() for _ in range(3)]  # model:, data:, qa_tune: QA-tuning ...
   proc.send_signal(signal.SIGINT)
   out, err = proc.communicate(timeout=300)
-  assert first.startswith("model:"), (first, err[-3000:])
+  assert said[0].startswith("model:") and said[2].startswith("qa_tune: QA-tuning"), (said, err[-3000:])
   assert proc.returncode == cli.EXIT_INTERRUPTED, err[-3000:]
   lines = [line for line in err.splitlines() if line.strip()]
   assert lines == [f"interrupted: rerunning the same command resumes from what {workdir} holds (its checkpoints "
@@ -168,6 +169,7 @@ def test_evaluate_without_a_weighting_model_fails_before_qa_tuning(tmp_path):
   assert not os.path.exists(workdir / "qa_tune")
 
 
+@pytest.mark.slow
 def test_manifest_quiet_terminal_and_resume_rules(tmp_path):
   workdir = tmp_path / "wd"
   first = entry("train", workdir, "--config.jobs=qa_tune")

@@ -26,6 +26,7 @@ def trained(tmp_path_factory):
   return config, workdir
 
 
+@pytest.mark.slow  # the `trained` run (~2 min) and every method
 def test_all_methods_produce_the_table_and_outputs(trained):
   config, workdir = trained
   results = evaluate.run(config, workdir, progress=False)
@@ -124,6 +125,7 @@ def _strict_json(text):
   return json.loads(text, parse_constant=reject)
 
 
+@pytest.mark.slow
 def test_zero_learning_rate_leaves_qa_scores_unchanged(trained):
   config, workdir = trained
   ctx = _context(config, workdir)
@@ -145,6 +147,7 @@ def _context(config, workdir):
   return evaluation.Context(config, model, params, data, workdir, progress=False)
 
 
+@pytest.mark.slow
 def test_interrupted_evaluation_leaves_complete_outputs_or_none(trained, monkeypatch):
   config, workdir = trained
   config = config.copy_and_resolve_references()
@@ -188,6 +191,7 @@ class _Unadapted(evaluation.Method):
     return ctx.params
 
 
+@pytest.mark.slow
 def test_a_new_method_is_one_class_and_one_registry_line(trained, tmp_path):
   config, workdir = trained
   config = config.copy_and_resolve_references()
@@ -213,6 +217,7 @@ def test_a_new_method_is_one_class_and_one_registry_line(trained, tmp_path):
     evaluation.run(ctx, _NullWriter())
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_evaluation_on_the_shared_squad_file(tmp_path, shared_data):
   from camels_jax.data import get_data_config  # pylint: disable=g-import-not-at-top
   config = tiny_default()

@@ -178,3 +178,10 @@ def test_require_trained_fails_on_a_missing_or_empty_directory(tmp_path):
     loop.require_trained(str(tmp_path / "empty"), err)
   _run(str(tmp_path), steps=2, val_every=2)
   loop.require_trained(str(tmp_path / "toy"), err)
+
+
+def test_a_bad_loop_config_is_refused():
+  with pytest.raises(ValueError, match="best_mode='low'"):
+    loop.LoopConfig("toy", 4, 2, "val_loss", best_mode="low")
+  with pytest.raises(ValueError, match="val_every=0"):
+    loop.LoopConfig("toy", 4, 0, "val_loss")

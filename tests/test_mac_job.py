@@ -7,6 +7,9 @@ import pytest
 from camels_jax import train
 from tests.tiny_config import Killed, kill_job_at, tiny_default
 
+# Every test trains or resumes the tiny mac job (~3.5 min for the file on 2 cores).
+pytestmark = pytest.mark.slow
+
 
 def tiny_mac(steps=4):
   c = tiny_default()

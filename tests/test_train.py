@@ -32,6 +32,7 @@ def uninterrupted(full_run):
   return full_run[1]
 
 
+@pytest.mark.slow  # builds the module's tiny train run (~3 min)
 def test_tiny_run_lowers_the_outer_validation_loss(uninterrupted):
   history = uninterrupted["camels"]["history"]
   assert [h["step"] for h in history] == [0, 4, 8]
@@ -44,6 +45,7 @@ def test_tiny_run_lowers_the_outer_validation_loss(uninterrupted):
   assert history[-1]["val_facts_filler"] != pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_metrics(tmp_path, uninterrupted):
   workdir = str(tmp_path / "killed")
   child = subprocess.Popen([sys.executable, "-c", _CHILD.format(repo=REPO, workdir=workdir)],
@@ -76,6 +78,7 @@ def test_non_finite_meta_loss_aborts_naming_the_step(tmp_path):
     train.run(c, str(tmp_path), progress=False)
 
 
+@pytest.mark.slow
 def test_validation_reports_uptake_against_mean_matched_uniform_and_facts_filler(uninterrupted):
   r = uninterrupted["camels"]
   first, last = r["history"][0], r["history"][-1]
@@ -97,6 +100,7 @@ def test_validation_reports_uptake_against_mean_matched_uniform_and_facts_filler
   assert "uptake" in report.camels_summary(r) and "learned > SSM" in report.camels_summary(r)
 
 
+@pytest.mark.slow
 def test_camels_job_alone_meta_trains_the_qa_tuned_model_of_its_workdir(tmp_path, full_run):
   import shutil
   workdir = str(tmp_path / "camels_only")

@@ -72,6 +72,7 @@ def test_tokenize_marks_the_answer_tokens_of_generated_documents():
   assert not batch["doc_answer_mask_BxL"][0, len(docs[0].tokens):].any()
 
 
+@pytest.mark.slow
 def test_uptake_is_measured_on_the_same_questions_before_and_after():
   base, wm_graphdef, wm_params = fx.tiny()
   mcfg = camels.MetaConfig(inner_lr=0.5)
@@ -95,6 +96,7 @@ def test_uptake_is_measured_on_the_same_questions_before_and_after():
   assert float(got["uptake"]) != 0.0
 
 
+@pytest.mark.slow
 def test_meta_eval_step_compares_learned_with_mean_matched_uniform_weights():
   base, wm_graphdef, wm_params = fx.tiny()
   mcfg = camels.MetaConfig(inner_lr=0.5)

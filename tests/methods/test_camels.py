@@ -27,6 +27,7 @@ def _directional_fd(f, params, direction, eps=1e-5):
   return (f(shift(eps)) - f(shift(-eps))) / (2 * eps)
 
 
+@pytest.mark.slow  # 35-50 s per case on 2 cores
 @pytest.mark.parametrize("n_docs,steps,learn_lr,mixing", [
     (1, 1, False, False),
     (3, 1, True, False),
@@ -96,6 +97,7 @@ def _cat(tree):
   return jnp.concatenate([x.ravel() for x in jax.tree.leaves(tree)])
 
 
+@pytest.mark.slow
 def test_first_order_differs_from_exact_over_several_documents(exact_3docs):
   with jax.enable_x64(True):
     e, f = _cat(exact_3docs), _cat(_meta_grad(inner.InnerConfig(first_order=True))[0])
@@ -104,6 +106,7 @@ def test_first_order_differs_from_exact_over_several_documents(exact_3docs):
     assert float(jnp.vdot(e, f) / (jnp.linalg.norm(e) * jnp.linalg.norm(f))) > 0.5
 
 
+@pytest.mark.slow
 def test_first_order_equals_exact_for_one_step_on_one_document():
   # The inner gradient is taken at the (constant) base params, so nothing is dropped.
   with jax.enable_x64(True):
@@ -137,6 +140,7 @@ def test_base_backbone_is_initialised_from_the_base_model():
                                 base.params["embed"]["embedding"][...])
 
 
+@pytest.mark.slow
 def test_mean_weight_rescales_each_document_and_the_meta_gradient_flows_through_it():
   with jax.enable_x64(True):
     base, _, _ = fx.tiny("float64")

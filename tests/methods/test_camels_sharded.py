@@ -8,8 +8,12 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from tests.tiny_config import REPO
+
+# Subprocesses on 8 fake devices, three meshes (~1.5 min on 2 cores).
+pytestmark = pytest.mark.slow
 
 _CHILD = """
 import sys

@@ -179,6 +179,7 @@ def _all_shapes(jaxpr):
   return out
 
 
+@pytest.mark.slow
 def test_the_base_model_is_never_differentiated_nor_updated():
   base = _base()
   c = _config(encoder="random", random=dict(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=24))
