@@ -7,7 +7,6 @@ run (goal: >= 50% for forward+backward).
 """
 
 import argparse
-import functools
 
 import jax
 import numpy as np

@@ -91,7 +91,8 @@ def fwl_job_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 
 
 def check_prerequisites(config: ml_collections.ConfigDict, workdir: str = "") -> None:
-  """The text is readable and, for method fwl, the train job's workdir holds its config (in seconds)."""
+  """The text is readable and, for method fwl, the train job's workdir holds its config and a trained head (in
+  seconds)."""
   del workdir
   if config.text_file:
     job.expect_file(config.text_file, "text_file")
@@ -99,6 +100,7 @@ def check_prerequisites(config: ml_collections.ConfigDict, workdir: str = "") ->
   if config.method == "fwl":
     job.expect_dir(config.fwl_workdir, "fwl_workdir")
     fwl_job_config(config)
+    fwl.require_trained(config.fwl_workdir)  # before the model loads, not when the head is restored
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:

@@ -73,3 +73,15 @@ def test_perplexity_refuses_a_head_trained_on_another_model(trained, tmp_path):
   ppl.update(method="fwl", fwl_workdir=workdir)
   with pytest.raises(Exception, match="trained on another model"):
     perplexity.check_prerequisites(ppl)
+
+
+def test_perplexity_refuses_a_workdir_without_a_trained_head_before_loading(trained, tmp_path):
+  config, workdir, _ = trained
+  empty = tmp_path / "no_head"
+  empty.mkdir()
+  (empty / cli.CONFIG_FILE).write_text(open(os.path.join(workdir, cli.CONFIG_FILE)).read())
+  ppl = load_config("ppl_smollm2")
+  ppl.model = config.model
+  ppl.update(method="fwl", fwl_workdir=str(empty))
+  with pytest.raises(Exception, match="no trained FWL head"):
+    perplexity.check_prerequisites(ppl)

@@ -1,7 +1,6 @@
 """One entry point from a config's `model` section to (config, graphdef, params, tokenizer)."""
 
 import dataclasses
-import os
 
 import jax.numpy as jnp
 import ml_collections

@@ -16,7 +16,7 @@ import os
 
 import gguf
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from camels_jax import checks
 from camels_jax.models import assets
