@@ -253,12 +253,30 @@ def _log_unraisable(u) -> None:
   logging.warning("%s: %s", u.err_msg or "Exception ignored", text)
 
 
+class _ProcessLog:
+  """<workdir>/log.txt, open for the whole process: `close` (which `logging.shutdown` calls at exit) only
+  flushes, so what is logged while objects are collected after it (a read orbax dropped, a task asyncio
+  never retrieved) still reaches the file instead of a "--- Logging error ---" on the terminal."""
+
+  def __init__(self, path: str):
+    self.name = path
+    self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by the interpreter at exit)
+
+  def write(self, text: str) -> int:
+    return self._file.write(text)
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.flush()
+
+
 def route_logs(workdir: str) -> None:
   """Sends absl/Python logging (and warnings) to <workdir>/log.txt; also to stderr with --verbosity=1."""
   os.makedirs(workdir, exist_ok=True)
   handler = logging.get_absl_handler()
-  stream = open(os.path.join(workdir, LOG_FILE), "a", encoding="utf-8")  # noqa: SIM115 (process lifetime)
-  handler.python_handler.stream = stream
+  handler.python_handler.stream = _ProcessLog(os.path.join(workdir, LOG_FILE))
   flags.FLAGS.alsologtostderr = _verbose()
   py_logging.captureWarnings(True)
   sys.unraisablehook = _log_unraisable

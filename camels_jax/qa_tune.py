@@ -254,7 +254,8 @@ def qa_tune(model, data, config: ml_collections.ConfigDict, writer, progress: bo
 
   cfg = loop.LoopConfig(JOB, config.max_steps, config.val_every, config.stop_metric,
                         STOP_METRICS[config.stop_metric], log_every=config.log_every, max_to_keep=1)
-  result = loop.run(cfg, {"params": model.params, "opt": opt.init(model.params)}, step_fn,
+  opt_state = sharding.place_params(opt.init(model.params), sharding.mesh_of(model.params))
+  result = loop.run(cfg, {"params": model.params, "opt": opt_state}, step_fn,
                     lambda state: validate(model, data, config, state["params"], progress), workdir=workdir,
                     writer=writer, rng=jax.random.key(0), loader=loader,
                     stop_fn=lambda history: stop_rule(history, config.stop_metric, config.patience),

@@ -439,10 +439,12 @@ def init(config: ml_collections.ConfigDict, base) -> Trainable:
   split over its FSDP axis like the base model: what `fit` trains and `load_trained` restores onto."""
   c = config.fwl
   head_graphdef, head_params = init_head(c, base.cfg.d_model)
-  head_params = sharding.place_params(head_params, sharding.mesh_of(base.params))
-  trainable = {"head": head_params} | ({"body": base.params} if c.train_body else {})
+  mesh = sharding.mesh_of(base.params)
+  trainable = {"head": sharding.place_params(head_params, mesh)} | ({"body": base.params} if c.train_body else {})
   optimizer = make_optimizer(float(c.lr), float(c.body_lr), float(c.grad_clip), bool(c.train_body))
-  return Trainable(head_graphdef, {"trainable": trainable, "opt": optimizer.init(trainable)}, optimizer)
+  # Placed, not left where `init` put them: a counter on one device cannot be checkpointed by many processes.
+  opt_state = sharding.place_params(optimizer.init(trainable), mesh)
+  return Trainable(head_graphdef, {"trainable": trainable, "opt": opt_state}, optimizer)
 
 
 def _windows(config: ml_collections.ConfigDict, base, seq_len: int):
