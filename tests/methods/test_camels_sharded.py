@@ -66,7 +66,8 @@ def test_eight_devices_give_the_same_meta_gradient_as_one(tmp_path):
     sharded = np.load(out.format(fsdp))
     assert len(sharded.files) == len(single)
     for i, want in enumerate(single):
-      # float32 sums over another partition of the batch and the parameters: equal up to 1e-5 of each
-      # leaf's scale (the last entry is the loss).
+      # float32 sums over another partition of the batch and the parameters: equal up to 5e-5 of each
+      # leaf's scale (the last entry is the loss). 1e-5 failed once by 1.3e-5 on a loaded machine: the order
+      # of the cross-device sums is not fixed; a sharding error is of the order of the leaf itself.
       got = sharded[f"arr_{i}"]
-      assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), (fsdp, i, np.abs(got - want).max())
+      assert np.abs(got - want).max() <= 5e-5 * np.abs(want).max(), (fsdp, i, np.abs(got - want).max())
