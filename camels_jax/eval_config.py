@@ -12,8 +12,14 @@ from camels_jax.adapt import online
 def eval_config() -> ml_collections.ConfigDict:
   """The `eval` section of a job config."""
   return ml_collections.ConfigDict(dict(
-      methods="uniform,ssm,tfidf,camels,uniform+qa_lt",  # comma-separated names of REGISTRY (also: mac)
+      methods="uniform,ssm,tfidf,camels,oracle,uniform+qa_lt",  # comma-separated names of REGISTRY (also: mac)
       lrs=(1e-4, 2.5e-5, 6.25e-6, 1.5625e-6),  # Adam lrs (each > 0) swept per method (reference README)
+      # Each time the pick is the grid's largest (smallest) lr, one more lr 4x above (below) it is tried, at
+      # most this many times (>= 0); a pick still on the edge is flagged ("lr_edge" in results.json).
+      widen=2,
+      # "No adaptation" (lr 0) is a candidate of every sweep: a method every lr harms is not reported at a
+      # harmful lr.
+      no_adaptation_candidate=True,
       val_docs=8,  # documents (>= 1) of the validation stream (meta-val split) used to pick each method's lr
       val_decoding="greedy",  # decoding when picking the lr ("greedy" is cheaper; "beam" as the test)
       decoding="beam",  # test decoding: "beam" (reference: 12 beams, 4 groups, penalty 10) or "greedy"
@@ -34,4 +40,13 @@ def eval_config() -> ml_collections.ConfigDict:
       # uniform+qa_lt (reference): lr > 0, the others >= 1 (as qa_tune's fields of the same names).
       light_tune=dict(lr=2.5e-5, patience=3, val_every=16, max_steps=200),
       online=online.online_config(),  # adaptation optimiser (lr is swept)
+      # The meta-objective on the test documents (`meta_objective` in results.json, with eval.methods=camels):
+      # each document's weighted inner SGD step from the reset QA-tuned model, then its own questions; the
+      # learned weights against these fixed weightings (mean-matched), at 2^-k .. 2^k times the learned step.
+      meta_objective="uniform,ssm,tfidf,oracle",  # subset of uniform,ssm,tfidf,oracle; "" = not measured
+      meta_objective_octaves=1,  # k >= 0 of that step grid
+      # Questions by the position of their document in the test stream: this many equal parts (>= 1), each
+      # with the answer-NLL change against no adaptation (early documents: forgetting; late: never learned).
+      position_parts=2,
+      open_book=True,  # score the open-book ceiling: the QA-tuned model with each question's document in its prompt
   ))

@@ -43,7 +43,7 @@ RULES = {
 
 # Fields a rerun in the same workdir may change (fnmatch patterns): more meta-training steps, how often
 # and on what it validates, and anything evaluation-only. The rest would mix two experiments in one workdir.
-SAFE_ON_RESUME = ("camels.steps", "camels.val_every", "camels.val_batches", "camels.compare",
+SAFE_ON_RESUME = ("camels.steps", "camels.val_every", "camels.val_batches", "camels.compare", "camels.compare_octaves",
                   "camels.compare_batches", "camels.remat", "qa_tune.log_every", "model.remat", "mesh.fsdp",
                   "model.remat_policy", "eval.*", "fwl.steps", "fwl.val_every", "mac.steps", "mac.val_every")
 

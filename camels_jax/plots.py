@@ -288,3 +288,41 @@ def plot_curves(path: str, results: dict, title: str = "Online adaptation") -> N
            fontsize=7, color="0.35")
   fig.tight_layout(rect=(0, 0.03, 1, 1))
   _save_png(fig, path)
+
+
+def plot_uptake_vs_step(path: str, by_step: dict, title: str = "Uptake against the inner step") -> None:
+  """Answer-NLL uptake against the inner step (× the learned one, log scale), one line per weighting, as a PNG.
+
+  Args:
+    path: the .png to write.
+    by_step: `camels.compare_weightings`' result: {f"{scale:g}": {weighting: {"question_uptake": {"mean",
+      "lo", "hi"}, ...}}}; every weighting of a scale mean-matched to the learned weights.
+    title: the plot's title.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  scales = sorted(by_step, key=float)
+  names = list(by_step[scales[0]])
+  fig = Figure(figsize=(6.5, 4.4), dpi=120)
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
+  xs = np.array([float(s) for s in scales])
+  for k, name in enumerate(names):
+    cis = [by_step[s][name]["question_uptake"] for s in scales]
+    _errorbar(ax, xs * (1 + 0.03 * (k - (len(names) - 1) / 2)),
+              [_point_and_error(c.get("mean"), c.get("lo"), c.get("hi")) for c in cis],
+              marker=_MARKERS[k % len(_MARKERS)], color=f"C{k % 10}", markersize=5, linewidth=1.2, capsize=3,
+              elinewidth=1.0, alpha=0.9, label=name)
+  ax.axhline(0.0, color="0.4", linewidth=0.9, linestyle="--")
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(xs, [f"{x:g}" for x in xs])
+  ax.set_xlabel("inner step (× the learned one)")
+  ax.set_ylabel("answer NLL before − after (nats)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.text(0.01, 0.01, "bars: 95% bootstrap interval over questions; every weighting mean-matched per document",
+           fontsize=7, color="0.35")
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _save_png(fig, path)

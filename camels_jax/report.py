@@ -41,6 +41,10 @@ def _metric_cell(scores: dict, metric: str) -> str:
 
 
 def _lr(r: dict) -> str:
+  if r.get("lr") == 0:
+    return "none"  # no adaptation won the sweep
+  if r.get("lr_edge"):
+    return f"{r['lr']:g}{'↑' if r['lr_edge'] == 'high' else '↓'}"
   return "-" if r.get("lr") is None else f"{r['lr']:g}"
 
 
@@ -104,7 +108,8 @@ def table(results: dict) -> str:
       "the questions",
       "(F1 - uniform: paired, same questions). NLL: test answer NLL; uptake: no-adaptation NLL - the method's.",
       "facts/filler: mean token weight on answer spans / on the other tokens (1 for uniform).",
-      f"lr chosen per method on {results['val_docs']} meta-val documents by {results['select_rule']}.",
+      f"lr chosen per method on {results['val_docs']} meta-val documents by {results['select_rule']};",
+      "none: no adaptation won; ↑/↓: the pick is the grid's largest/smallest lr even after widening it.",
       "Full table (official SQuAD EM/F1, lr sweep, retention): eval/results.md",
   ]
   return "\n".join(_aligned(rows) + [""] + notes) + "\n"
@@ -146,8 +151,9 @@ def _sweep_lines(results: dict) -> list[str]:
            "| method | lr | val EM | val prefix EM | val F1 | val answer NLL |", "|---|---|---|---|---|---|"]
   for method, r in results["methods"].items():
     for row in r["sweep"]:
-      chosen = " (chosen)" if row["lr"] == r["lr"] else ""
-      lines.append(f"| {method} | {row['lr']:g}{chosen} | {num(row['em'])} | {num(row['prefix_em'])} | "
+      chosen = "" if row["lr"] != r["lr"] else f" (chosen, edge: {r['lr_edge']})" if r.get("lr_edge") else " (chosen)"
+      lr = "0 (no adaptation)" if row["lr"] == 0 else f"{row['lr']:g}"
+      lines.append(f"| {method} | {lr}{chosen} | {num(row['em'])} | {num(row['prefix_em'])} | "
                    f"{num(row['f1'])} | {num(row['nll'])} |")
   lines += ["", "Retention (greedy F1 on the first documents' questions right after them -> at the end of the "
             "stream):"]
@@ -174,9 +180,39 @@ def _time_lines(results: dict) -> list[str]:
   return lines
 
 
+def _reference_lines(results: dict) -> list[str]:
+  """Answer-NLL change against no adaptation (all questions, and by stream position), the open-book ceiling."""
+  na = results["no_adaptation"]
+  parts = next((r["by_position"] for r in results["methods"].values() if r.get("by_position")), [])
+  heads = [f"docs {p['docs'][0] + 1}-{p['docs'][1]}" for p in parts]
+  lines = ["Against no adaptation (paired, same questions; answer NLL: < 0 = the gold answers became likelier; by "
+           "position: the questions of the stream's documents in that range):", "",
+           "| method | F1 − no adaptation | answer NLL − no adaptation | " + " | ".join(heads) + " |",
+           "|---|---|---|" + "---|" * len(heads)]
+  rows = [(m, r) for m, r in results["methods"].items()]
+  if "open_book" in results:
+    rows.append(("open book (ceiling)", results["open_book"]))
+  for name, r in rows:
+    vs = r.get("vs_no_adaptation", {})
+    cells = [interval(p.get("nll"), ".3f", signed=True) for p in r.get("by_position", [])]
+    cells += ["-"] * (len(heads) - len(cells))
+    lines.append(f"| {name} | {interval(vs.get('f1'), '.3f', signed=True)} | "
+                 f"{interval(vs.get('nll'), '.3f', signed=True)} | " + " | ".join(cells) + " |")
+  lines.append(f"\nClosed-book floor (no adaptation): F1 {num(na['f1'], '.3f')}, answer NLL {num(na['nll'], '.3f')}" +
+               (f"; open book: F1 {num(results['open_book']['f1'], '.3f')}, answer NLL "
+                f"{num(results['open_book']['nll'], '.3f')}" if "open_book" in results else "") + ".")
+  if "meta_objective_by_step" in results:
+    lines += ["", "The meta-objective on the test documents (each document's own weighted SGD step from the reset "
+              "QA-tuned model, then its questions; every weighting mean-matched to the learned weights; uptake "
+              "in nats, Δ: − uniform, paired):", ""] + step_table(results["meta_objective_by_step"])
+  return lines
+
+
 def markdown(results: dict) -> str:
-  """results.md: test scores with intervals and comparisons, the lr sweep, retention, costs (Markdown)."""
-  return "\n".join(_test_lines(results) + [""] + _sweep_lines(results) + [""] + _time_lines(results)) + "\n"
+  """results.md: test scores with intervals and comparisons, against no adaptation, the meta-objective on the
+  test documents, the lr sweep, retention, costs (Markdown)."""
+  return "\n".join(_test_lines(results) + [""] + _reference_lines(results) + [""] + _sweep_lines(results) + [""]
+                   + _time_lines(results)) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,6 +247,9 @@ def _write_files(folder: str, results: dict, test_scores: dict, heatmaps: dict) 
     io_utils.write_json(stem + ".json", answers_by_id(scores))
     io_utils.write_json(stem + "_detail.json", prediction_details(scores))
   plots.plot_curves(os.path.join(folder, "f1_curve.png"), results)
+  if "meta_objective_by_step" in results:
+    plots.plot_uptake_vs_step(os.path.join(folder, "meta_objective_vs_step.png"), results["meta_objective_by_step"],
+                              "The meta-objective on the test documents")
   for method, docs in heatmaps.items():
     ff = results["methods"].get(method, {}).get("weights", {}).get("facts_filler")
     titles = [f"{method} (facts/filler {num(ff, '.2f')} on the test stream): {doc_id}" for doc_id, _, _ in docs]
@@ -288,6 +327,22 @@ def _verdicts(compare: dict) -> str:
   return "  " + "; ".join(verdicts)
 
 
+def step_table(by_step: dict) -> list[str]:
+  """Uptake of each weighting (rows) at each inner step (columns, × the learned one), with its paired
+  difference from uniform's (Δ, on the same questions): `camels.compare_weightings`' result as Markdown rows."""
+  scales = sorted(by_step, key=float)
+  names = list(by_step[scales[0]])
+  rows = ["| weighting | " + " | ".join(f"step × {s}" for s in scales) + " |", "|---" * (len(scales) + 1) + "|"]
+  for name in names:
+    cells = []
+    for s in scales:
+      m = by_step[s][name]
+      vs = m.get("vs_uniform")
+      cells.append(f"{m['question_uptake']['mean']:+.3f}" + (f" (Δ {interval(vs, '.3f', signed=True)})" if vs else ""))
+    rows.append(f"| {name} | " + " | ".join(cells) + " |")
+  return rows
+
+
 def camels_summary(r: dict) -> str:
   """What meta-training reached: meta-val loss, uptake against mean-matched weightings, facts/filler."""
   first, best = r["history"][0], r["best"]
@@ -298,4 +353,7 @@ def camels_summary(r: dict) -> str:
   if compare:
     lines += [f"uptake on meta-val at the learned weights' step (every weighting mean-matched per document), "
               f"step {r['compare_step']}:"] + _uptake_rows(compare) + [_verdicts(compare)]
+  if r.get("compare_by_step"):
+    lines += ["uptake on meta-val (nats, mean over questions) against the inner step; Δ: − uniform, paired:"]
+    lines += ["  " + row for row in step_table(r["compare_by_step"])]
   return "\n".join(lines)

@@ -13,10 +13,12 @@ import jax
 import ml_collections
 from absl import logging
 
-from camels_jax import checks, cli, io_utils, job, metrics, report, sharding
+from camels_jax import checks, cli, io_utils, job, metrics, plots, report, sharding
 from camels_jax import data as data_lib
 from camels_jax.methods import camels, fwl, mac
 from camels_jax.models import loading
+
+UPTAKE_PLOT = "camels_uptake_vs_step.png"  # <workdir>/: meta-val uptake against the inner step, per weighting
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
@@ -50,6 +52,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
     results["fwl"] = _fit_fwl(config, model, workdir, writer, progress, say)
   writer.close()
   if jax.process_index() == 0:
+    if "compare_by_step" in results.get("camels", {}):
+      plots.plot_uptake_vs_step(os.path.join(workdir, UPTAKE_PLOT), results["camels"]["compare_by_step"],
+                                "Uptake on meta-val against the inner step")
     io_utils.write_json(os.path.join(workdir, "train_results.json"), results)
   return results
 

@@ -13,7 +13,7 @@ from camels_jax import checks, eval_config, evaluate, evaluation, io_utils, plot
 from camels_jax.methods import mac
 from tests.tiny_config import tiny_default
 
-METHODS = ("uniform", "ssm", "tfidf", "camels", "uniform+qa_lt", "mac")  # every method the library registers
+METHODS = ("uniform", "ssm", "tfidf", "camels", "oracle", "uniform+qa_lt", "mac")  # every method registered
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +35,31 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   assert results["select"] == config.eval.select
   _assert_ci(results["no_adaptation"], n)
   for method, r in results["methods"].items():
-    assert r["lr"] in config.eval.lrs or (method == "mac" and r["lr"] is None)
+    assert (r["lr"] is None) == (method == "mac")
     if r["sweep"]:
-      assert r["lr"] == evaluation.select_lr(r["sweep"], config.eval.select)
+      assert r["lr"] == evaluation.select_lr(r["sweep"], config.eval.select) and r["sweep"][-1]["lr"] == 0.0
+      assert r["lr_edge"] == evaluation.lr_edge(r["sweep"], r["lr"])
     assert 0.0 <= r["test"]["f1"] <= 1.0 and r["test"]["n"] == n
     _assert_ci(r["test"], n)
+    assert r["vs_no_adaptation"]["nll"]["n"] == n
+    vs = r["vs_no_adaptation"]["nll"]
+    assert vs["lo"] <= vs["mean"] <= vs["hi"]  # its mean: over questions (checked against predictions/ below)
+    assert [p["docs"] for p in r["by_position"]] == [[0, 2], [2, 4]]
+    assert sum(p["questions"] for p in r["by_position"]) == n
     assert [p["docs"] for p in r["curve"]] == [2, 4]
     for p in r["curve"]:
       assert p["lo"] <= p["f1"] <= p["hi"]
     assert set(r["retention"]) == {"right_after", "at_end"}
     assert r["uptake"] == pytest.approx(results["no_adaptation"]["nll"] - r["test"]["nll"])
-    assert r["test"]["nll"] != results["no_adaptation"]["nll"]  # it adapted (MAC: answered with a prefix)
+    if r["lr"] != 0.0:  # it adapted (MAC: answered with a prefix); lr 0: no adaptation won the sweep
+      assert r["test"]["nll"] != results["no_adaptation"]["nll"]
     # Each second is charged to one phase: the curve scored along the stream is not also "adapt".
     t = r["time_s"]
     phases = sum(v for k, v in t.items() if k not in ("adapt_per_doc", "total"))
     assert phases <= t["total"] and t["adapt_per_doc"] == pytest.approx(t["adapt"] / results["test_docs"])
-    if method != "mac":  # MAC weighs no tokens
+    if method == "oracle":  # every weight on the answer tokens, none on the filler
+      assert r["weights"]["facts_filler"] is None and r["weights"]["mean_weight"] > 0
+    elif method != "mac":  # MAC weighs no tokens
       assert r["weights"]["facts_tokens"] > 0 and r["weights"]["facts_filler"] > 0 and r["weights"]["mean_weight"] > 0
     assert r["memory_bytes"]["adapt"] > 0
     assert r["time_s"]["adapt_per_doc"] > 0 or method == "uniform+qa_lt"  # it reuses uniform's adapted stream
@@ -83,7 +92,17 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   assert mac.Bank.restore(os.path.join(workdir, "eval_mac_bank")).docs == docs
   out = os.path.join(workdir, "eval")
   names = set(os.listdir(out))
-  assert {"results.json", "results.md", "f1_curve.png", "predictions"} <= names
+  assert {"results.json", "results.md", "f1_curve.png", "meta_objective_vs_step.png", "predictions"} <= names
+  # The references: the open-book ceiling (the same questions, the document in the prompt) and the
+  # meta-objective on the test documents, every weighting scored on every test question once per step.
+  book = results["open_book"]
+  assert book["n"] == n and book["nll"] != results["no_adaptation"]["nll"]
+  assert book["vs_no_adaptation"]["f1"]["n"] == n
+  assert list(results["meta_objective_by_step"]) == ["0.5", "1", "2"]
+  assert results["meta_objective"] == results["meta_objective_by_step"]["1"]
+  assert set(results["meta_objective"]) == {"learned", "uniform", "ssm", "tfidf", "oracle"}
+  for row in results["meta_objective"].values():
+    assert row["question_uptake"]["n"] == n
   assert {f"weights_{m}.{ext}" for m in ("uniform", "ssm", "tfidf", "camels") for ext in ("png", "html")} <= names
   assert not any(n.startswith(("weights_mac", "weights_uniform+")) for n in names)  # no weights, or uniform's
   with open(os.path.join(out, "results.json")) as f:
@@ -92,6 +111,7 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   assert stored["methods"].keys() == results["methods"].keys()
   assert "per_question" not in text and "predictions" not in text  # those go to predictions/
   assert stored["methods"]["camels"]["vs_uniform"]["f1"].keys() == {"mean", "lo", "hi", "n"}
+  nll = {}
   for name in ("no_adaptation",) + METHODS:
     stem = os.path.join(out, "predictions", report.prediction_file_name(name))
     with open(stem + ".json") as f:
@@ -103,6 +123,13 @@ def test_all_methods_produce_the_table_and_outputs(trained):
     assert {"id", "question", "golds", "answer", "f1", "em", "official_f1", "official_em", "nll"} <= detail[0].keys()
     scores = results["no_adaptation"] if name == "no_adaptation" else results["methods"][name]["test"]
     assert np.mean([q["f1"] for q in detail]) == pytest.approx(scores["f1"])
+    nll[name] = np.array([q["nll"] for q in detail])
+  for name in METHODS:  # the paired NLL change against no adaptation: per question, then the mean
+    want = float(np.mean(nll[name] - nll["no_adaptation"]))
+    assert results["methods"][name]["vs_no_adaptation"]["nll"]["mean"] == pytest.approx(want, abs=1e-9)
+    parts = results["methods"][name]["by_position"]
+    first = parts[0]["questions"]
+    assert parts[0]["nll"]["mean"] == pytest.approx(float(np.mean((nll[name] - nll["no_adaptation"])[:first])))
   with open(os.path.join(out, "results.md")) as f:
     md = f.read()
   assert md.count("**best**") == 1 and "| camels |" in md and "| no adaptation |" in md
@@ -145,6 +172,36 @@ def _context(config, workdir):
   data = data_lib.load(config.data, model.tokenizer, workdir)
   params, _ = qa_tune.tuned_params(config, model, data, workdir, writer=None, progress=False)
   return evaluation.Context(config, model, params, data, workdir, progress=False)
+
+
+@pytest.mark.slow
+def test_meta_objective_scores_each_documents_own_questions_after_its_own_step(trained):
+  from camels_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from camels_jax.methods import camels  # pylint: disable=g-import-not-at-top
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.eval.meta_objective, config.eval.meta_objective_octaves = "uniform", 0
+  ctx = _context(config, workdir)
+  docs = list(ctx.data.stream().docs)[:2]
+  got = evaluation.meta_objective(ctx, docs)
+  assert list(got) == ["1"] and set(got["1"]) == {"learned", "uniform"}
+  # By hand: each document alone, one learned-weight step from the QA-tuned model, its own questions.
+  wm_graphdef, meta = camels.load_trained(config, ctx.model, workdir)
+  mcfg = camels.meta_config(config.camels, config.data.doc_buckets)
+  own = []
+  for d in docs:
+    for batch in pipeline.meta_eval_batches([d], ctx.data.loc, ctx.data.spec, ctx.data.pad_id, 1,
+                                            config.data.loc_batch):
+      w = camels.token_weights(wm_graphdef, meta["wm"], batch["doc_tokens_BxL"], batch["doc_mask_BxL"])
+      m = camels.uptake_eval(meta, ctx.params, batch, w, graphdef=ctx.model.graphdef, mcfg=mcfg, per_question=True)
+      own += np.asarray(m["uptake_BxQ"])[np.asarray(batch["qa_valid_BxQ"], bool)].tolist()
+  learned = got["1"]["learned"]["question_uptake"]
+  assert learned["n"] == len(own) == sum(len(d.qas) for d in docs)
+  assert learned["mean"] == pytest.approx(np.mean(own), rel=1e-4, abs=1e-7)
+  # One step on both documents at once (as meta-training batches them) is another number.
+  joint = camels.compare_on(config, ctx.model, ctx.params, ctx.data, wm_graphdef, meta, docs, ["uniform"],
+                            batch_docs=2)["1"]["learned"]["question_uptake"]
+  assert joint["n"] == learned["n"] and joint["mean"] != pytest.approx(learned["mean"], rel=1e-3)
 
 
 @pytest.mark.slow
@@ -383,3 +440,77 @@ def test_write_json_is_strict(tmp_path):
   path = tmp_path / "x.json"
   io_utils.write_json(str(path), {"a": float("nan"), "b": [np.float32(0.5), float("-inf")], "c": np.int64(3)})
   assert _strict_json(path.read_text()) == {"a": None, "b": [0.5, None], "c": 3}
+
+
+class _Curve(evaluation.Method):
+  """A stand-in whose validation answer NLL is a known function of the lr: the sweep without a model."""
+
+  name = "curve"
+
+  def __init__(self, nll):
+    self.nll = nll
+
+  def adapt(self, ctx, docs, lr, on_doc=None, desc="adapt"):
+    return lr
+
+  def answer(self, ctx, state, docs, decoding, desc):
+    return {"nll": self.nll(state), "f1": 0.0, "prefix_em": 0.0, "n": 1}
+
+
+def _sweep(nll, widen=2, candidate=True):
+  ec = eval_config.eval_config()
+  ec.widen = widen
+  ctx = type("Ctx", (), {"ec": ec})()
+  no_adapt = {"nll": nll(0.0), "f1": 0.0, "prefix_em": 0.0, "n": 1} if candidate else None
+  rows, lr = evaluation.sweep_lr(ctx, _Curve(nll), [], tuple(ec.lrs), evaluation.Clock(), no_adapt)
+  return rows, lr, evaluation.lr_edge(rows, lr)
+
+
+def test_no_adaptation_wins_the_sweep_when_every_lr_harms():
+  rows, lr, edge = _sweep(lambda lr: 2.0 + lr)  # every step raises the answer NLL
+  assert lr == 0.0 and edge is None
+  assert [r["lr"] for r in rows] == [1e-4, 2.5e-5, 6.25e-6, 1.5625e-6, 0.0]  # bracketed by lr 0: no widening
+  assert _sweep(lambda lr: 2.0 + lr, candidate=False)[1] > 0  # without the candidate a harmful lr is reported
+
+
+def test_an_lr_on_the_edge_of_the_grid_widens_it_and_is_flagged_when_still_there():
+  import math
+  best_at = lambda best: (lambda lr: 100.0 if lr == 0 else (math.log10(lr) - math.log10(best)) ** 2)
+  rows, lr, edge = _sweep(best_at(1e-2))  # far above the grid: two widenings (4e-4, 1.6e-3) do not reach it
+  assert lr == pytest.approx(1.6e-3) and edge == "high" and len(rows) == 4 + 2 + 1
+  rows, lr, edge = _sweep(best_at(1e-2), widen=5)  # 6.4e-3 is then bracketed by 2.56e-2
+  assert lr == pytest.approx(6.4e-3) and edge is None
+  rows, lr, edge = _sweep(best_at(1e-9), widen=1)
+  assert lr == pytest.approx(1.5625e-6 / 4) and edge == "low"
+  rows, lr, edge = _sweep(best_at(2.5e-5))  # bracketed: nothing added
+  assert lr == 2.5e-5 and edge is None and len(rows) == 5
+  assert evaluation.lr_edge([{"lr": 1e-4}], 1e-4) is None  # one lr: no sweep, no edge
+
+
+def test_by_position_assigns_each_question_to_its_documents_part():
+  docs = [type("Doc", (), {"qas": (None,) * k})() for k in (2, 0, 3, 1, 2)]
+  parts = evaluation.position_parts(docs, 2)
+  assert [(a, b, rows.tolist()) for a, b, rows in parts] == [(0, 2, [0, 1]), (2, 5, [2, 3, 4, 5, 6, 7])]
+  assert [rows.tolist() for _, _, rows in evaluation.position_parts(docs, 5)] == [[0, 1], [], [2, 3, 4], [5], [6, 7]]
+  na = {"per_question": {"nll": np.arange(8.0)}}
+  method = {"per_question": {"nll": np.arange(8.0) - np.array([0, 0, 1, 1, 1, 1, 1, 1.0])}}
+  by = evaluation._by_position(method, na, parts, {"resamples": 200, "level": 0.95, "seed": 0})
+  assert [p["docs"] for p in by] == [[0, 2], [2, 5]] and [p["questions"] for p in by] == [2, 6]
+  assert by[0]["nll"]["mean"] == 0.0 and by[1]["nll"]["mean"] == -1.0  # only the late documents' questions moved
+
+
+def test_open_book_puts_the_document_before_each_question_and_keeps_the_answer():
+  from camels_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  spec = pipeline.Spec((8,), 6, 3, 4, 2, True)
+  qa = pipeline.QA(np.array([1, 20, 21, 30, 2], np.int32), 3, "q?", "a")
+  doc = pipeline.TokenizedDoc(None, np.array([1, 10, 11, 12], np.int32), (qa,))
+  (book,), book_spec, cut = pipeline.open_book([doc], spec, [99])
+  (got,) = book.qas
+  np.testing.assert_array_equal(got.tokens, [1, 10, 11, 12, 99, 20, 21, 30, 2])  # one BOS, then the question
+  assert got.prompt_len == 7 and got.tokens[got.prompt_len:].tolist() == [30, 2]  # the same answer tokens
+  assert book_spec.qa_len == 9 and spec.qa_len == 6 and cut == 0
+  assert doc.qas == (qa,)  # the closed book is untouched
+  # Where the positions run out, the document is cut from its end; the question and answer stay whole.
+  (short,), short_spec, cut = pipeline.open_book([doc], spec, [99], max_len=7)
+  np.testing.assert_array_equal(short.qas[0].tokens, [1, 10, 99, 20, 21, 30, 2])
+  assert short.qas[0].prompt_len == 5 and short_spec.qa_len == 7 and cut == 1

@@ -24,6 +24,9 @@ def online_config() -> ml_collections.ConfigDict:
   """The `online` section of an evaluation config (reference values in comments)."""
   return ml_collections.ConfigDict(dict(
       lr=1e-4,  # Adam lr, > 0 (reference default 1e-4; its README sweeps 1e-4, 2.5e-5, 6.25e-6, 1.5625e-6)
+      # "adam" (reference) or "sgd": plain clipped SGD, the update CaMeLS's weights are meta-trained for (an
+      # alternative protocol; Adam's first steps are close to lr * sign(g), which normalises the weights away).
+      optimizer="adam",
       grad_clip=750.0,  # global-norm gradient clip, > 0 (reference: 750)
       normalization="padded",  # per-document loss / (padded_len - 1) ("padded", reference) or / real tokens ("tokens")
       padded_len=0,  # length "padded" divides by, >= the longest document bucket; 0 = that bucket (ref.: 1024)
@@ -32,6 +35,7 @@ def online_config() -> ml_collections.ConfigDict:
 
 RULES = {
     "lr": checks.positive,
+    "optimizer": checks.one_of("adam", "sgd"),
     "grad_clip": checks.positive,
     "normalization": checks.one_of(*NORMALIZATIONS),
     "padded_len": checks.count_or_zero,  # against the document buckets: the job's check (it has the data section)
@@ -46,6 +50,17 @@ def adam_direction(grad_clip: float) -> optax.GradientTransformation:
   return optax.chain(optax.clip_by_global_norm(grad_clip), optax.scale_by_adam())
 
 
+@functools.lru_cache
+def direction_of(optimizer: str, grad_clip: float) -> optax.GradientTransformation:
+  """The update direction of an `online_config` optimizer without its lr: clipped Adam, or the clipped
+  gradient itself (SGD)."""
+  if optimizer == "adam":
+    return adam_direction(grad_clip)
+  if optimizer == "sgd":
+    return optax.clip_by_global_norm(grad_clip)
+  raise ValueError(f"online.optimizer={optimizer!r}: expected 'adam' or 'sgd'")
+
+
 def inner_config(c: ml_collections.ConfigDict, doc_buckets: Sequence[int]) -> inner.InnerConfig:
   return inner.InnerConfig(normalization=c.normalization, padded_len=c.padded_len or max(doc_buckets))
 
@@ -53,7 +68,7 @@ def inner_config(c: ml_collections.ConfigDict, doc_buckets: Sequence[int]) -> in
 @functools.partial(jax.jit, static_argnames=("graphdef", "direction", "icfg"), donate_argnums=(1, 2))
 def adapt_step(graphdef: nnx.GraphDef, params, opt_state, tokens_BxL, mask_BxL, w_BxL, lr, *,
                direction: optax.GradientTransformation, icfg: inner.InnerConfig):
-  """One Adam step (lr * `direction`) on the weighted LM loss of a batch of documents; also the loss."""
+  """One step (lr * `direction`: Adam's or SGD's) on the weighted LM loss of a batch of documents; also the loss."""
   loss, grads = jax.value_and_grad(inner.doc_loss, argnums=1)(graphdef, params, tokens_BxL, mask_BxL,
                                                               w_BxL, icfg)
   updates, opt_state = direction.update(grads, opt_state, params)
@@ -80,7 +95,7 @@ def adapt_stream(graphdef: nnx.GraphDef, params, doc_batches: Sequence[dict[str,
   Returns:
     (adapted params, per-document losses).
   """
-  direction = adam_direction(float(c.grad_clip))
+  direction = direction_of(c.optimizer, float(c.grad_clip))
   params = jax.tree.map(lambda x: x.copy(), params)  # adapt_step donates its inputs
   opt_state = direction.init(params)
   losses = []
@@ -99,7 +114,7 @@ def step_bytes(graphdef: nnx.GraphDef, params, length: int, c: ml_collections.Co
                icfg: inner.InnerConfig) -> int:
   """Device memory of one adaptation step on a document of `length` tokens (XLA's compiled memory analysis:
   arguments + outputs + temporaries - donated buffers), without running it."""
-  direction = adam_direction(float(c.grad_clip))
+  direction = direction_of(c.optimizer, float(c.grad_clip))
   spec = lambda dtype: jax.ShapeDtypeStruct((1, length), dtype)
   lowered = adapt_step.lower(graphdef, params, jax.eval_shape(direction.init, params), spec(np.int32),
                              spec(np.int32), spec(np.float32), float(c.lr), direction=direction, icfg=icfg)

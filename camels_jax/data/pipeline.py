@@ -309,6 +309,29 @@ def questions(docs: Sequence[TokenizedDoc]) -> list[QA]:
   return [qa for d in docs for qa in d.qas]
 
 
+def open_book(docs: Sequence[TokenizedDoc], spec: Spec, sep: Sequence[int],
+              max_len: int | None = None) -> tuple[list[TokenizedDoc], Spec, int]:
+  """`docs` whose every question carries its document in front: the document's tokens (with its BOS, if any),
+  `sep`, then the question and answer as tokenised (their BOS dropped); the `Spec` whose qa_len holds them;
+  and how many questions had their document cut (from its end) to fit `max_len` tokens (None: no limit).
+
+  The answer tokens (what is scored and generated) are unchanged; only the prompt grows.
+  """
+  out, longest, cut = [], spec.qa_len, 0
+  for d in docs:
+    qas = []
+    for qa in d.qas:
+      n_bos = int(spec.add_bos and len(d.tokens) > 0 and len(qa.tokens) > 0 and qa.tokens[0] == d.tokens[0])
+      room = len(d.tokens) if max_len is None else max(0, max_len - len(sep) - (len(qa.tokens) - n_bos))
+      cut += room < len(d.tokens)
+      head = np.concatenate([d.tokens[:room], np.asarray(sep, np.int32)]).astype(np.int32)
+      tokens = np.concatenate([head, qa.tokens[n_bos:]]).astype(np.int32)
+      qas.append(dataclasses.replace(qa, tokens=tokens, prompt_len=len(head) + qa.prompt_len - n_bos))
+      longest = max(longest, len(tokens))
+    out.append(dataclasses.replace(d, qas=tuple(qas)))
+  return out, dataclasses.replace(spec, qa_len=longest), cut
+
+
 def qa_eval_batches(docs: Sequence[TokenizedDoc], spec: Spec, pad_id: int,
                     batch_size: int) -> Iterator[dict[str, np.ndarray]]:
   """One pass over `questions(docs)` in order; the last batch is padded with invalid rows."""

@@ -4,9 +4,15 @@ Every method is a `Method` named in `REGISTRY` (what `eval.methods` lists): the 
 (uniform, SSM, TF-IDF, CaMeLS: one Adam step per document on token-weighted losses, `adapt.online`), uniform
 followed by a QA light-tune after the stream, and MAC (no gradient step: a memory bank of amortized
 documents). For each, the protocol is the same: the learning rate it sweeps is picked on a validation stream
-(meta-val documents; by answer NLL or F1, `eval.select`); the test stream is read at that lr with F1
-measured at points along it and the retention of its first documents; then the test score (EM, prefix EM,
-F1, the official SQuAD EM / F1, answer NLL). Each phase is timed apart (`Clock`).
+(meta-val documents; by answer NLL or F1, `eval.select`), with "no adaptation" (lr 0) a candidate and the
+grid widened while the pick sits on its edge (a pick still there is flagged); the test stream is read at that
+lr with F1 measured at points along it and the retention of its first documents; then the test score (EM,
+prefix EM, F1, the official SQuAD EM / F1, answer NLL), compared with no adaptation on every question and
+by the position of the question's document in the stream. Each phase is timed apart (`Clock`).
+
+Beside the methods, two references: the open-book ceiling (the QA-tuned model with each question's document in
+its prompt) and the meta-objective on the test documents (each document's weighted SGD step from the reset
+QA-tuned model, then its own questions, for the learned and fixed weightings at a grid of steps).
 
 `run` collects one frozen `MethodResult` per method; `compare` derives every paired interval (each method
 against uniform, MAC against CaMeLS) from them; `camels_jax.report` writes the table, results.md,
@@ -30,9 +36,10 @@ from camels_jax import checks, qa, qa_tune, report, stats
 from camels_jax import data as data_lib
 from camels_jax.adapt import online, uptake
 from camels_jax.data import pipeline
+from camels_jax.methods import baselines, camels
 from camels_jax.evaluation import methods as _builtin  # noqa: F401  (registers the built-in methods)
-from camels_jax.evaluation.method import (CI_METRICS, REGISTRY, Context, Method, method_names, pad,  # noqa: F401
-                                          register, score, summary)
+from camels_jax.evaluation.method import (CI_METRICS, REGISTRY, Context, Method, generate_kwargs,  # noqa: F401
+                                          method_names, pad, register, score, summary)
 
 BASELINE = "uniform"  # every other method gets a paired interval against it
 MANIFEST_FILE = "manifest.json"  # the workdir's record of its runs, which results.json points to
@@ -58,6 +65,8 @@ RULES = {
     "methods": checks.Rule(_registered, f"a comma-separated subset of the registered methods "
                                         f"({', '.join(REGISTRY)})", bad_example="?unknown?"),
     "lrs": checks.each(checks.positive),
+    "widen": checks.count_or_zero,
+    "no_adaptation_candidate": checks.boolean,
     "val_docs": checks.count,
     "val_decoding": checks.one_of(*qa.DECODINGS),
     "decoding": checks.one_of(*qa.DECODINGS),
@@ -74,6 +83,10 @@ RULES = {
     "tfidf_min_threshold": checks.non_negative,
     "light_tune": {name: qa_tune.RULES[name] for name in ("lr", "patience", "val_every", "max_steps")},
     "online": online.RULES,
+    "meta_objective": checks.subset_of(*baselines.DOC_WEIGHTINGS, allow_empty=True),
+    "meta_objective_octaves": checks.count_or_zero,
+    "position_parts": checks.count,
+    "open_book": checks.boolean,
 }
 
 
@@ -246,19 +259,48 @@ def read_test_stream(ctx: Context, method: Method, docs, lr: float | None, clock
   return Stream(state, tuple(curve), right_after[0] if right_after else None)
 
 
-def sweep_lr(ctx: Context, method: Method, val_docs, lrs: Sequence[float], clock: Clock):
+NO_ADAPTATION_LR = 0.0  # the sweep row of "no adaptation": Adam at lr 0 leaves every parameter as it is
+WIDEN_FACTOR = 4.0  # the reference grid's ratio between neighbouring lrs
+
+
+def lr_edge(sweep, lr) -> str | None:
+  """"high" / "low" when the chosen `lr` is the largest / smallest positive lr of a sweep of several (the best
+  may lie beyond it), else None (bracketed, no sweep, or no adaptation chosen)."""
+  tried = sorted(r["lr"] for r in sweep if r["lr"] > 0)
+  if lr is None or len(tried) < 2 or lr <= 0:
+    return None
+  return "high" if lr == tried[-1] else "low" if lr == tried[0] else None
+
+
+def sweep_lr(ctx: Context, method: Method, val_docs, lrs: Sequence[float], clock: Clock, no_adapt_val=None):
   """(validation rows {"lr"} | `summary`, the lr `select_lr` picks from them); no rows for one lr (or
-  none: then the lr is None)."""
+  none: then the lr is None).
+
+  With `no_adapt_val` (the unadapted model's validation `score`), "no adaptation" is a candidate (row lr 0).
+  While the pick is the largest (smallest) lr tried, the grid widens by `WIDEN_FACTOR` up to `eval.widen`
+  times on that side.
+  """
   if len(lrs) <= 1:  # one lr needs no validation
     return (), (lrs[0] if lrs else None)
-  rows = []
-  for lr in lrs:
+  rows = [] if no_adapt_val is None else [{"lr": NO_ADAPTATION_LR} | summary(no_adapt_val)]
+
+  def validate(lr):
     with clock("sweep"):
       state = method.adapt(ctx, val_docs, lr, desc=f"{method.name} lr={lr:g} (val)")
       state = method.post_stream(ctx, state)
       m = method.answer(ctx, state, val_docs, ctx.ec.val_decoding, f"{method.name} lr={lr:g} val QA")
     rows.append({"lr": lr} | summary(m))
     logging.info("%s lr=%g: val F1 %.4f, answer NLL %.4f", method.name, lr, m["f1"], m["nll"])
+
+  for lr in lrs:
+    validate(lr)
+  for _ in range(ctx.ec.widen):
+    edge = lr_edge(rows, select_lr(rows, ctx.ec.select))
+    if edge is None:
+      break
+    tried = sorted(r["lr"] for r in rows if r["lr"] > 0)
+    validate(tried[-1] * WIDEN_FACTOR if edge == "high" else tried[0] / WIDEN_FACTOR)
+  rows.sort(key=lambda r: -r["lr"])
   return tuple(rows), select_lr(rows, ctx.ec.select)
 
 
@@ -300,7 +342,7 @@ class MethodResult:
 
 
 def evaluate_method(ctx: Context, method: Method, val_docs, test_docs, chosen: Mapping[str, float],
-                    streams: Mapping[tuple, Stream]) -> tuple[MethodResult, Stream]:
+                    streams: Mapping[tuple, Stream], no_adapt_val: dict | None = None) -> tuple[MethodResult, Stream]:
   """The lr sweep on the validation stream, then the test stream at the chosen lr, the post-stream step and
   the test score.
 
@@ -311,12 +353,13 @@ def evaluate_method(ctx: Context, method: Method, val_docs, test_docs, chosen: M
     chosen: the lr each method evaluated before chose (`Method.lrs`).
     streams: {(adaptation, lr): `Stream`} read by methods before it, reused when its adaptation and lr
       match one (uniform + QA light-tune light-tunes uniform's adapted model).
+    no_adapt_val: the unadapted model's validation `score`: "no adaptation" is a candidate of the sweep.
 
   Returns:
     (its result, its test `Stream`).
   """
   clock = Clock()
-  sweep, lr = sweep_lr(ctx, method, val_docs, method.lrs(ctx.ec, chosen), clock)
+  sweep, lr = sweep_lr(ctx, method, val_docs, method.lrs(ctx.ec, chosen), clock, no_adapt_val)
   stream = streams.get((method.adaptation, lr))
   if stream is None:
     stream = read_test_stream(ctx, method, test_docs, lr, clock)
@@ -346,6 +389,15 @@ def _difference(a, b):
   return a - b if a is not None and b is not None and math.isfinite(a - b) else None
 
 
+def position_parts(docs, parts: int) -> list[tuple[int, int, np.ndarray]]:
+  """The stream cut into `parts` runs of documents: (first document, end document, the indices of their
+  questions in `pipeline.questions(docs)`) for each non-empty run."""
+  doc_of_q = np.repeat(np.arange(len(docs)), [len(d.qas) for d in docs])
+  bounds = np.linspace(0, len(docs), parts + 1).round().astype(int)
+  return [(int(a), int(b), np.flatnonzero((doc_of_q >= a) & (doc_of_q < b))) for a, b in zip(bounds, bounds[1:])
+          if b > a]
+
+
 @dataclasses.dataclass(frozen=True)
 class Comparison:
   """A method against the others, on the same questions."""
@@ -353,18 +405,33 @@ class Comparison:
   uptake: float | None  # no-adaptation test answer NLL − the method's (> 0: the gold answers became likelier)
   versus: Mapping[str, dict]  # {other method: {metric: paired interval of this − other}}; the baseline first
   curve_versus: Mapping[int, dict]  # {documents read: paired F1 interval against the baseline's same point}
+  vs_no_adaptation: Mapping[str, dict]  # {"f1", "nll": paired interval of this − no adaptation}
+  # By stream position (`position_parts`): {"docs": [first, end), "questions", "nll": paired interval of the
+  # answer-NLL change against no adaptation on those questions}.
+  by_position: tuple[dict, ...] = ()
+
+
+def _by_position(scores: dict, no_adaptation: dict, parts, bc) -> tuple[dict, ...]:
+  out = []
+  for first, end, rows in parts:
+    a = np.asarray(scores["per_question"]["nll"])[rows]
+    b = np.asarray(no_adaptation["per_question"]["nll"])[rows]
+    out.append({"docs": [first, end], "questions": len(rows),
+                "nll": stats.paired_bootstrap_ci(a, b, **_boot_kwargs(bc)) if len(rows) else None})
+  return tuple(out)
 
 
 def compare(no_adaptation: dict, results: Mapping[str, MethodResult], bc,
-            baseline_name: str = BASELINE) -> dict[str, Comparison]:
-  """Every method's `Comparison`: uptake, paired intervals against the baseline (when it ran; test metrics
-  and each curve point's F1) and against its `versus` methods that ran.
+            baseline_name: str = BASELINE, parts=()) -> dict[str, Comparison]:
+  """Every method's `Comparison`: uptake, paired intervals against no adaptation, against the baseline (when
+  it ran; test metrics and each curve point's F1) and against its `versus` methods that ran.
 
   Args:
     no_adaptation: the no-adaptation test `score`.
     results: {method: its result}.
     bc: the `eval.bootstrap` settings.
     baseline_name: the method every other is compared with.
+    parts: `position_parts` of the test stream (none: no breakdown by position).
   """
   base = results.get(baseline_name)
   out = {}
@@ -377,7 +444,9 @@ def compare(no_adaptation: dict, results: Mapping[str, MethodResult], bc,
       curve_versus = {p.docs: paired(p.scores, base_curve[p.docs], bc, ("f1",))["f1"]
                       for p in r.curve if p.docs in base_curve}
     out[name] = Comparison(_difference(no_adaptation["nll"], r.test["nll"]),
-                           {o: paired(r.test, results[o].test, bc) for o in others}, curve_versus)
+                           {o: paired(r.test, results[o].test, bc) for o in others}, curve_versus,
+                           paired(r.test, no_adaptation, bc, ("f1", "nll")),
+                           _by_position(r.test, no_adaptation, parts, bc))
   return out
 
 
@@ -391,9 +460,10 @@ def result_json(r: MethodResult, c: Comparison, bc, baseline_name: str = BASELIN
     if p.docs in c.curve_versus:
       point[f"vs_{baseline_name}"] = c.curve_versus[p.docs]
     curve.append(point)
-  out = {"sweep": list(r.sweep), "lr": r.lr, "test": with_ci(r.test, bc), "curve": curve,
-         "retention": dict(r.retention), "weights": dict(r.weights), "time_s": dict(r.time_s),
-         "uptake": c.uptake} | dict(r.record)
+  out = {"sweep": list(r.sweep), "lr": r.lr, "lr_edge": lr_edge(r.sweep, r.lr), "test": with_ci(r.test, bc),
+         "curve": curve, "retention": dict(r.retention), "weights": dict(r.weights), "time_s": dict(r.time_s),
+         "uptake": c.uptake, "vs_no_adaptation": dict(c.vs_no_adaptation), "by_position": list(c.by_position)
+         } | dict(r.record)
   return out | {f"vs_{other}": v for other, v in c.versus.items()}
 
 
@@ -407,20 +477,22 @@ def _val_docs(ctx: Context) -> list:
                               ctx.data.spec, ctx.data.pad_id).docs)
 
 
-def evaluate_methods(ctx: Context, names: Sequence[str], val_docs, test_docs, writer) -> dict[str, MethodResult]:
+def evaluate_methods(ctx: Context, names: Sequence[str], val_docs, test_docs, writer,
+                     no_adapt_val: dict | None = None) -> dict[str, MethodResult]:
   """{name: `MethodResult`} of the methods `names`, in order; an adapted test stream is kept only while a
-  later method shares its adaptation."""
+  later method shares its adaptation. `no_adapt_val`: see `evaluate_method`."""
   results, streams, chosen = {}, {}, {}
   for k, name in enumerate(names):
     method = REGISTRY[name].prepare(ctx, test_docs)
-    r, stream = evaluate_method(ctx, method, val_docs, test_docs, chosen, streams)
+    r, stream = evaluate_method(ctx, method, val_docs, test_docs, chosen, streams, no_adapt_val)
     results[name] = r
     if r.lr is not None:
       chosen[name] = r.lr
     if any(REGISTRY[later].adaptation == method.adaptation for later in names[k + 1:]):
       streams[(method.adaptation, r.lr)] = stream
     writer.write_scalars(0, {f"eval/{name}/{m}": v for m, v in r.test.items() if m in CI_METRICS})
-    at_lr = "" if r.lr is None else f" at lr {r.lr:g}"
+    at_lr = "" if r.lr is None else f" at lr {r.lr:g}" + (f" (edge of the grid: {lr_edge(r.sweep, r.lr)})"
+                                                            if lr_edge(r.sweep, r.lr) else "")
     ctx.say(f"{name}: test F1 {r.test['f1']:.4f}, answer NLL {r.test['nll']:.4f}{at_lr} "
             f"({r.time_s['total']:.0f} s)")
   return results
@@ -440,24 +512,78 @@ def heatmaps(ctx: Context, results: Mapping[str, MethodResult], docs) -> dict[st
   return out
 
 
+def meta_objective(ctx: Context, docs) -> dict[str, dict]:
+  """The meta-objective on held-out documents: each of `docs` gets the weighted inner SGD step (the learned
+  weights', and each `eval.meta_objective` weighting's at the learned mean weight) from the reset QA-tuned
+  model, then its own questions are scored (`camels.compare_on` with one document per step), at
+  `camels.step_scales(eval.meta_objective_octaves)` times the learned step: {f"{scale:g}": {weighting: ...}}."""
+  wm_graphdef, meta = camels.load_trained(ctx.config, ctx.model, ctx.workdir)
+  names = [n.strip() for n in ctx.ec.meta_objective.split(",") if n.strip()]
+  return camels.compare_on(ctx.config, ctx.model, ctx.params, ctx.data, wm_graphdef, meta, docs, names,
+                           batch_docs=1, scales=camels.step_scales(ctx.ec.meta_objective_octaves))
+
+
+def open_book(ctx: Context, docs) -> dict:
+  """The open-book ceiling: the QA-tuned model (no adaptation) answering each question with its document in
+  the prompt (`pipeline.open_book`; a document cut from its end where the model's positions run out, counted
+  in "documents_cut"), decoded as the test is."""
+  tok, ec = ctx.model.tokenizer, ctx.ec
+  # Room for the answer the generation may write beyond the gold's tokens.
+  limit = ctx.model.cfg.max_len - ec.max_new_tokens
+  book_docs, spec, cut = pipeline.open_book(docs, ctx.data.spec, tok.encode("\n\n"), limit)
+  batches = list(pipeline.qa_eval_batches(book_docs, spec, ctx.data.pad_id, ec.batch_size))
+  scores = qa.evaluate_qa(ctx.model.graphdef, ctx.params, ctx.model.cfg, tok, batches,
+                          pipeline.questions(book_docs), ec.decoding, progress=ctx.progress, desc="open book",
+                          return_predictions=True, **generate_kwargs(ec, ec.decoding))
+  return scores | {"documents_cut": cut}
+
+
+def _references(ctx: Context, test_docs, val_docs, bc) -> tuple[dict, dict | None, dict]:
+  """(the no-adaptation test `score`, its validation `score` when it is an lr candidate, the reference
+  entries of results.json: "no_adaptation", "open_book", "meta_objective" and their times)."""
+  ec, times = ctx.ec, {}
+  with _timed(times, "no_adaptation"):
+    no_adapt = score(ctx, ctx.params, test_docs, ec.decoding, desc="no adaptation")
+  ctx.say(f"no adaptation: test F1 {no_adapt['f1']:.4f}, answer NLL {no_adapt['nll']:.4f} on "
+          f"{no_adapt['n']} questions")
+  out = {"no_adaptation": with_ci(no_adapt, bc)}
+  no_adapt_val = None
+  if ec.no_adaptation_candidate:
+    with _timed(times, "no_adaptation_val"):
+      no_adapt_val = score(ctx, ctx.params, val_docs, ec.val_decoding, desc="no adaptation (val)")
+  if ec.open_book:
+    with _timed(times, "open_book"):
+      book = open_book(ctx, test_docs)
+    out["open_book"] = with_ci(book, bc) | {"vs_no_adaptation": paired(book, no_adapt, bc, ("f1", "nll"))}
+    ctx.say(f"open book (the document in the prompt): test F1 {book['f1']:.4f}, answer NLL {book['nll']:.4f}")
+  if ec.meta_objective and "camels" in method_names(ec):
+    with _timed(times, "meta_objective"):
+      by_step = meta_objective(ctx, test_docs)
+    out["meta_objective"], out["meta_objective_by_step"] = by_step["1"], by_step
+  return no_adapt, no_adapt_val, out | {"time_s": times}
+
+
+@contextlib.contextmanager
+def _timed(times: dict, name: str):
+  start = time.perf_counter()
+  yield
+  times[name] = time.perf_counter() - start
+
+
 def run(ctx: Context, writer) -> dict:
   """Evaluates every configured method; writes <workdir>/eval/ (all files, or none of them) and returns
   results.json's content."""
   ec = ctx.ec
   checks.validate_section("eval", ec, RULES, CROSS)  # before any adaptation, not after the first sweep
   test_docs, val_docs = list(ctx.data.stream().docs), _val_docs(ctx)
-  start = time.perf_counter()
-  no_adapt = score(ctx, ctx.params, test_docs, ec.decoding, desc="no adaptation")
-  no_adapt_s = time.perf_counter() - start
-  ctx.say(f"no adaptation: test F1 {no_adapt['f1']:.4f}, answer NLL {no_adapt['nll']:.4f} on "
-          f"{no_adapt['n']} questions")
-  methods = evaluate_methods(ctx, method_names(ec), val_docs, test_docs, writer)
-  comparisons = compare(no_adapt, methods, ec.bootstrap)
-  results = {"no_adaptation": with_ci(no_adapt, ec.bootstrap),
-             "methods": {name: result_json(r, comparisons[name], ec.bootstrap) for name, r in methods.items()},
-             "test_docs": len(test_docs), "val_docs": len(val_docs), "test_questions": no_adapt["n"],
-             "select": ec.select, "select_rule": SELECT_RULES[ec.select], "bootstrap": dict(ec.bootstrap),
-             "time_s": {"no_adaptation": no_adapt_s}, "manifest": os.path.join(ctx.workdir, MANIFEST_FILE)}
+  no_adapt, no_adapt_val, references = _references(ctx, test_docs, val_docs, ec.bootstrap)
+  methods = evaluate_methods(ctx, method_names(ec), val_docs, test_docs, writer, no_adapt_val)
+  comparisons = compare(no_adapt, methods, ec.bootstrap, parts=position_parts(test_docs, ec.position_parts))
+  results = references | {
+      "methods": {name: result_json(r, comparisons[name], ec.bootstrap) for name, r in methods.items()},
+      "test_docs": len(test_docs), "val_docs": len(val_docs), "test_questions": no_adapt["n"],
+      "select": ec.select, "select_rule": SELECT_RULES[ec.select], "bootstrap": dict(ec.bootstrap),
+      "manifest": os.path.join(ctx.workdir, MANIFEST_FILE)}
   if jax.process_index() == 0:  # every process computed the same results; one writes them
     report.write(os.path.join(ctx.workdir, "eval"), results,
                  {"no_adaptation": no_adapt} | {name: r.test for name, r in methods.items()},

@@ -41,7 +41,8 @@ class Context:
     return self.config.eval
 
 
-def _generate_kwargs(ec, decoding):
+def generate_kwargs(ec, decoding) -> dict:
+  """`qa.evaluate_qa`'s decoding arguments from the `eval` section."""
   kw = dict(max_new_tokens=ec.max_new_tokens)
   if decoding == "beam":
     kw |= dict(num_beams=ec.num_beams, num_groups=ec.num_groups, diversity_penalty=ec.diversity_penalty)
@@ -58,7 +59,7 @@ def score(ctx: Context, params, docs, decoding: str, desc: str, prefix_fn=None) 
   batches = list(pipeline.qa_eval_batches(docs, ctx.data.spec, ctx.data.pad_id, ctx.ec.batch_size))
   return qa.evaluate_qa(ctx.model.graphdef, params, ctx.model.cfg, ctx.model.tokenizer, batches,
                         pipeline.questions(docs), decoding, progress=ctx.progress, desc=desc,
-                        return_predictions=True, prefix_fn=prefix_fn, **_generate_kwargs(ctx.ec, decoding))
+                        return_predictions=True, prefix_fn=prefix_fn, **generate_kwargs(ctx.ec, decoding))
 
 
 def pad(x, length: int) -> np.ndarray:

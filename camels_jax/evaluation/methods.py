@@ -21,8 +21,6 @@ from camels_jax.methods import baselines, camels, mac
 
 MAC_BANK_DIR = "eval_mac_bank"  # <workdir>/eval_mac_bank: MAC's bank after the test stream (orbax)
 
-MAC_BANK_DIR = "eval_mac_bank"  # <workdir>/eval_mac_bank: MAC's bank after the test stream (orbax)
-
 
 def cached_weights(fn: WeightFn) -> WeightFn:
   """`fn` computed once per (document, length): the lr sweep and the diagnostics read the same weights."""
@@ -222,7 +220,10 @@ class Mac(Method):
 
 for _method in (Weighted("uniform", baseline("uniform")), Weighted("ssm", baseline("ssm")),
                 Weighted("tfidf", baseline("tfidf", min_threshold="tfidf_min_threshold")),
-                Weighted("camels", camels_weights, camels.require_trained)):
+                Weighted("camels", camels_weights, camels.require_trained),
+                # All weight on the tokens of the gold answers, which no method sees: the ceiling of any
+                # weighting under this protocol, not a method.
+                Weighted("oracle", baseline("oracle"))):
   register(_method)
 register(LightTuned("uniform+qa_lt", REGISTRY["uniform"]))
 register(Mac())

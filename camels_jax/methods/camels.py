@@ -290,6 +290,9 @@ def camels_config() -> ml_collections.ConfigDict:
       # weights' mean weight per document (comma-separated subset of baselines.DOC_WEIGHTINGS; "" = none).
       compare="uniform,ssm,tfidf,oracle",
       compare_batches=0,  # meta-val batches of that comparison (0 = all of meta_val)
+      # The comparison is also made at inner steps 2^-k .. 2^k times the learned one (`step_scales`): whether a
+      # weighting's advantage belongs to its weights or to one step size. 0 = at the learned step only.
+      compare_octaves=2,
       seed=0,  # RNG seed of the run (>= 0)
   ))
 
@@ -315,6 +318,7 @@ RULES = {
     "val_batches": checks.count_or_zero,
     "compare": checks.subset_of(*baselines.DOC_WEIGHTINGS, allow_empty=True),
     "compare_batches": checks.count_or_zero,
+    "compare_octaves": checks.count_or_zero,
     "seed": checks.seed,
 }
 
@@ -468,23 +472,45 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   results = {"best_step": r.best_step, "best": r.best, "history": r.history}
   names = [n.strip() for n in c.compare.split(",") if n.strip()]
   if names:
-    results["compare"] = _compare(config, base, base_params, data, r.state["meta"], names, mesh, kw)
-    results["compare_step"] = r.best_step
+    # As meta-training validates: `meta_batch_docs` documents per inner update, from the reset base model.
+    by_step = compare_on(config, base, base_params, data, t.wm_graphdef, r.state["meta"], data.splits["meta_val"],
+                         names, batch_docs=config.data.meta_batch_docs, scales=step_scales(c.compare_octaves),
+                         max_batches=c.compare_batches)
+    results["compare"], results["compare_step"] = by_step["1"], r.best_step
+    if len(by_step) > 1:
+      results["compare_by_step"] = by_step
     writer.write_scalars(r.best_step, {f"{JOB}/compare/{n}/{k}": v.get("mean") if isinstance(v, dict) else v
-                                       for n, m in results["compare"].items() for k, v in m.items()})
+                                       for n, m in by_step["1"].items() for k, v in m.items()})
   return t.wm_graphdef, r.state["meta"], results
 
 
-def _compare(config, base, base_params, data, meta, names, mesh, kw) -> dict[str, dict]:
-  """`compare_weightings` of the best weighting model against `names` on meta-val."""
-  c = config.camels
-  chunks = pipeline.meta_eval_chunks(data.splits["meta_val"], data.spec.qa_slots, config.data.meta_batch_docs)
-  texts = [d.doc.text for docs in data.splits.values() for d in docs]
+def compare_on(config, base, base_params, data, wm_graphdef, meta, docs, names, *, batch_docs: int,
+               scales=(1.0,), max_batches: int = 0) -> dict[str, dict]:
+  """`compare_weightings` of the weighting model `meta` against the fixed weightings `names` on `docs`:
+  `batch_docs` documents per inner update from the reset `base_params`, then their own questions.
+
+  Args:
+    config: the job config (`camels`, `data`).
+    base: the base model (graph, tokenizer); `base_params` (on their mesh) replace its own.
+    data: `camels_jax.data.Data` (spec, locality texts; TF-IDF's idf over every split's documents).
+    wm_graphdef, meta: the weighting model (`load_trained` or `fit`).
+    docs: the documents (`TokenizedDoc`s): meta-val, or held-out test documents.
+    names: fixed weightings (`baselines.DOC_WEIGHTINGS`).
+    batch_docs: documents per inner update (1: each document's own step).
+    scales: inner steps as multiples of the learned one (`step_scales`).
+    max_batches: only the first batches (0: all).
+  """
+  mesh = sharding.mesh_of(base_params)
+  chunks = pipeline.meta_eval_chunks(docs, data.spec.qa_slots, batch_docs)
+  texts = [d.doc.text for split in data.splits.values() for d in split]
   fns = {n: baselines.doc_weighting(n, base.tokenizer, texts, data.spec.add_bos) for n in names}
-  batches = [sharding.replicate(b, mesh) for b in data.meta_eval_batches()]
-  if c.compare_batches:
-    batches, chunks = batches[:c.compare_batches], chunks[:c.compare_batches]
-  return compare_weightings(meta, base_params, batches, chunks, fns, **kw)
+  batches = [sharding.replicate(b, mesh) for b in pipeline.meta_eval_batches(
+      docs, data.loc, data.spec, data.pad_id, batch_docs, config.data.loc_batch)]
+  if max_batches:
+    batches, chunks = batches[:max_batches], chunks[:max_batches]
+  return compare_weightings(meta, base_params, batches, chunks, fns, graphdef=base.graphdef,
+                            wm_graphdef=wm_graphdef, mcfg=meta_config(config.camels, config.data.doc_buckets),
+                            scales=scales)
 
 
 def summarize(sums: dict[str, float], n_batches: int) -> dict[str, float | None]:
@@ -500,46 +526,71 @@ def summarize(sums: dict[str, float], n_batches: int) -> dict[str, float | None]
   return out
 
 
+def step_scales(octaves: int) -> tuple[float, ...]:
+  """The inner-step multipliers 2^-octaves .. 2^octaves: a grid centred (geometrically) on the learned step."""
+  return tuple(2.0 ** k for k in range(-octaves, octaves + 1))
+
+
 def compare_weightings(meta, base_params, batches, chunks, weightings, *, graphdef, wm_graphdef,
-                       mcfg: MetaConfig) -> dict[str, dict]:
-  """Uptake of the learned weights and of fixed weightings at the same step, on the same batches.
+                       mcfg: MetaConfig, scales=(1.0,)) -> dict[str, dict[str, dict]]:
+  """Uptake of the learned weights and of fixed weightings at the same step, on the same batches, at each
+  of `scales` times the learned inner step.
 
   Every fixed weighting is rescaled per document to the learned weights' mean weight (`mean_matched`),
-  so all take the same total step and differ only in where they put it.
+  so all take the same total step and differ only in where they put it. At scale s every weighting is
+  multiplied by s: the same as s times the inner lr (each inner step is linear in lr * w), so the rows of
+  one scale are one step size and the scales show whether an advantage belongs to the weights or to a step.
 
   Args:
     meta: the meta params (weighting model; inner lr if learned).
     base_params: the base model every batch is adapted from.
     batches: meta-eval batches (on device); `chunks` their items (`pipeline.meta_eval_chunks`).
     weightings: {name: fn(TokenizedDoc, L) -> w_L} (`baselines.doc_weighting`).
+    scales: inner steps as multiples of the learned one (`step_scales`).
 
   Returns:
-    {"learned" and each name: {"uptake", "qa_before", "qa", "kl", "weight_mean", "facts_filler",
+    {f"{scale:g}": {"learned" and each name: {"uptake", "qa_before", "qa", "kl", "weight_mean", "facts_filler",
     "x_uniform" (uptake over uniform's, when "uniform" is among them), "question_uptake" (bootstrap
     interval of the mean per-question uptake), "vs_uniform" / "vs_learned" (paired intervals of the
-    per-question uptake difference on the same questions)}}.
+    per-question uptake difference on the same questions)}}}.
   """
   weights_fn = jax.jit(functools.partial(token_weights, wm_graphdef))
   score_fn = jax.jit(functools.partial(uptake_eval, graphdef=graphdef, mcfg=mcfg, per_question=True))
-  sums = {name: {} for name in ["learned", *weightings]}
-  per_q = {name: [] for name in sums}
+  names = ["learned", *weightings]
+  sums = {s: {name: {} for name in names} for s in scales}
+  per_q = {s: {name: [] for name in names} for s in scales}
   for batch, chunk in zip(batches, chunks):
-    mask_BxL, valid_B = batch["doc_mask_BxL"], batch["doc_valid_B"]
-    learned_BxL = weights_fn(meta["wm"], batch["doc_tokens_BxL"], mask_BxL)
-    length = mask_BxL.shape[1]
-    ws = {"learned": learned_BxL}
-    for name, fn in weightings.items():
-      w_BxL = np.stack([fn(item[0], length) if item else np.zeros(length, np.float32) for item in chunk])
-      ws[name] = uptake_lib.mean_matched(w_BxL, learned_BxL, mask_BxL, valid_B)
+    ws = _mean_matched_weightings(weights_fn(meta["wm"], batch["doc_tokens_BxL"], batch["doc_mask_BxL"]),
+                                  batch, chunk, weightings)
     valid_BxQ = np.asarray(batch["qa_valid_BxQ"], bool)
-    for name, w_BxL in ws.items():
-      m = dict(score_fn(meta, base_params, batch, w_BxL))
-      per_q[name].extend(np.asarray(m.pop("uptake_BxQ"))[valid_BxQ].tolist())
-      m |= uptake_lib.facts_filler_sums(w_BxL, batch["doc_answer_mask_BxL"], mask_BxL, valid_B)
-      m["weight_mean"] = uptake_lib.mean_weight_B(w_BxL, mask_BxL, valid_B).sum() / valid_B.sum()
-      for k, v in m.items():
-        sums[name][k] = sums[name].get(k, 0.0) + float(v)
-  out = {name: summarize(s, len(batches)) for name, s in sums.items()}
+    for s in scales:
+      for name, w_BxL in ws.items():
+        w_BxL = w_BxL * s if s != 1.0 else w_BxL
+        m = dict(score_fn(meta, base_params, batch, w_BxL))
+        per_q[s][name].extend(np.asarray(m.pop("uptake_BxQ"))[valid_BxQ].tolist())
+        m |= uptake_lib.facts_filler_sums(w_BxL, batch["doc_answer_mask_BxL"], batch["doc_mask_BxL"],
+                                          batch["doc_valid_B"])
+        m["weight_mean"] = (uptake_lib.mean_weight_B(w_BxL, batch["doc_mask_BxL"], batch["doc_valid_B"]).sum()
+                            / batch["doc_valid_B"].sum())
+        for k, v in m.items():
+          sums[s][name][k] = sums[s][name].get(k, 0.0) + float(v)
+  return {f"{s:g}": _compared(sums[s], per_q[s], len(batches)) for s in scales}
+
+
+def _mean_matched_weightings(learned_BxL, batch, chunk, weightings) -> dict:
+  """{"learned": learned_BxL, name: that weighting of the batch's documents at the learned mean weight}."""
+  mask_BxL, valid_B = batch["doc_mask_BxL"], batch["doc_valid_B"]
+  length = mask_BxL.shape[1]
+  ws = {"learned": learned_BxL}
+  for name, fn in weightings.items():
+    w_BxL = np.stack([fn(item[0], length) if item else np.zeros(length, np.float32) for item in chunk])
+    ws[name] = uptake_lib.mean_matched(w_BxL, learned_BxL, mask_BxL, valid_B)
+  return ws
+
+
+def _compared(sums: dict, per_q: dict, n_batches: int) -> dict[str, dict]:
+  """`compare_weightings`' entry of one scale from its per-weighting sums and per-question uptakes."""
+  out = {name: summarize(s, n_batches) for name, s in sums.items()}
   for name, m in out.items():
     m.pop("uptake_x_uniform", None)
     u = out.get("uniform", {}).get("uptake")

@@ -72,3 +72,20 @@ def test_zero_learning_rate_leaves_the_model_unchanged():
   for a, b in zip(jax.tree.leaves(adapted), jax.tree.leaves(base.params)):
     np.testing.assert_array_equal(a, b)
   assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_sgd_stream_is_the_inner_sgd_step_per_document():
+  # online.optimizer="sgd": each document moves the params by -lr * (clipped) gradient of its weighted loss,
+  # the update CaMeLS's inner loop takes (written here without the library's step).
+  base, _, _ = fx.tiny()
+  c = online.online_config()
+  c.optimizer, c.lr, c.grad_clip, c.normalization = "sgd", 0.3, 1e9, "tokens"
+  icfg = online.inner_config(c, (12,))
+  adapted, _ = online.adapt_stream(base.graphdef, base.params, _stream(2), _uniform, c, icfg, progress=False)
+  params = base.params
+  for doc in _stream(2):
+    grads = jax.grad(inner.doc_loss, argnums=1)(base.graphdef, params, doc["doc_tokens_BxL"], doc["doc_mask_BxL"],
+                                                _uniform(0, doc), icfg)
+    params = jax.tree.map(lambda p, g: p - 0.3 * g, params, grads)
+  for a, b in zip(jax.tree.leaves(adapted), jax.tree.leaves(params)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)

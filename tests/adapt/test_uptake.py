@@ -115,3 +115,45 @@ def test_meta_eval_step_compares_learned_with_mean_matched_uniform_weights():
   assert s["uptake_x_uniform"] == pytest.approx(float(m["uptake"] / m["uniform_uptake"]))
   ratio = uptake.facts_filler_ratio(uptake.facts_filler_sums(w, answer, batch["doc_mask_BxL"]))
   assert s["facts_filler"] == pytest.approx(ratio)
+
+
+def test_step_grid_is_centred_on_the_learned_step():
+  assert camels.step_scales(0) == (1.0,)
+  assert camels.step_scales(2) == (0.25, 0.5, 1.0, 2.0, 4.0)
+  scales = camels.step_scales(3)
+  assert scales[len(scales) // 2] == 1.0 and all(a * b == 1.0 for a, b in zip(scales, scales[::-1]))
+
+
+@pytest.mark.slow
+def test_uptake_at_a_scaled_step_is_the_uptake_at_that_inner_lr_on_the_same_questions():
+  # Scaling every weighting by s is s times the inner lr (each inner step is linear in lr * w): checked
+  # against runs whose inner lr is s times larger, with the weights as learned.
+  base, wm_graphdef, wm_params = fx.tiny()
+  batch = fx.batch(2)
+  answer = np.zeros(batch["doc_mask_BxL"].shape, bool)
+  answer[:, 2:5] = True
+  batch["doc_answer_mask_BxL"] = jnp.asarray(answer)
+  chunk = [("doc 0",), ("doc 1",)]  # the fixed weightings below do not read their documents
+  fixed = {"uniform": lambda d, n: np.ones(n, np.float32), "front": lambda d, n: np.linspace(1.0, 0.0, n)}
+  kw = dict(graphdef=base.graphdef, wm_graphdef=wm_graphdef)
+  mcfg = camels.MetaConfig(inner_lr=0.5)
+  meta = camels.init_meta_params(wm_params, mcfg)
+  got = camels.compare_weightings(meta, base.params, [batch], [chunk], fixed, mcfg=mcfg,
+                                  scales=camels.step_scales(1), **kw)
+  assert list(got) == ["0.5", "1", "2"]
+  for s in (0.5, 2.0):
+    scaled = camels.MetaConfig(inner_lr=0.5 * s)
+    want = camels.compare_weightings(camels.init_meta_params(wm_params, scaled), base.params, [batch], [chunk],
+                                     fixed, mcfg=scaled, **kw)["1"]
+    for name in ("learned", "uniform", "front"):
+      row = got[f"{s:g}"][name]
+      assert row["uptake"] == pytest.approx(want[name]["uptake"], rel=1e-4, abs=1e-7)
+      assert row["weight_mean"] == pytest.approx(s * got["1"][name]["weight_mean"], rel=1e-5)
+      assert row["qa_before"] == got["1"][name]["qa_before"]  # the same questions, from the same model
+      assert row["question_uptake"]["n"] == 4  # 2 documents x 2 questions, each once
+      if name != "uniform":
+        assert row["vs_uniform"]["n"] == 4
+  # Mean-matched: at every step each weighting takes the learned weights' total step.
+  for s in got.values():
+    assert s["uniform"]["weight_mean"] == pytest.approx(s["learned"]["weight_mean"], rel=1e-5)
+  assert got["2"]["learned"]["uptake"] != pytest.approx(got["1"]["learned"]["uptake"])
