@@ -108,7 +108,7 @@ def table(results: dict) -> str:
       "the questions",
       "(F1 - uniform: paired, same questions). NLL: test answer NLL; uptake: no-adaptation NLL - the method's.",
       "facts/filler: mean token weight on answer spans / on the other tokens (1 for uniform).",
-      f"lr chosen per method on {results['val_docs']} meta-val documents by {results['select_rule']};",
+      f"lr chosen per method on {results['val_docs']} meta-val documents by {results['select_rule']}.",
       "none: no adaptation won; ↑/↓: the pick is the grid's largest/smallest lr even after widening it.",
       "Full table (official SQuAD EM/F1, lr sweep, retention): eval/results.md",
   ]
