@@ -541,33 +541,26 @@ def open_book(ctx: Context, docs) -> dict:
 def _references(ctx: Context, test_docs, val_docs, bc) -> tuple[dict, dict | None, dict]:
   """(the no-adaptation test `score`, its validation `score` when it is an lr candidate, the reference
   entries of results.json: "no_adaptation", "open_book", "meta_objective" and their times)."""
-  ec, times = ctx.ec, {}
-  with _timed(times, "no_adaptation"):
+  ec, clock = ctx.ec, Clock()
+  with clock("no_adaptation"):
     no_adapt = score(ctx, ctx.params, test_docs, ec.decoding, desc="no adaptation")
   ctx.say(f"no adaptation: test F1 {no_adapt['f1']:.4f}, answer NLL {no_adapt['nll']:.4f} on "
           f"{no_adapt['n']} questions")
   out = {"no_adaptation": with_ci(no_adapt, bc)}
   no_adapt_val = None
   if ec.no_adaptation_candidate:
-    with _timed(times, "no_adaptation_val"):
+    with clock("no_adaptation_val"):
       no_adapt_val = score(ctx, ctx.params, val_docs, ec.val_decoding, desc="no adaptation (val)")
   if ec.open_book:
-    with _timed(times, "open_book"):
+    with clock("open_book"):
       book = open_book(ctx, test_docs)
     out["open_book"] = with_ci(book, bc) | {"vs_no_adaptation": paired(book, no_adapt, bc, ("f1", "nll"))}
     ctx.say(f"open book (the document in the prompt): test F1 {book['f1']:.4f}, answer NLL {book['nll']:.4f}")
   if ec.meta_objective and "camels" in method_names(ec):
-    with _timed(times, "meta_objective"):
+    with clock("meta_objective"):
       by_step = meta_objective(ctx, test_docs)
     out["meta_objective"], out["meta_objective_by_step"] = by_step["1"], by_step
-  return no_adapt, no_adapt_val, out | {"time_s": times}
-
-
-@contextlib.contextmanager
-def _timed(times: dict, name: str):
-  start = time.perf_counter()
-  yield
-  times[name] = time.perf_counter() - start
+  return no_adapt, no_adapt_val, out | {"time_s": dict(clock.totals)}
 
 
 def run(ctx: Context, writer) -> dict:
