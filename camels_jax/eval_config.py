@@ -45,6 +45,7 @@ def eval_config() -> ml_collections.ConfigDict:
       # learned weights against these fixed weightings (mean-matched), at 2^-k .. 2^k times the learned step.
       meta_objective="uniform,ssm,tfidf,oracle",  # subset of uniform,ssm,tfidf,oracle; "" = not measured
       meta_objective_octaves=1,  # k >= 0 of that step grid
+      meta_objective_docs=0,  # on the first this many test documents (>= 0; 0 = every one)
       # Questions by the position of their document in the test stream: this many equal parts (>= 1), each
       # with the answer-NLL change against no adaptation (early documents: forgetting; late: never learned).
       position_parts=2,

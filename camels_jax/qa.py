@@ -184,8 +184,10 @@ def prompts(batch: Batch, pad_id: int, eos_id: int, multiple: int = 16) -> tuple
   """Left-padded question prompts of a QA batch.
 
   The prompt of row i is qa_tokens_BxS[i, :qa_prompt_len_B[i]] (the question, with BOS if the data adds
-  one). The width P is the longest prompt rounded up to `multiple` (at most S), so the jitted decoders
-  compile for a few widths only. Invalid rows get a one-token prompt (EOS), so no row is empty.
+  one). The width P is the longest prompt rounded up to `multiple`, or, where that is coarser, to a quarter
+  of the power of two at or below it (at most S): the jitted decoders compile for a few widths only, also
+  where prompts hold whole documents (the open book: 5 widths from 256 to 511 tokens, not 16).
+  Invalid rows get a one-token prompt (EOS), so no row is empty.
 
   Args:
     batch: a QA batch (qa_tokens_BxS, qa_prompt_len_B, qa_valid_B).
@@ -200,7 +202,9 @@ def prompts(batch: Batch, pad_id: int, eos_id: int, multiple: int = 16) -> tuple
   valid_B = np.asarray(batch["qa_valid_B"], bool)
   len_B = np.where(valid_B, np.asarray(batch["qa_prompt_len_B"]), 1)
   s = tokens_BxS.shape[1]
-  p = min(s, -(-int(len_B.max()) // multiple) * multiple)
+  longest = int(len_B.max())
+  step = max(multiple, (1 << (longest.bit_length() - 1)) // 4)
+  p = min(s, -(-longest // step) * step)
   # Column j of the prompt holds token j - (P - len) of the question, or padding when that is negative.
   src_BxP = np.arange(p)[None, :] - (p - len_B[:, None])
   mask_BxP = src_BxP >= 0

@@ -4,26 +4,25 @@ method, on the generated dataset (fictional people, organisations and towns; no 
   python -m camels_jax.train --config configs/default.py
   python -m camels_jax.evaluate --config configs/default.py
 
-Measured on 2 CPU cores, quiet, the two commands one after the other: 26 min 49 s in all. Train: 13 min 26 s,
-peak RSS 12.6 GB, with the comparison below on 6 of the 12 meta-val documents (on all 12 it adds about 2
-minutes); evaluate: 13 min 23 s, peak RSS 7.6 GB (per method about 160 s: lr sweep, 34 adaptation steps,
-the curve and the test answers). Re-run after the shared training loop and the evaluation's Method protocol
-(`python -m camels_jax.repro --suite default`: 44 of 44 metrics equal to configs/expected/default.json, every
-difference 0): train 12 min 26 s (QA-tuning now checkpoints at every validation), evaluate 9 min 35 s, with
-lighter test runs beside it. QA-tuning lowers the QA-val
-answer NLL from 7.44 to about 3.0. Meta-training runs 16 steps of about 30 s each.
-Meta-val (6 documents, 36 questions), one inner step per document from the QA-tuned model:
+Measured on 2 CPU cores on 2026-12-04 (a machine slower than the earlier runs': 43 s per meta step, not 30).
+Train, alone: QA-tuning 4 min (answer NLL on QA-val 7.44 -> 3.11), meta-training 16 steps in 14 min, then the
+weightings against the step on 6 meta-val documents (45 inner updates of ~13 s: 10 min). Meta-val (6 documents,
+36 questions), one inner step per 2-document batch from the QA-tuned model:
 
   step  uptake learned  uptake uniform (same mean weight)  facts/filler
-  0     -0.017          -0.017                              1.00
-  8     +0.155          -0.017                              1.85
-  16    +0.267          -0.017                              5.44
+  0     -0.016          -0.016                              1.00
+  8     +0.154          -0.016                              1.82
+  16    +0.271          -0.016                              5.77
 
-After training, on all 12 meta-val documents (72 questions), every weighting at the learned weights' mean:
+After training, every weighting at the learned weights' mean, at 1/2, 1 and 2 times the learned step
+(mean per-question uptake in nats; learned - uniform per question, paired 95% bootstrap interval):
 
-  learned 0.259, uniform -0.040, SSM 0.115, TF-IDF 0.066, answer oracle 0.225 nats of uptake;
-  learned - uniform per question +0.31 [+0.18, +0.44], learned - SSM +0.16 [+0.06, +0.27] (95% paired
-  bootstrap); facts/filler 7.14 (SSM 4.22, TF-IDF 2.71).
+  step   learned  uniform  SSM     TF-IDF  oracle   learned - uniform
+  x 1/2  +0.162   -0.028   +0.051  +0.028  +0.109   +0.189 [+0.109, +0.275]
+  x 1    +0.251   -0.039   +0.075  +0.037  +0.179   +0.290 [+0.147, +0.446]
+  x 2    -1.366   -0.039   +0.077  +0.063  +0.330   -1.327 [-2.290, -0.425]
+
+  learned - SSM at x 1: +0.176 [+0.050, +0.313]; facts/filler 5.77 (SSM 4.39, TF-IDF 2.89).
 
 Evaluate (the same numbers in two separate runs): test stream of 34
 documents and 204 questions, Adam online adaptation, greedy decoding. F1 [95% CI] / answer NLL:
@@ -98,6 +97,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.camels.grad_accum = 1  # an update per batch (reference: 4): more updates in the budget
   c.camels.val_every = 8
   c.camels.val_batches = 3  # 6 meta-val documents, 36 questions per validation
+  c.camels.compare_batches = 3  # the weightings against the step on those 6 documents (all 12: twice the time)
+  c.camels.compare_octaves = 1  # at 1/2, 1 and 2 times the learned step (CPU budget)
   c.eval = eval_config()  # online-adaptation evaluation (camels_jax/evaluation.py)
   c.eval.lrs = (3e-5, 1e-5)  # Adam lrs swept (CPU budget: two); at 1e-4 every weighting damaged the model
   c.eval.select = "nll"  # 18 validation questions tie on F1; their answer NLL still ranks the lrs
@@ -105,4 +106,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.decoding = "greedy"  # CPU budget (reference: diverse beam search, 12 beams)
   c.eval.curve_points = 2
   c.eval.light_tune.update(max_steps=10, val_every=10)
+  c.eval.meta_objective_docs = 12  # CPU budget: 72 questions, ~47 s per document at 3 steps on 2 cores
   return c

@@ -202,6 +202,11 @@ def test_meta_objective_scores_each_documents_own_questions_after_its_own_step(t
   joint = camels.compare_on(config, ctx.model, ctx.params, ctx.data, wm_graphdef, meta, docs, ["uniform"],
                             batch_docs=2)["1"]["learned"]["question_uptake"]
   assert joint["n"] == learned["n"] and joint["mean"] != pytest.approx(learned["mean"], rel=1e-3)
+  # eval.meta_objective_docs keeps the first documents: the first one's questions, the same uptakes.
+  config.eval.meta_objective_docs = 1
+  first = evaluation.meta_objective(ctx, docs)["1"]["learned"]["question_uptake"]
+  assert first["n"] == len(docs[0].qas)
+  assert first["mean"] == pytest.approx(np.mean(own[:len(docs[0].qas)]), rel=1e-4, abs=1e-7)
 
 
 @pytest.mark.slow

@@ -153,6 +153,18 @@ def test_prompts_are_the_left_padded_questions():
   assert qa.prompts(batch, PAD, 1, multiple=16)[0].shape == (3, 12)
 
 
+def test_long_prompts_take_few_widths():
+  # Short questions keep multiples of 16; prompts holding a document round to a quarter of their power of
+  # two, so 256..511 tokens compile the decoders 5 times, not 16.
+  def width(n):
+    batch = {"qa_tokens_BxS": np.ones((1, 1024), np.int32), "qa_valid_B": np.ones(1, bool),
+             "qa_prompt_len_B": np.array([n])}
+    return qa.prompts(batch, PAD, 1)[0].shape[1]
+  assert [width(n) for n in (5, 17, 100, 127, 130)] == [16, 32, 112, 128, 160]
+  assert sorted({width(n) for n in range(256, 512)}) == [256, 320, 384, 448, 512]
+  assert width(256) == 256 and all(n <= width(n) < 1.25 * n + 64 for n in range(1, 1025))
+
+
 @pytest.fixture(scope="module")
 def gpt2():
   return tokenizer_lib.gpt2()

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tqdm
 from flax import nnx
 
 from camels_jax import checks, loop, sharding, stats
@@ -142,16 +143,21 @@ def inner_lr(meta_params, mcfg: MetaConfig):
 
 def outer_loss(graphdef, params, base_logits_KxTxV, batch, mcfg: MetaConfig):
   """(total, qa, kl) of adapted params: answer NLL of the batch's questions + c_kl * locality KL."""
+  qa = answer_loss(graphdef, params, batch)
+  post_KxTxV = transformer.apply(graphdef, params, batch["loc_tokens_KxT"], batch["loc_mask_KxT"])
+  kl = loss.kl_pre_post(base_logits_KxTxV, post_KxTxV, batch["loc_mask_KxT"])
+  return qa + mcfg.c_kl * kl, (qa, kl)
+
+
+def answer_loss(graphdef, params, batch):
+  """The answer NLL of the batch's questions, token-mean over all their answer tokens (the outer QA loss)."""
   qa_tokens = batch["qa_tokens_BxQxS"]
   b, q, s = qa_tokens.shape
   qa_tokens_NxS = qa_tokens.reshape(b * q, s)
   qa_mask_NxS = batch["qa_mask_BxQxS"].reshape(b * q, s)
   loss_mask_NxS = batch["qa_loss_mask_BxQxS"].reshape(b * q, s) * batch["qa_valid_BxQ"].reshape(b * q, 1)
-  qa = loss.answer_nll_mean(transformer.apply(graphdef, params, qa_tokens_NxS, qa_mask_NxS), qa_tokens_NxS,
-                            loss_mask_NxS)
-  post_KxTxV = transformer.apply(graphdef, params, batch["loc_tokens_KxT"], batch["loc_mask_KxT"])
-  kl = loss.kl_pre_post(base_logits_KxTxV, post_KxTxV, batch["loc_mask_KxT"])
-  return qa + mcfg.c_kl * kl, (qa, kl)
+  return loss.answer_nll_mean(transformer.apply(graphdef, params, qa_tokens_NxS, qa_mask_NxS), qa_tokens_NxS,
+                              loss_mask_NxS)
 
 
 def adapt_and_score(graphdef, base_params, base_logits_KxTxV, batch, w_BxL, lr, mcfg: MetaConfig):
@@ -224,9 +230,23 @@ def question_nll(graphdef, params, batch):
   return nll_N.reshape(b, q) * batch["qa_valid_BxQ"]
 
 
+def scores_before(base_params, batch, *, graphdef, per_question: bool = False) -> dict:
+  """What `uptake_eval` measures on the unadapted model: the locality logits, the answer NLL ("qa_before")
+  and, with `per_question`, each question's ("nll_BxQ"). They do not depend on the weights, so a comparison
+  of many weightings on one batch computes them once (`before=` of `uptake_eval`)."""
+  out = {"base_logits": _base_logits(graphdef, base_params, batch),
+         "qa_before": answer_loss(graphdef, base_params, batch)}
+  if per_question:
+    out["nll_BxQ"] = question_nll(graphdef, base_params, batch)
+  return out
+
+
 def uptake_eval(meta_params, base_params, batch, w_BxL, *, graphdef, mcfg: MetaConfig,
-                per_question: bool = False):
+                per_question: bool = False, before: dict | None = None):
   """What one inner update with weights `w_BxL` teaches, from `base_params`, on the batch's questions.
+
+  Args:
+    before: `scores_before` of the same base params and batch (computed here when None).
 
   Returns:
     {"loss": outer loss after, "qa_before", "qa": answer NLL before/after (the same questions, the same
@@ -234,14 +254,36 @@ def uptake_eval(meta_params, base_params, batch, w_BxL, *, graphdef, mcfg: MetaC
     quantity as `qa_gain`. With `per_question`, also "uptake_BxQ": each question's mean answer-token NLL
     before minus after (0 in empty slots), for intervals over questions.
   """
-  base_logits = _base_logits(graphdef, base_params, batch)
-  _, (qa_before, _) = outer_loss(graphdef, base_params, base_logits, batch, mcfg)
-  total, (qa, kl), adapted = adapt_and_score(graphdef, base_params, base_logits, batch, w_BxL,
+  if before is None:
+    before = scores_before(base_params, batch, graphdef=graphdef, per_question=per_question)
+  total, (qa, kl), adapted = adapt_and_score(graphdef, base_params, before["base_logits"], batch, w_BxL,
                                              inner_lr(meta_params, mcfg), mcfg)
-  out = {"loss": total, "qa_before": qa_before, "qa": qa, "uptake": qa_before - qa, "kl": kl}
+  return _uptake(graphdef, adapted, batch, before, total, qa, kl, per_question)
+
+
+def _uptake(graphdef, adapted, batch, before, total, qa, kl, per_question):
+  out = {"loss": total, "qa_before": before["qa_before"], "qa": qa, "uptake": before["qa_before"] - qa, "kl": kl}
   if per_question:
-    out["uptake_BxQ"] = question_nll(graphdef, base_params, batch) - question_nll(graphdef, adapted, batch)
+    out["uptake_BxQ"] = before["nll_BxQ"] - question_nll(graphdef, adapted, batch)
   return out
+
+
+def one_step_grads(base_params, batch, w_BxL, *, graphdef, mcfg: MetaConfig):
+  """The inner gradient of a batch of one document at `base_params` (`inner.sgd_step`'s), 0 for a padding
+  document. The step from it, lr * grads, is linear in the weights and in lr; `uptake_at_step` takes any
+  multiple of it without another backward pass."""
+  grads = jax.grad(inner_lib.doc_loss, argnums=1)(graphdef, base_params, batch["doc_tokens_BxL"],
+                                                  batch["doc_mask_BxL"], w_BxL, mcfg.inner)
+  return jax.tree.map(lambda g: g * batch["doc_valid_B"][0].astype(g.dtype), grads)
+
+
+def uptake_at_step(meta_params, base_params, grads, scale, batch, before, *, graphdef, mcfg: MetaConfig):
+  """`uptake_eval(..., per_question=True)` of weights `scale * w_BxL` on a batch of one document with one
+  inner step, from `grads = one_step_grads(..., w_BxL)`: the same update, scale * lr * grads."""
+  lr = inner_lr(meta_params, mcfg) * scale
+  adapted = jax.tree.map(lambda p, g: p - (lr * g).astype(p.dtype), base_params, grads)
+  total, (qa, kl) = outer_loss(graphdef, adapted, before["base_logits"], batch, mcfg)
+  return _uptake(graphdef, adapted, batch, before, total, qa, kl, True)
 
 
 def meta_eval_step(meta_params, base_params, batch, *, graphdef, wm_graphdef, mcfg: MetaConfig):
@@ -475,7 +517,8 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
     # As meta-training validates: `meta_batch_docs` documents per inner update, from the reset base model.
     by_step = compare_on(config, base, base_params, data, t.wm_graphdef, r.state["meta"], data.splits["meta_val"],
                          names, batch_docs=config.data.meta_batch_docs, scales=step_scales(c.compare_octaves),
-                         max_batches=c.compare_batches)
+                         max_batches=c.compare_batches, progress=progress,
+                         desc="camels: weightings against the step (meta-val)")
     results["compare"], results["compare_step"] = by_step["1"], r.best_step
     if len(by_step) > 1:
       results["compare_by_step"] = by_step
@@ -485,7 +528,8 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
 
 
 def compare_on(config, base, base_params, data, wm_graphdef, meta, docs, names, *, batch_docs: int,
-               scales=(1.0,), max_batches: int = 0) -> dict[str, dict]:
+               scales=(1.0,), max_batches: int = 0, progress: bool = False,
+               desc: str = "compare weightings") -> dict[str, dict]:
   """`compare_weightings` of the weighting model `meta` against the fixed weightings `names` on `docs`:
   `batch_docs` documents per inner update from the reset `base_params`, then their own questions.
 
@@ -499,6 +543,7 @@ def compare_on(config, base, base_params, data, wm_graphdef, meta, docs, names, 
     batch_docs: documents per inner update (1: each document's own step).
     scales: inner steps as multiples of the learned one (`step_scales`).
     max_batches: only the first batches (0: all).
+    progress, desc: `compare_weightings`' progress bar.
   """
   mesh = sharding.mesh_of(base_params)
   chunks = pipeline.meta_eval_chunks(docs, data.spec.qa_slots, batch_docs)
@@ -510,7 +555,7 @@ def compare_on(config, base, base_params, data, wm_graphdef, meta, docs, names, 
     batches, chunks = batches[:max_batches], chunks[:max_batches]
   return compare_weightings(meta, base_params, batches, chunks, fns, graphdef=base.graphdef,
                             wm_graphdef=wm_graphdef, mcfg=meta_config(config.camels, config.data.doc_buckets),
-                            scales=scales)
+                            scales=scales, progress=progress, desc=desc)
 
 
 def summarize(sums: dict[str, float], n_batches: int) -> dict[str, float | None]:
@@ -532,7 +577,8 @@ def step_scales(octaves: int) -> tuple[float, ...]:
 
 
 def compare_weightings(meta, base_params, batches, chunks, weightings, *, graphdef, wm_graphdef,
-                       mcfg: MetaConfig, scales=(1.0,)) -> dict[str, dict[str, dict]]:
+                       mcfg: MetaConfig, scales=(1.0,), progress: bool = False,
+                       desc: str = "compare weightings") -> dict[str, dict[str, dict]]:
   """Uptake of the learned weights and of fixed weightings at the same step, on the same batches, at each
   of `scales` times the learned inner step.
 
@@ -547,6 +593,7 @@ def compare_weightings(meta, base_params, batches, chunks, weightings, *, graphd
     batches: meta-eval batches (on device); `chunks` their items (`pipeline.meta_eval_chunks`).
     weightings: {name: fn(TokenizedDoc, L) -> w_L} (`baselines.doc_weighting`).
     scales: inner steps as multiples of the learned one (`step_scales`).
+    progress, desc: a progress bar over the (batch, step, weighting) updates, and its label.
 
   Returns:
     {f"{scale:g}": {"learned" and each name: {"uptake", "qa_before", "qa", "kl", "weight_mean", "facts_filler",
@@ -555,18 +602,31 @@ def compare_weightings(meta, base_params, batches, chunks, weightings, *, graphd
     per-question uptake difference on the same questions)}}}.
   """
   weights_fn = jax.jit(functools.partial(token_weights, wm_graphdef))
+  before_fn = jax.jit(functools.partial(scores_before, graphdef=graphdef, per_question=True))
   score_fn = jax.jit(functools.partial(uptake_eval, graphdef=graphdef, mcfg=mcfg, per_question=True))
+  grads_fn = jax.jit(functools.partial(one_step_grads, graphdef=graphdef, mcfg=mcfg))
+  step_fn = jax.jit(functools.partial(uptake_at_step, graphdef=graphdef, mcfg=mcfg))
   names = ["learned", *weightings]
   sums = {s: {name: {} for name in names} for s in scales}
   per_q = {s: {name: [] for name in names} for s in scales}
+  bar = tqdm.tqdm(total=len(batches) * len(scales) * len(names), desc=desc, disable=not progress)
   for batch, chunk in zip(batches, chunks):
     ws = _mean_matched_weightings(weights_fn(meta["wm"], batch["doc_tokens_BxL"], batch["doc_mask_BxL"]),
                                   batch, chunk, weightings)
     valid_BxQ = np.asarray(batch["qa_valid_BxQ"], bool)
-    for s in scales:
-      for name, w_BxL in ws.items():
-        w_BxL = w_BxL * s if s != 1.0 else w_BxL
-        m = dict(score_fn(meta, base_params, batch, w_BxL))
+    before = before_fn(base_params, batch)  # once per batch: the same for every weighting and step
+    # One document, one step: the update is linear in the step, so each weighting's backward pass serves
+    # every scale (a third of the cost at three scales). Sequences of documents take the general path.
+    linear = batch["doc_tokens_BxL"].shape[0] == 1 and mcfg.inner.steps == 1 and not mcfg.mixing
+    for name, w1_BxL in ws.items():
+      grads = grads_fn(base_params, batch, w1_BxL) if linear else None
+      for s in scales:
+        w_BxL = w1_BxL * s if s != 1.0 else w1_BxL
+        if linear:
+          m = dict(step_fn(meta, base_params, grads, s, batch, before))
+        else:
+          m = dict(score_fn(meta, base_params, batch, w_BxL, before=before))
+        bar.update()
         per_q[s][name].extend(np.asarray(m.pop("uptake_BxQ"))[valid_BxQ].tolist())
         m |= uptake_lib.facts_filler_sums(w_BxL, batch["doc_answer_mask_BxL"], batch["doc_mask_BxL"],
                                           batch["doc_valid_B"])
@@ -574,6 +634,7 @@ def compare_weightings(meta, base_params, batches, chunks, weightings, *, graphd
                             / batch["doc_valid_B"].sum())
         for k, v in m.items():
           sums[s][name][k] = sums[s][name].get(k, 0.0) + float(v)
+  bar.close()
   return {f"{s:g}": _compared(sums[s], per_q[s], len(batches)) for s in scales}
 
 

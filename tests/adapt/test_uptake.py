@@ -93,6 +93,38 @@ def test_uptake_is_measured_on_the_same_questions_before_and_after():
   assert float(got["qa"]) == pytest.approx(float(qa_direct), rel=1e-6)
   assert float(got["uptake"]) == pytest.approx(float(got["qa_before"] - qa_after), rel=1e-6)
   assert float(got["uptake"]) != 0.0
+  # The unadapted model's scores, computed once and reused for every weighting, change nothing.
+  before = camels.scores_before(base.params, batch, graphdef=base.graphdef, per_question=True)
+  fresh = camels.uptake_eval(meta, base.params, batch, w, graphdef=base.graphdef, mcfg=mcfg, per_question=True)
+  reused = camels.uptake_eval(meta, base.params, batch, w, graphdef=base.graphdef, mcfg=mcfg, per_question=True,
+                              before=before)
+  assert set(reused) == set(fresh)
+  for k in fresh:
+    np.testing.assert_allclose(reused[k], fresh[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_one_document_comparisons_reuse_one_gradient_for_every_step():
+  # With one document per update, `compare_weightings` takes each weighting's gradient once and every step
+  # from it; checked against `uptake_eval` (the general path: the inner update itself) at each scaled weight.
+  base, wm_graphdef, wm_params = fx.tiny()
+  mcfg = camels.MetaConfig(inner_lr=0.5)
+  meta = camels.init_meta_params(wm_params, mcfg)
+  batch = fx.batch(1)
+  answer = np.zeros(batch["doc_mask_BxL"].shape, bool)
+  answer[:, 2:5] = True
+  batch["doc_answer_mask_BxL"] = jnp.asarray(answer)
+  fixed = {"front": lambda d, n: np.linspace(1.0, 0.0, n)}
+  got = camels.compare_weightings(meta, base.params, [batch], [[("doc 0",)]], fixed, mcfg=mcfg,
+                                  scales=camels.step_scales(1), graphdef=base.graphdef, wm_graphdef=wm_graphdef)
+  w = camels.token_weights(wm_graphdef, wm_params, batch["doc_tokens_BxL"], batch["doc_mask_BxL"])
+  for s in (0.5, 1.0, 2.0):
+    want = camels.uptake_eval(meta, base.params, batch, w * s, graphdef=base.graphdef, mcfg=mcfg, per_question=True)
+    row = got[f"{s:g}"]["learned"]
+    assert row["uptake"] == pytest.approx(float(want["uptake"]), rel=1e-4, abs=1e-7)
+    assert row["kl"] == pytest.approx(float(want["kl"]), rel=1e-4, abs=1e-9)
+    assert row["qa"] == pytest.approx(float(want["qa"]), rel=1e-6)
+  assert got["2"]["front"]["uptake"] != pytest.approx(got["1"]["front"]["uptake"])
 
 
 @pytest.mark.slow
