@@ -71,6 +71,13 @@ def test_tokenize_marks_the_answer_tokens_of_generated_documents():
   assert not batch["doc_answer_mask_BxL"][0, len(docs[0].tokens):].any()
 
 
+def _answered(batch):
+  """The batch with document tokens 2..4 marked as answer spans (the fixture's answers copy them), and that mask."""
+  answer = np.zeros(batch["doc_mask_BxL"].shape, bool)
+  answer[:, 2:5] = True
+  return batch | {"doc_answer_mask_BxL": jnp.asarray(answer)}, answer
+
+
 @pytest.mark.slow
 def test_uptake_is_measured_on_the_same_questions_before_and_after():
   base, wm_graphdef, wm_params = fx.tiny()
@@ -110,10 +117,7 @@ def test_one_document_comparisons_reuse_one_gradient_for_every_step():
   base, wm_graphdef, wm_params = fx.tiny()
   mcfg = camels.MetaConfig(inner_lr=0.5)
   meta = camels.init_meta_params(wm_params, mcfg)
-  batch = fx.batch(1)
-  answer = np.zeros(batch["doc_mask_BxL"].shape, bool)
-  answer[:, 2:5] = True
-  batch["doc_answer_mask_BxL"] = jnp.asarray(answer)
+  batch, answer = _answered(fx.batch(1))
   fixed = {"front": lambda d, n: np.linspace(1.0, 0.0, n)}
   got = camels.compare_weightings(meta, base.params, [batch], [[("doc 0",)]], fixed, mcfg=mcfg,
                                   scales=camels.step_scales(1), graphdef=base.graphdef, wm_graphdef=wm_graphdef)
@@ -132,10 +136,7 @@ def test_meta_eval_step_compares_learned_with_mean_matched_uniform_weights():
   base, wm_graphdef, wm_params = fx.tiny()
   mcfg = camels.MetaConfig(inner_lr=0.5)
   meta = camels.init_meta_params(wm_params, mcfg)
-  batch = fx.batch(2)
-  answer = np.zeros(batch["doc_mask_BxL"].shape, bool)
-  answer[:, 2:5] = True
-  batch["doc_answer_mask_BxL"] = jnp.asarray(answer)
+  batch, answer = _answered(fx.batch(2))
   m = camels.meta_eval_step(meta, base.params, batch, graphdef=base.graphdef, wm_graphdef=wm_graphdef, mcfg=mcfg)
   w = camels.token_weights(wm_graphdef, wm_params, batch["doc_tokens_BxL"], batch["doc_mask_BxL"])
   uni = uptake.mean_matched(jnp.ones_like(w), w, batch["doc_mask_BxL"], batch["doc_valid_B"])
@@ -161,10 +162,7 @@ def test_uptake_at_a_scaled_step_is_the_uptake_at_that_inner_lr_on_the_same_ques
   # Scaling every weighting by s is s times the inner lr (each inner step is linear in lr * w): checked
   # against runs whose inner lr is s times larger, with the weights as learned.
   base, wm_graphdef, wm_params = fx.tiny()
-  batch = fx.batch(2)
-  answer = np.zeros(batch["doc_mask_BxL"].shape, bool)
-  answer[:, 2:5] = True
-  batch["doc_answer_mask_BxL"] = jnp.asarray(answer)
+  batch, answer = _answered(fx.batch(2))
   chunk = [("doc 0",), ("doc 1",)]  # the fixed weightings below do not read their documents
   fixed = {"uniform": lambda d, n: np.ones(n, np.float32), "front": lambda d, n: np.linspace(1.0, 0.0, n)}
   kw = dict(graphdef=base.graphdef, wm_graphdef=wm_graphdef)
