@@ -21,7 +21,10 @@ def eval_config() -> ml_collections.ConfigDict:
       # harmful lr.
       no_adaptation_candidate=True,
       val_docs=8,  # documents (>= 1) of the validation stream (meta-val split) used to pick each method's lr
-      val_decoding="greedy",  # decoding when picking the lr ("greedy" is cheaper; "beam" as the test)
+      # Decoding of the validation answers: "greedy" (cheaper than the test's), "beam" (as the test), or "" (none:
+      # answer NLL only, for select="nll"; a validation stream as long as the test stream then costs its
+      # updates and one forward pass per question, not a generation).
+      val_decoding="greedy",
       decoding="beam",  # test decoding: "beam" (reference: 12 beams, 4 groups, penalty 10) or "greedy"
       # Diverse beam search (reference); num_beams a multiple of num_groups, diversity_penalty >= 0.
       num_beams=12, num_groups=4, diversity_penalty=10.0,

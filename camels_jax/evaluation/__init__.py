@@ -68,7 +68,7 @@ RULES = {
     "widen": checks.count_or_zero,
     "no_adaptation_candidate": checks.boolean,
     "val_docs": checks.count,
-    "val_decoding": checks.one_of(*qa.DECODINGS),
+    "val_decoding": checks.one_of("", *qa.DECODINGS),
     "decoding": checks.one_of(*qa.DECODINGS),
     "num_beams": checks.count,
     "num_groups": checks.count,
@@ -97,7 +97,13 @@ def _beam_groups(c, at=""):
   return []
 
 
-CROSS = [_beam_groups]
+def _select_decodes(c, at=""):
+  if c.select == "f1" and not c.val_decoding:
+    return [f"{at}select='f1' needs {at}val_decoding ('greedy' or 'beam'): only decoded answers have an F1"]
+  return []
+
+
+CROSS = [_beam_groups, _select_decodes]
 
 
 def check_prerequisites(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -289,7 +295,7 @@ def sweep_lr(ctx: Context, method: Method, val_docs, lrs: Sequence[float], clock
     with clock("sweep"):
       state = method.adapt(ctx, val_docs, lr, desc=f"{method.name} lr={lr:g} (val)")
       state = method.post_stream(ctx, state)
-      m = method.answer(ctx, state, val_docs, ctx.ec.val_decoding, f"{method.name} lr={lr:g} val QA")
+      m = method.answer(ctx, state, val_docs, ctx.ec.val_decoding or None, f"{method.name} lr={lr:g} val QA")
     rows.append({"lr": lr} | summary(m))
     logging.info("%s lr=%g: val F1 %.4f, answer NLL %.4f", method.name, lr, m["f1"], m["nll"])
 
@@ -554,7 +560,7 @@ def _references(ctx: Context, test_docs, val_docs, bc) -> tuple[dict, dict | Non
   no_adapt_val = None
   if ec.no_adaptation_candidate:
     with clock("no_adaptation_val"):
-      no_adapt_val = score(ctx, ctx.params, val_docs, ec.val_decoding, desc="no adaptation (val)")
+      no_adapt_val = score(ctx, ctx.params, val_docs, ec.val_decoding or None, desc="no adaptation (val)")
   if ec.open_book:
     with clock("open_book"):
       book = open_book(ctx, test_docs)

@@ -63,7 +63,17 @@ def camels_weights(ctx: Context) -> WeightFn:
 
 
 def adapt(ctx: Context, docs, weights: WeightFn, lr: float, on_doc: OnDoc | None = None, desc: str = "adapt"):
-  """The QA-tuned model adapted on `docs` in order with `weights` at learning rate `lr`."""
+  """The QA-tuned model adapted on `docs` in order with `weights` at learning rate `lr`.
+
+  At lr 0 (the "no adaptation" candidate chosen) the updates are skipped: clipped Adam and SGD scale their
+  whole step by the lr, so every document would leave the parameters exactly as they are.
+  """
+  if lr == 0:
+    params = jax.tree.map(lambda x: x.copy(), ctx.params)  # the caller may light-tune it in place
+    for i in range(len(docs)):
+      if on_doc is not None:
+        on_doc(i, params)
+    return params
   oc = ctx.ec.online.copy_and_resolve_references()
   oc.lr = lr
   icfg = online.inner_config(oc, ctx.data.spec.doc_buckets)
