@@ -93,6 +93,8 @@ _CROSS_CASES = {
                              "eval.num_beams=5 must be a multiple of eval.num_groups=2"),
     "stop_metric/val_decoding": (dict(qa_tune__stop_metric="f1", qa_tune__val_decoding=""),
                                  "qa_tune.stop_metric='f1' needs qa_tune.val_decoding"),
+    "select/val_decoding": (dict(eval__select="f1", eval__val_decoding=""),
+                            "eval.select='f1' needs eval.val_decoding"),
     "weight_decay/optimizer": (dict(qa_tune__weight_decay=0.1), "qa_tune.weight_decay=0.1 is used by"),
     "max_answer_len/qa_len": (dict(data__max_answer_len=47), "data.max_answer_len=47 must be <= data.qa_len - 2"),
     "path": (dict(data__dataset="squad", data__split_sizes__test=5), "data.path is empty"),

@@ -6,10 +6,13 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from camels_jax import checks, eval_config, evaluate, evaluation, io_utils, plots, qa_tune, report, stats, train
+from camels_jax.adapt import online
+from camels_jax.data import pipeline
 from camels_jax.methods import mac
 from tests.tiny_config import tiny_default
 
@@ -159,8 +162,18 @@ def test_zero_learning_rate_leaves_qa_scores_unchanged(trained):
   docs = list(ctx.data.stream().docs)
   uniform = evaluation.REGISTRY["uniform"].prepare(ctx, docs)
   before = evaluation.score(ctx, ctx.params, docs, "greedy", "before")
-  after = uniform.answer(ctx, uniform.adapt(ctx, docs, 0.0), docs, "greedy", "after")
-  assert after == before
+  seen = []
+  after = uniform.answer(ctx, uniform.adapt(ctx, docs, 0.0, on_doc=lambda i, p: seen.append(i)), docs, "greedy",
+                         "after")
+  assert after == before and seen == list(range(len(docs)))  # lr 0 skips the updates, not the curve points
+  # The updates it skips: Adam steps at lr 0 leave every parameter exactly as it is.
+  oc = config.eval.online.copy_and_resolve_references()
+  oc.lr = 0.0
+  batches = [pipeline.doc_batch([d], ctx.data.spec, ctx.data.pad_id) for d in docs[:2]]
+  stepped, _ = online.adapt_stream(ctx.model.graphdef, ctx.params, batches,
+                                   lambda i, b: np.ones(b["doc_tokens_BxL"].shape, np.float32), oc,
+                                   online.inner_config(oc, config.data.doc_buckets), progress=False)
+  jax.tree.map(np.testing.assert_array_equal, stepped, ctx.params)
   moved = uniform.answer(ctx, uniform.adapt(ctx, docs, 1e-2), docs, "greedy", "x")
   assert moved["nll"] != before["nll"]
 
@@ -176,7 +189,6 @@ def _context(config, workdir):
 
 @pytest.mark.slow
 def test_meta_objective_scores_each_documents_own_questions_after_its_own_step(trained):
-  from camels_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from camels_jax.methods import camels  # pylint: disable=g-import-not-at-top
   config, workdir = trained
   config = config.copy_and_resolve_references()
@@ -454,21 +466,33 @@ class _Curve(evaluation.Method):
 
   def __init__(self, nll):
     self.nll = nll
+    self.decodings = []  # what each validation answer was decoded with
 
   def adapt(self, ctx, docs, lr, on_doc=None, desc="adapt"):
     return lr
 
   def answer(self, ctx, state, docs, decoding, desc):
-    return {"nll": self.nll(state), "f1": 0.0, "prefix_em": 0.0, "n": 1}
+    self.decodings.append(decoding)
+    f1 = float("nan") if decoding is None else 0.0  # as qa.evaluate_qa without a decoding
+    return {"nll": self.nll(state), "f1": f1, "prefix_em": f1, "n": 1}
 
 
-def _sweep(nll, widen=2, candidate=True):
+def _sweep(nll, widen=2, candidate=True, val_decoding="greedy", method=None):
   ec = eval_config.eval_config()
-  ec.widen = widen
+  ec.widen, ec.val_decoding = widen, val_decoding
   ctx = type("Ctx", (), {"ec": ec})()
   no_adapt = {"nll": nll(0.0), "f1": 0.0, "prefix_em": 0.0, "n": 1} if candidate else None
-  rows, lr = evaluation.sweep_lr(ctx, _Curve(nll), [], tuple(ec.lrs), evaluation.Clock(), no_adapt)
+  rows, lr = evaluation.sweep_lr(ctx, method or _Curve(nll), [], tuple(ec.lrs), evaluation.Clock(), no_adapt)
   return rows, lr, evaluation.lr_edge(rows, lr)
+
+
+def test_an_nll_sweep_without_a_validation_decoding_generates_nothing_and_picks_the_same_lr():
+  nll = lambda lr: 100.0 if lr == 0 else abs(lr - 2.5e-5)
+  method = _Curve(nll)
+  rows, lr, _ = _sweep(nll, val_decoding="", method=method)
+  assert method.decodings and set(method.decodings) == {None}  # answer NLL only: no answer generated
+  assert lr == 2.5e-5 == _sweep(nll)[1]
+  assert all(r["f1"] != r["f1"] for r in rows if r["lr"] > 0)  # NaN: null in results.json
 
 
 def test_no_adaptation_wins_the_sweep_when_every_lr_harms():
@@ -505,7 +529,6 @@ def test_by_position_assigns_each_question_to_its_documents_part():
 
 
 def test_open_book_puts_the_document_before_each_question_and_keeps_the_answer():
-  from camels_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   spec = pipeline.Spec((8,), 6, 3, 4, 2, True)
   qa = pipeline.QA(np.array([1, 20, 21, 30, 2], np.int32), 3, "q?", "a")
   doc = pipeline.TokenizedDoc(None, np.array([1, 10, 11, 12], np.int32), (qa,))
