@@ -53,4 +53,5 @@ def eval_config() -> ml_collections.ConfigDict:
       # with the answer-NLL change against no adaptation (early documents: forgetting; late: never learned).
       position_parts=2,
       open_book=True,  # score the open-book ceiling: the QA-tuned model with each question's document in its prompt
+      open_book_docs=0,  # on the first this many test documents (>= 0; 0 = every one): its prompts are long
   ))

@@ -145,6 +145,12 @@ def _test_lines(results: dict) -> list[str]:
   ]
 
 
+def _book_scope(results: dict) -> str:
+  """" (first N documents)" where the open book scored fewer documents than the stream's."""
+  docs = results["open_book"].get("docs", results["test_docs"])
+  return "" if docs == results["test_docs"] else f" (first {docs} documents, {results['open_book']['n']} questions)"
+
+
 def _sweep_lines(results: dict) -> list[str]:
   lines = [f"Learning rate chosen per method on {results['val_docs']} meta-val documents by "
            f"{results['select_rule']}:", "",
@@ -191,7 +197,7 @@ def _reference_lines(results: dict) -> list[str]:
            "|---|---|---|" + "---|" * len(heads)]
   rows = [(m, r) for m, r in results["methods"].items()]
   if "open_book" in results:
-    rows.append(("open book (ceiling)", results["open_book"]))
+    rows.append(("open book (ceiling)" + _book_scope(results), results["open_book"]))
   for name, r in rows:
     vs = r.get("vs_no_adaptation", {})
     cells = [interval(p.get("nll"), ".3f", signed=True) for p in r.get("by_position", [])]
@@ -199,7 +205,7 @@ def _reference_lines(results: dict) -> list[str]:
     lines.append(f"| {name} | {interval(vs.get('f1'), '.3f', signed=True)} | "
                  f"{interval(vs.get('nll'), '.3f', signed=True)} | " + " | ".join(cells) + " |")
   lines.append(f"\nClosed-book floor (no adaptation): F1 {num(na['f1'], '.3f')}, answer NLL {num(na['nll'], '.3f')}" +
-               (f"; open book: F1 {num(results['open_book']['f1'], '.3f')}, answer NLL "
+               (f"; open book{_book_scope(results)}: F1 {num(results['open_book']['f1'], '.3f')}, answer NLL "
                 f"{num(results['open_book']['nll'], '.3f')}" if "open_book" in results else "") + ".")
   if "meta_objective_by_step" in results:
     lines += ["", "The meta-objective on the test documents (each document's own weighted SGD step from the reset "

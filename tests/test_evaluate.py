@@ -99,7 +99,7 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   # The references: the open-book ceiling (the same questions, the document in the prompt) and the
   # meta-objective on the test documents, every weighting scored on every test question once per step.
   book = results["open_book"]
-  assert book["n"] == n and book["nll"] != results["no_adaptation"]["nll"]
+  assert book["n"] == n and book["docs"] == results["test_docs"] and book["nll"] != results["no_adaptation"]["nll"]
   assert book["vs_no_adaptation"]["f1"]["n"] == n
   assert list(results["meta_objective_by_step"]) == ["0.5", "1", "2"]
   assert results["meta_objective"] == results["meta_objective_by_step"]["1"]
@@ -514,6 +514,18 @@ def test_an_lr_on_the_edge_of_the_grid_widens_it_and_is_flagged_when_still_there
   rows, lr, edge = _sweep(best_at(2.5e-5))  # bracketed: nothing added
   assert lr == 2.5e-5 and edge is None and len(rows) == 5
   assert evaluation.lr_edge([{"lr": 1e-4}], 1e-4) is None  # one lr: no sweep, no edge
+
+
+def test_an_open_book_on_the_first_documents_is_paired_with_those_questions_closed_book():
+  closed = {"per_question": {"f1": [0.0, 0.0, 1.0, 0.0], "nll": [3.0, 2.0, 1.0, 4.0]}}
+  first = evaluation.first_questions(closed, 2)
+  assert first["per_question"] == {"f1": [0.0, 0.0], "nll": [3.0, 2.0]}
+  book = {"per_question": {"f1": [1.0, 0.0], "nll": [1.0, 1.5]}}
+  d = evaluation.paired(book, first, {"resamples": 200, "level": 0.95, "seed": 0}, ("nll",))["nll"]
+  assert d["n"] == 2 and d["mean"] == pytest.approx(-1.25)
+  results = {"test_docs": 34, "open_book": {"docs": 12, "n": 72}}
+  assert report._book_scope(results) == " (first 12 documents, 72 questions)"
+  assert report._book_scope({"test_docs": 34, "open_book": {"docs": 34, "n": 204}}) == ""
 
 
 def test_by_position_assigns_each_question_to_its_documents_part():

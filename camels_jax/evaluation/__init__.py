@@ -88,6 +88,7 @@ RULES = {
     "meta_objective_docs": checks.count_or_zero,
     "position_parts": checks.count,
     "open_book": checks.boolean,
+    "open_book_docs": checks.count_or_zero,
 }
 
 
@@ -548,6 +549,12 @@ def open_book(ctx: Context, docs) -> dict:
   return scores | {"documents_cut": cut}
 
 
+def first_questions(scores: dict, n: int) -> dict:
+  """The per-question scores of a `score` result's first `n` questions: those of the stream's first documents
+  (`pipeline.questions` keeps the stream's order)."""
+  return {"per_question": {k: v[:n] for k, v in scores["per_question"].items()}}
+
+
 def _references(ctx: Context, test_docs, val_docs, bc) -> tuple[dict, dict | None, dict]:
   """(the no-adaptation test `score`, its validation `score` when it is an lr candidate, the reference
   entries of results.json: "no_adaptation", "open_book", "meta_objective" and their times)."""
@@ -562,9 +569,12 @@ def _references(ctx: Context, test_docs, val_docs, bc) -> tuple[dict, dict | Non
     with clock("no_adaptation_val"):
       no_adapt_val = score(ctx, ctx.params, val_docs, ec.val_decoding or None, desc="no adaptation (val)")
   if ec.open_book:
+    book_docs = test_docs[:ec.open_book_docs or None]
     with clock("open_book"):
-      book = open_book(ctx, test_docs)
-    out["open_book"] = with_ci(book, bc) | {"vs_no_adaptation": paired(book, no_adapt, bc, ("f1", "nll"))}
+      book = open_book(ctx, book_docs)
+    closed = first_questions(no_adapt, book["n"])  # the same questions, closed book
+    out["open_book"] = with_ci(book, bc) | {"docs": len(book_docs),
+                                            "vs_no_adaptation": paired(book, closed, bc, ("f1", "nll"))}
     ctx.say(f"open book (the document in the prompt): test F1 {book['f1']:.4f}, answer NLL {book['nll']:.4f}")
   if ec.meta_objective and "camels" in method_names(ec):
     with clock("meta_objective"):
