@@ -67,14 +67,15 @@ def _aligned(rows) -> list[str]:
 
 
 def cost_lines(results: dict) -> list[str]:
-  """Adaptation time per document and memory of each method, and each method against the ones it is
-  compared with beside uniform (e.g. MAC against CaMeLS) (Markdown)."""
+  """Adaptation time per document ("-" where no adaptation was chosen) and memory of each method, and each
+  method against the ones it is compared with beside uniform (e.g. MAC against CaMeLS) (Markdown)."""
   methods = results["methods"]
   if not methods:
     return []
   lines = ["| method | adapt s / document | adapt memory (MiB) | memory bank (MiB) |", "|---|---|---|---|"]
   mib = lambda x: num(None if x is None else x / 2**20, ".2f")
-  per_doc = lambda m: methods[m].get("time_s", {}).get("adapt_per_doc")
+  # Where "no adaptation" won the sweep the test stream was not adapted on: its cost is not measured.
+  per_doc = lambda m: None if methods[m].get("lr") == 0 else methods[m].get("time_s", {}).get("adapt_per_doc")
   for method, r in methods.items():
     mem = r.get("memory_bytes", {})
     lines.append(f"| {method} | {num(per_doc(method), '.3f')} | {mib(mem.get('adapt'))} | "

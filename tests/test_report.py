@@ -89,6 +89,8 @@ def test_cost_lines_compare_a_method_with_its_versus_method():
           "(paired, same questions).") in lines
   assert not any("/ uniform" in line for line in lines)  # the baseline has its own column
   assert report.cost_lines(RESULTS | {"methods": {}}) == []
+  unadapted = RESULTS | {"methods": {"uniform": _method(0.25, 2.0, lr=0.0)}}  # "no adaptation" won its sweep
+  assert "| uniform | - | 3.00 | - |" in report.cost_lines(unadapted)
 
 
 def test_prediction_files():
