@@ -41,7 +41,8 @@ class Suite:
 # Suites without a configs/expected/<suite>.json yet say so when run (ReproError), before any work.
 SUITES = {
     "tiny": Suite("configs/tiny.py", about="every stage on a tiny random model; about 2 minutes on 2 CPU cores"),
-    "default": Suite("configs/default.py", about="README's main job (SmolLM2, generated documents); ~45 min on CPU"),
+    "default": Suite("configs/default.py",
+                     about="README's main job (SmolLM2, generated documents); ~2 h 20 min on 2 CPU cores"),
     "squad_cpu": Suite("configs/camels_squad_cpu.py",
                        about="CaMeLS and the baselines on real SQuAD paragraphs, CPU-sized; ~1.5 h on CPU"),
 }
