@@ -20,6 +20,9 @@ def eval_config() -> ml_collections.ConfigDict:
       # "No adaptation" (lr 0) is a candidate of every sweep: a method every lr harms is not reported at a
       # harmful lr.
       no_adaptation_candidate=True,
+      # "grid": validate every lr (the reference). "ascending": from the smallest lr up, stopping at the first
+      # that scores worse than the one below it (assumes one best lr; a method every lr harms costs one stream).
+      sweep="grid",
       val_docs=8,  # documents (>= 1) of the validation stream (meta-val split) used to pick each method's lr
       # Decoding of the validation answers: "greedy" (cheaper than the test's), "beam" (as the test), or "" (none:
       # answer NLL only, for select="nll"; a validation stream as long as the test stream then costs its

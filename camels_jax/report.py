@@ -153,8 +153,10 @@ def _book_scope(results: dict) -> str:
 
 
 def _sweep_lines(results: dict) -> list[str]:
+  upward = (" (lrs tried upward from the smallest, stopping once the score worsens)"
+            if results.get("sweep") == "ascending" else "")
   lines = [f"Learning rate chosen per method on {results['val_docs']} meta-val documents by "
-           f"{results['select_rule']}:", "",
+           f"{results['select_rule']}{upward}:", "",
            "| method | lr | val EM | val prefix EM | val F1 | val answer NLL |", "|---|---|---|---|---|---|"]
   for method, r in results["methods"].items():
     for row in r["sweep"]:

@@ -477,9 +477,9 @@ class _Curve(evaluation.Method):
     return {"nll": self.nll(state), "f1": f1, "prefix_em": f1, "n": 1}
 
 
-def _sweep(nll, widen=2, candidate=True, val_decoding="greedy", method=None):
+def _sweep(nll, widen=2, candidate=True, val_decoding="greedy", method=None, sweep="grid"):
   ec = eval_config.eval_config()
-  ec.widen, ec.val_decoding = widen, val_decoding
+  ec.widen, ec.val_decoding, ec.sweep = widen, val_decoding, sweep
   ctx = type("Ctx", (), {"ec": ec})()
   no_adapt = {"nll": nll(0.0), "f1": 0.0, "prefix_em": 0.0, "n": 1} if candidate else None
   rows, lr = evaluation.sweep_lr(ctx, method or _Curve(nll), [], tuple(ec.lrs), evaluation.Clock(), no_adapt)
@@ -514,6 +514,39 @@ def test_an_lr_on_the_edge_of_the_grid_widens_it_and_is_flagged_when_still_there
   rows, lr, edge = _sweep(best_at(2.5e-5))  # bracketed: nothing added
   assert lr == 2.5e-5 and edge is None and len(rows) == 5
   assert evaluation.lr_edge([{"lr": 1e-4}], 1e-4) is None  # one lr: no sweep, no edge
+
+
+class _Counting(_Curve):
+  def __init__(self, nll):
+    super().__init__(nll)
+    self.adapted = []  # the lr of every validation stream run
+
+  def adapt(self, ctx, docs, lr, on_doc=None, desc="adapt"):
+    self.adapted.append(lr)
+    return lr
+
+
+@pytest.mark.parametrize("best", [0.0, 1.5625e-6, 6.25e-6, 2.5e-5, 1e-4, 1e-2, 1e-9])
+def test_an_ascending_sweep_picks_the_grid_s_lr_and_stops_once_past_it(best):
+  import math
+  def nll(lr):  # one best lr, and lr -> 0 tends to no adaptation's score
+    if best == 0.0:  # every lr harms
+      return 1.0 + lr
+    return 2.0 if lr == 0 else 2.0 - math.exp(-(math.log10(lr) - math.log10(best)) ** 2)
+  grid, up = _Counting(nll), _Counting(nll)
+  rows, lr, edge = _sweep(nll, method=grid)
+  up_rows, up_lr, up_edge = _sweep(nll, method=up, sweep="ascending")
+  assert (up_lr, up_edge) == (lr, edge)  # the same pick and the same edge flag as the whole grid
+  assert up_rows == tuple(r for r in rows if r["lr"] in up.adapted + [0.0])  # the same rows, fewer of them
+  ladder = sorted(eval_config.eval_config().lrs)
+  # The grid's lrs upward in order, up to and including the first above the pick, none past it; then only
+  # the widening's lrs.
+  on_ladder = min([0.0] + ladder, key=nll)  # the best before any widening
+  k = min(len(ladder), sum(x <= on_ladder for x in ladder) + 1)
+  assert [x for x in up.adapted if x in ladder] == ladder[:k] == up.adapted[:k]
+  assert len(up.adapted) <= len(grid.adapted)
+  if best == 0.0:  # every lr harms: one validation stream, not one per lr
+    assert up.adapted == [ladder[0]] and up_lr == 0.0
 
 
 def test_an_open_book_on_the_first_documents_is_paired_with_those_questions_closed_book():

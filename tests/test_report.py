@@ -80,6 +80,7 @@ def test_markdown_of_hand_made_results():
   assert "- camels: 0.7500 -> 0.2500" in md and "right_after" not in md and "nan" not in md.lower()
   assert "| no adaptation | | | | | | 1.5 | 1.5 |" in md
   assert "| uniform | - | 4.0 | 1.0 | - | - | - | 10.0 |" in md
+  assert "upward" not in md and "stopping once the score worsens" in report.markdown(RESULTS | {"sweep": "ascending"})
 
 
 def test_cost_lines_compare_a_method_with_its_versus_method():

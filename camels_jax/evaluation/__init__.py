@@ -49,6 +49,7 @@ SELECT_RULES = {
     "nll": "lowest validation answer NLL (ties: higher F1)",
     "f1": "highest validation F1 (ties: higher prefix EM, then lower answer NLL)",
 }
+SWEEPS = ("grid", "ascending")  # `eval.sweep`: every lr of the grid, or upward until the score worsens
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,6 +68,7 @@ RULES = {
     "lrs": checks.each(checks.positive),
     "widen": checks.count_or_zero,
     "no_adaptation_candidate": checks.boolean,
+    "sweep": checks.one_of(*SWEEPS),
     "val_docs": checks.count,
     "val_decoding": checks.one_of("", *qa.DECODINGS),
     "decoding": checks.one_of(*qa.DECODINGS),
@@ -285,8 +287,10 @@ def sweep_lr(ctx: Context, method: Method, val_docs, lrs: Sequence[float], clock
   none: then the lr is None).
 
   With `no_adapt_val` (the unadapted model's validation `score`), "no adaptation" is a candidate (row lr 0).
-  While the pick is the largest (smallest) lr tried, the grid widens by `WIDEN_FACTOR` up to `eval.widen`
-  times on that side.
+  `eval.sweep="grid"` validates every lr (the reference); "ascending" goes up from the smallest (after no
+  adaptation) and stops at the first lr that scores worse than the one below it, so a method that every lr
+  harms costs one validation stream, not one per lr. While the pick is the largest (smallest) lr tried, the
+  grid widens by `WIDEN_FACTOR` up to `eval.widen` times on that side.
   """
   if len(lrs) <= 1:  # one lr needs no validation
     return (), (lrs[0] if lrs else None)
@@ -300,8 +304,13 @@ def sweep_lr(ctx: Context, method: Method, val_docs, lrs: Sequence[float], clock
     rows.append({"lr": lr} | summary(m))
     logging.info("%s lr=%g: val F1 %.4f, answer NLL %.4f", method.name, lr, m["f1"], m["nll"])
 
-  for lr in lrs:
+  ascending = ctx.ec.sweep == "ascending"
+  for lr in sorted(lrs) if ascending else lrs:
     validate(lr)
+    # Past the best lr once the step up scores worse than the one below it (or no adaptation): the
+    # larger lrs of the grid are not run, which assumes the validation score is unimodal in the lr.
+    if ascending and len(rows) >= 2 and select_lr(rows[-2:], ctx.ec.select) == rows[-2]["lr"]:
+      break
   for _ in range(ctx.ec.widen):
     edge = lr_edge(rows, select_lr(rows, ctx.ec.select))
     if edge is None:
@@ -595,7 +604,8 @@ def run(ctx: Context, writer) -> dict:
   results = references | {
       "methods": {name: result_json(r, comparisons[name], ec.bootstrap) for name, r in methods.items()},
       "test_docs": len(test_docs), "val_docs": len(val_docs), "test_questions": no_adapt["n"],
-      "select": ec.select, "select_rule": SELECT_RULES[ec.select], "bootstrap": dict(ec.bootstrap),
+      "select": ec.select, "select_rule": SELECT_RULES[ec.select], "sweep": ec.sweep,
+      "bootstrap": dict(ec.bootstrap),
       "manifest": os.path.join(ctx.workdir, MANIFEST_FILE)}
   if jax.process_index() == 0:  # every process computed the same results; one writes them
     report.write(os.path.join(ctx.workdir, "eval"), results,
