@@ -42,8 +42,8 @@ import re
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable, Sequence
-from typing import NamedTuple, NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, NoReturn
 
 import ml_collections
 from absl import app, flags, logging
@@ -349,9 +349,12 @@ def _is_safe(key: str, safe: Sequence[str]) -> bool:
   return any(fnmatch.fnmatchcase(key, pattern) for pattern in (*ALWAYS_SAFE, *safe))
 
 
-def check_resume(workdir: str, config: dict, safe: Sequence[str]) -> dict[str, tuple]:
+def check_resume(workdir: str, config: dict, safe: Sequence[str],
+                 introduced: Mapping[str, Any] | None = None) -> dict[str, tuple]:
   """The safe differences between `config` and the one <workdir>/config.json holds (an earlier run's);
-  raises `checks.ConfigError` listing the unsafe ones."""
+  raises `checks.ConfigError` listing the unsafe ones. A field in `introduced` ({dotted key: the value that
+  behaves as the code before that field existed}) that the earlier config lacks and this one sets to that
+  value is no difference: runs made before the field was added go on."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return {}
@@ -360,7 +363,8 @@ def check_resume(workdir: str, config: dict, safe: Sequence[str]) -> dict[str, t
       old = json.load(f)
   except (OSError, ValueError) as e:
     raise checks.ConfigError(f"{path}: unreadable ({one_line(e)}); delete it or use another workdir") from None
-  diffs = config_differences(old, config)
+  diffs = {k: v for k, v in config_differences(old, config).items()
+           if not (v[0] is None and k in (introduced or {}) and v[1] == introduced[k])}
   unsafe = {k: v for k, v in diffs.items() if not _is_safe(k, safe)}
   if unsafe:
     listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in unsafe.items())
@@ -407,7 +411,7 @@ def _now() -> str:
 def session(entry: str, config: ml_collections.ConfigDict, workdir: str, rules: checks.Rules,
             cross: Sequence[Callable] = (), safe: Sequence[str] = (),
             prerequisites: Callable[[ml_collections.ConfigDict, str], None] | None = None,
-            distributed: bool | None = None):
+            distributed: bool | None = None, introduced: Mapping[str, Any] | None = None):
   """Checks the config (and the entry point's prerequisites), routes the logs, writes config.json and
   the manifest's record of this run, and completes the record (end time, status) when the run ends.
 
@@ -416,6 +420,7 @@ def session(entry: str, config: ml_collections.ConfigDict, workdir: str, rules: 
     config: the job config; `workdir`: where this run writes.
     rules, cross: the config's `checks` rules and cross-field checks.
     safe: fnmatch patterns of fields that may differ from the workdir's earlier runs (`check_resume`).
+    introduced: fields added since runs were made, with the value that keeps their behaviour (`check_resume`).
     prerequisites: prerequisites(config, workdir) raises `checks.UserError` when the run cannot succeed
       (e.g. evaluate without a trained weighting model); called before anything is loaded.
     distributed: join a multi-process run (`sharding.initialize_distributed`); None detects it from the
@@ -424,7 +429,7 @@ def session(entry: str, config: ml_collections.ConfigDict, workdir: str, rules: 
   checks.validate(config, rules, cross)
   check_workdir(workdir)
   resolved = config_dict(config)
-  changes = check_resume(workdir, resolved, safe)
+  changes = check_resume(workdir, resolved, safe, introduced)
   route_logs(workdir)
   import jax  # after the log routing: JAX logs its backend probes when it starts
 

@@ -44,7 +44,7 @@ def main(argv):
   del argv
   config, workdir, distributed = cli.flag_values()
   with cli.session("evaluate", config, workdir, job.RULES, job.CROSS, job.SAFE_ON_RESUME,
-                   prerequisites=job.check_eval_sources, distributed=distributed):
+                   prerequisites=job.check_eval_sources, distributed=distributed, introduced=job.INTRODUCED):
     results = run(config, workdir, distributed=distributed)
   if jax.process_index():
     return

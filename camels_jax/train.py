@@ -91,7 +91,7 @@ def main(argv):
   del argv
   config, workdir, distributed = cli.flag_values()
   with cli.session("train", config, workdir, job.RULES, job.CROSS, job.SAFE_ON_RESUME,
-                   prerequisites=job.check_sources, distributed=distributed):
+                   prerequisites=job.check_sources, distributed=distributed, introduced=job.INTRODUCED):
     results = run(config, workdir, distributed=distributed)
   if jax.process_index() != 0:  # the processes of one run hold the same results; one prints them
     return

@@ -253,6 +253,17 @@ def test_config_differences_and_safe_fields():
   assert not cli._is_safe("model.source", ("eval.*", "camels.steps"))
 
 
+def test_a_field_added_since_a_run_resumes_at_the_value_that_keeps_the_old_behaviour(tmp_path):
+  with open(tmp_path / cli.CONFIG_FILE, "w") as f:
+    json.dump({"camels": {"steps": 8}}, f)  # trained before camels.precond_docs existed
+  introduced = {"camels.precond_docs": 0}
+  assert cli.check_resume(str(tmp_path), {"camels": {"steps": 8, "precond_docs": 0}}, (), introduced) == {}
+  with pytest.raises(checks.ConfigError, match=r"camels.precond_docs: None -> 16"):
+    cli.check_resume(str(tmp_path), {"camels": {"steps": 8, "precond_docs": 16}}, (), introduced)
+  with pytest.raises(checks.ConfigError, match=r"camels.precond_docs: None -> 0"):  # not declared introduced
+    cli.check_resume(str(tmp_path), {"camels": {"steps": 8, "precond_docs": 0}}, ())
+
+
 def test_user_errors_are_the_expected_ones():
   from camels_jax.data.sources import DataError
   from camels_jax.models.convert import CheckpointError

@@ -222,6 +222,43 @@ def test_meta_objective_scores_each_documents_own_questions_after_its_own_step(t
 
 
 @pytest.mark.slow
+def test_the_preconditioned_meta_objective_uses_the_root_mean_square_of_meta_train_gradients(trained):
+  from camels_jax.adapt import inner  # pylint: disable=g-import-not-at-top
+  from camels_jax.methods import camels  # pylint: disable=g-import-not-at-top
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.camels.precond_docs, config.camels.precond_eps = 2, 1e-6
+  config.eval.meta_objective, config.eval.meta_objective_octaves = "uniform", 0
+  ctx = _context(config, workdir)
+  mcfg = camels.meta_config(config.camels, config.data.doc_buckets)
+  # By hand: each of the first 2 meta-train documents' gradient with every real token weighing 1.
+  sq = []
+  for batch in pipeline.meta_eval_batches(ctx.data.splits["meta_train"][:2], ctx.data.loc, ctx.data.spec,
+                                          ctx.data.pad_id, 1, config.data.loc_batch):
+    g = jax.grad(inner.doc_loss, argnums=1)(ctx.model.graphdef, ctx.params, batch["doc_tokens_BxL"],
+                                            batch["doc_mask_BxL"], batch["doc_mask_BxL"].astype(np.float32),
+                                            mcfg.inner)
+    sq.append(jax.tree.map(lambda x: np.square(np.asarray(x, np.float64)), g))
+  want = jax.tree.map(lambda a, b: 1.0 / (np.sqrt((a + b) / 2) + 1e-6), *sq)
+  precond = camels.precond_of(config, ctx.model, ctx.params, ctx.data)
+  for a, e in zip(jax.tree.leaves(precond), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), e, rtol=2e-4)
+  # The meta-objective steps each test document with that preconditioner.
+  docs = list(ctx.data.stream().docs)[:1]
+  got = evaluation.meta_objective(ctx, docs)["1"]["learned"]["question_uptake"]
+  wm_graphdef, meta = camels.load_trained(config, ctx.model, workdir)
+  batch = next(pipeline.meta_eval_batches(docs, ctx.data.loc, ctx.data.spec, ctx.data.pad_id, 1,
+                                          config.data.loc_batch))
+  w = camels.token_weights(wm_graphdef, meta["wm"], batch["doc_tokens_BxL"], batch["doc_mask_BxL"])
+  kw = dict(graphdef=ctx.model.graphdef, mcfg=mcfg, per_question=True)
+  valid = np.asarray(batch["qa_valid_BxQ"], bool)
+  own = np.asarray(camels.uptake_eval(meta, ctx.params, batch, w, precond=precond, **kw)["uptake_BxQ"])[valid]
+  plain = np.asarray(camels.uptake_eval(meta, ctx.params, batch, w, **kw)["uptake_BxQ"])[valid]
+  assert got["mean"] == pytest.approx(float(np.mean(own)), rel=1e-4, abs=1e-7)
+  assert got["mean"] != pytest.approx(float(np.mean(plain)), rel=1e-3)
+
+
+@pytest.mark.slow
 def test_interrupted_evaluation_leaves_complete_outputs_or_none(trained, monkeypatch):
   config, workdir = trained
   config = config.copy_and_resolve_references()

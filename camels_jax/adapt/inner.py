@@ -33,15 +33,36 @@ def doc_loss(graphdef: nnx.GraphDef, params, tokens_BxL, mask_BxL, w_BxL, icfg: 
                                icfg.padded_len or None).mean()
 
 
-def sgd_step(graphdef: nnx.GraphDef, params, tokens_BxL, mask_BxL, w_BxL, lr, icfg: InnerConfig):
-  """One SGD step on the weighted loss of one batch of documents."""
+def sgd_step(graphdef: nnx.GraphDef, params, tokens_BxL, mask_BxL, w_BxL, lr, icfg: InnerConfig,
+             precond=None):
+  """One SGD step on the weighted loss of one batch of documents: params - lr * g, or - lr * precond * g
+  with a fixed diagonal preconditioner (a params-shaped tree, a constant of the meta-gradient)."""
   at = jax.lax.stop_gradient(params) if icfg.first_order else params
   grads = jax.grad(doc_loss, argnums=1)(graphdef, at, tokens_BxL, mask_BxL, w_BxL, icfg)
+  if precond is not None:
+    grads = jax.tree.map(lambda g, d: g * d.astype(g.dtype), grads, precond)
   return jax.tree.map(lambda p, g: p - (lr * g).astype(p.dtype), params, grads)
 
 
+def add_square(sum_sq, grads):
+  """sum_sq + grads ** 2 leaf by leaf, in float32 (None: start a sum)."""
+  sq = jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), grads)
+  return sq if sum_sq is None else jax.tree.map(jnp.add, sum_sq, sq)
+
+
+def second_moment_precond(sum_sq, n: int, eps: float):
+  """The fixed diagonal preconditioner 1 / (sqrt(v) + eps), v = sum_sq / n the mean square of n gradients.
+
+  Adam divides its step by the root of a running mean of squared gradients; this divides an SGD step by the
+  root of a fixed one, measured once on the unadapted model. Adam's first steps are close to lr * sign(g),
+  which the size of a token's gradient does not move; this step is linear in the gradient, so the token
+  weights still shape it and the meta-gradient through it is exact.
+  """
+  return jax.tree.map(lambda x: 1.0 / (jnp.sqrt(x / n) + eps), sum_sq)
+
+
 def adapt(graphdef: nnx.GraphDef, params, tokens_KxL, mask_KxL, w_KxL, valid_K, lr, icfg: InnerConfig,
-          outer_fn=None):
+          outer_fn=None, precond=None):
   """Updates `params` on K documents one after another, `icfg.steps` passes.
 
   Args:
@@ -53,11 +74,12 @@ def adapt(graphdef: nnx.GraphDef, params, tokens_KxL, mask_KxL, w_KxL, valid_K, 
     icfg: static settings.
     outer_fn: if given, `outer_fn(params_j)` is evaluated after every pass j and the values are
       returned stacked (the mixing estimator averages them).
+    precond: None (SGD), or a fixed diagonal preconditioner of every step (`second_moment_precond`).
 
   Returns:
     (params after all passes, outer values of shape [steps] or None).
   """
-  step = functools.partial(sgd_step, graphdef, icfg=icfg)
+  step = functools.partial(sgd_step, graphdef, icfg=icfg, precond=precond)
   if icfg.remat:
     step = jax.checkpoint(step)
   docs = (tokens_KxL, mask_KxL, w_KxL, valid_K)

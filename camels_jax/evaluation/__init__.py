@@ -530,17 +530,19 @@ def heatmaps(ctx: Context, results: Mapping[str, MethodResult], docs) -> dict[st
 
 
 def meta_objective(ctx: Context, docs) -> dict[str, dict]:
-  """The meta-objective on held-out documents: each of `docs` gets the weighted inner SGD step (the learned
+  """The meta-objective on held-out documents: each of `docs` gets the weighted inner step (the learned
   weights', and each `eval.meta_objective` weighting's at the learned mean weight) from the reset QA-tuned
   model, then its own questions are scored (`camels.compare_on` with one document per step), at
   `camels.step_scales(eval.meta_objective_octaves)` times the learned step, on the first
-  `eval.meta_objective_docs` of `docs`: {f"{scale:g}": {weighting: ...}}."""
+  `eval.meta_objective_docs` of `docs`, preconditioned as meta-training was (`camels.precond_docs`):
+  {f"{scale:g}": {weighting: ...}}."""
   wm_graphdef, meta = camels.load_trained(ctx.config, ctx.model, ctx.workdir)
   names = [n.strip() for n in ctx.ec.meta_objective.split(",") if n.strip()]
   docs = docs[:ctx.ec.meta_objective_docs or None]
   return camels.compare_on(ctx.config, ctx.model, ctx.params, ctx.data, wm_graphdef, meta, docs, names,
                            batch_docs=1, scales=camels.step_scales(ctx.ec.meta_objective_octaves),
-                           progress=ctx.progress, desc="meta-objective on the test documents")
+                           progress=ctx.progress, desc="meta-objective on the test documents",
+                           precond=camels.precond_of(ctx.config, ctx.model, ctx.params, ctx.data))
 
 
 def open_book(ctx: Context, docs) -> dict:

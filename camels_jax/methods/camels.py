@@ -160,12 +160,14 @@ def answer_loss(graphdef, params, batch):
                               loss_mask_NxS)
 
 
-def adapt_and_score(graphdef, base_params, base_logits_KxTxV, batch, w_BxL, lr, mcfg: MetaConfig):
-  """(outer loss, (qa, kl), adapted params) after the inner update on `batch`'s documents with `w_BxL`."""
+def adapt_and_score(graphdef, base_params, base_logits_KxTxV, batch, w_BxL, lr, mcfg: MetaConfig,
+                    precond=None):
+  """(outer loss, (qa, kl), adapted params) after the inner update on `batch`'s documents with `w_BxL`
+  (preconditioned by `precond` when given: `inner.second_moment_precond`)."""
   outer = lambda p: outer_loss(graphdef, p, base_logits_KxTxV, batch, mcfg)
   adapted, per_pass = inner_lib.adapt(graphdef, base_params, batch["doc_tokens_BxL"], batch["doc_mask_BxL"],
                                       w_BxL, batch["doc_valid_B"], lr, mcfg.inner,
-                                      outer_fn=outer if mcfg.mixing else None)
+                                      outer_fn=outer if mcfg.mixing else None, precond=precond)
   if mcfg.mixing:
     total_S, (qa_S, kl_S) = per_pass
     return total_S.mean(), (qa_S[-1], kl_S[-1]), adapted
@@ -184,7 +186,7 @@ def _real_weight_mean(w_BxL, mask_BxL, valid_B):
   return (w_BxL * real).sum() / jnp.maximum(real.sum(), 1)
 
 
-def meta_loss(meta_params, base_params, batch, *, graphdef, wm_graphdef, mcfg: MetaConfig):
+def meta_loss(meta_params, base_params, batch, precond=None, *, graphdef, wm_graphdef, mcfg: MetaConfig):
   """Outer loss after adapting `base_params` on one stream's batch of documents.
 
   Returns:
@@ -194,25 +196,27 @@ def meta_loss(meta_params, base_params, batch, *, graphdef, wm_graphdef, mcfg: M
   tokens_BxL, mask_BxL = batch["doc_tokens_BxL"], batch["doc_mask_BxL"]
   w_BxL = token_weights(wm_graphdef, meta_params["wm"], tokens_BxL, mask_BxL)
   total, (qa, kl), adapted = adapt_and_score(graphdef, base_params, _base_logits(graphdef, base_params, batch),
-                                             batch, w_BxL, inner_lr(meta_params, mcfg), mcfg)
+                                             batch, w_BxL, inner_lr(meta_params, mcfg), mcfg, precond)
   return total, {"qa": qa, "kl": kl, "weight_mean": _real_weight_mean(w_BxL, mask_BxL, batch["doc_valid_B"]),
                  "adapted": jax.lax.stop_gradient(adapted)}
 
 
-def meta_loss_streams(meta_params, base_params_P, batch_P, *, graphdef, wm_graphdef, mcfg: MetaConfig):
-  """Mean meta loss over P independent streams (the data-parallel axis): vmapped `meta_loss`."""
-  f = lambda base, batch: meta_loss(meta_params, base, batch, graphdef=graphdef, wm_graphdef=wm_graphdef,
+def meta_loss_streams(meta_params, base_params_P, batch_P, precond=None, *, graphdef, wm_graphdef,
+                      mcfg: MetaConfig):
+  """Mean meta loss over P independent streams (the data-parallel axis): vmapped `meta_loss` (one
+  preconditioner for every stream)."""
+  f = lambda base, batch: meta_loss(meta_params, base, batch, precond, graphdef=graphdef, wm_graphdef=wm_graphdef,
                                     mcfg=mcfg)
   total_P, aux = jax.vmap(f)(base_params_P, batch_P)
   adapted_P = aux.pop("adapted")
   return total_P.mean(), ({k: v.mean() for k, v in aux.items()} | {"loss": total_P.mean()}, adapted_P)
 
 
-def meta_train_step(meta_params, opt_state, base_params_P, batch_P, *, graphdef, wm_graphdef,
+def meta_train_step(meta_params, opt_state, base_params_P, batch_P, precond=None, *, graphdef, wm_graphdef,
                     mcfg: MetaConfig, optimizer: optax.GradientTransformation):
   """One outer step: exact meta-gradient, optimiser update; returns the adapted bases for carry-over."""
   (_, (metrics, adapted_P)), grads = jax.value_and_grad(meta_loss_streams, has_aux=True)(
-      meta_params, base_params_P, batch_P, graphdef=graphdef, wm_graphdef=wm_graphdef, mcfg=mcfg)
+      meta_params, base_params_P, batch_P, precond, graphdef=graphdef, wm_graphdef=wm_graphdef, mcfg=mcfg)
   updates, opt_state = optimizer.update(grads, opt_state, meta_params)
   meta_params = optax.apply_updates(meta_params, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)
@@ -242,11 +246,12 @@ def scores_before(base_params, batch, *, graphdef, per_question: bool = False) -
 
 
 def uptake_eval(meta_params, base_params, batch, w_BxL, *, graphdef, mcfg: MetaConfig,
-                per_question: bool = False, before: dict | None = None):
+                per_question: bool = False, before: dict | None = None, precond=None):
   """What one inner update with weights `w_BxL` teaches, from `base_params`, on the batch's questions.
 
   Args:
     before: `scores_before` of the same base params and batch (computed here when None).
+    precond: the inner step's diagonal preconditioner (None: SGD).
 
   Returns:
     {"loss": outer loss after, "qa_before", "qa": answer NLL before/after (the same questions, the same
@@ -257,7 +262,7 @@ def uptake_eval(meta_params, base_params, batch, w_BxL, *, graphdef, mcfg: MetaC
   if before is None:
     before = scores_before(base_params, batch, graphdef=graphdef, per_question=per_question)
   total, (qa, kl), adapted = adapt_and_score(graphdef, base_params, before["base_logits"], batch, w_BxL,
-                                             inner_lr(meta_params, mcfg), mcfg)
+                                             inner_lr(meta_params, mcfg), mcfg, precond)
   return _uptake(graphdef, adapted, batch, before, total, qa, kl, per_question)
 
 
@@ -268,12 +273,14 @@ def _uptake(graphdef, adapted, batch, before, total, qa, kl, per_question):
   return out
 
 
-def one_step_grads(base_params, batch, w_BxL, *, graphdef, mcfg: MetaConfig):
-  """The inner gradient of a batch of one document at `base_params` (`inner.sgd_step`'s), 0 for a padding
-  document. The step from it, lr * grads, is linear in the weights and in lr; `uptake_at_step` takes any
-  multiple of it without another backward pass."""
+def one_step_grads(base_params, batch, w_BxL, *, graphdef, mcfg: MetaConfig, precond=None):
+  """The inner gradient of a batch of one document at `base_params` (`inner.sgd_step`'s, preconditioned
+  with `precond`), 0 for a padding document. The step from it, lr * grads, is linear in the weights and in
+  lr; `uptake_at_step` takes any multiple of it without another backward pass."""
   grads = jax.grad(inner_lib.doc_loss, argnums=1)(graphdef, base_params, batch["doc_tokens_BxL"],
                                                   batch["doc_mask_BxL"], w_BxL, mcfg.inner)
+  if precond is not None:
+    grads = jax.tree.map(lambda g, d: g * d.astype(g.dtype), grads, precond)
   return jax.tree.map(lambda g: g * batch["doc_valid_B"][0].astype(g.dtype), grads)
 
 
@@ -286,13 +293,14 @@ def uptake_at_step(meta_params, base_params, grads, scale, batch, before, *, gra
   return _uptake(graphdef, adapted, batch, before, total, qa, kl, True)
 
 
-def meta_eval_step(meta_params, base_params, batch, *, graphdef, wm_graphdef, mcfg: MetaConfig):
+def meta_eval_step(meta_params, base_params, batch, precond=None, *, graphdef, wm_graphdef, mcfg: MetaConfig):
   """Validation on one batch, from the (reset) base params: the learned weights' uptake and that of
   uniform weights with the same mean weight per document (a plain step of the same size), and the sums of
   the facts/filler ratio."""
   tokens_BxL, mask_BxL, valid_B = batch["doc_tokens_BxL"], batch["doc_mask_BxL"], batch["doc_valid_B"]
   w_BxL = token_weights(wm_graphdef, meta_params["wm"], tokens_BxL, mask_BxL)
-  ev = functools.partial(uptake_eval, meta_params, base_params, batch, graphdef=graphdef, mcfg=mcfg)
+  ev = functools.partial(uptake_eval, meta_params, base_params, batch, graphdef=graphdef, mcfg=mcfg,
+                         precond=precond)
   learned = ev(w_BxL)
   uniform = ev(uptake_lib.mean_matched(jnp.ones_like(w_BxL), w_BxL, mask_BxL, valid_B))
   metrics = learned | {f"uniform_{k}": uniform[k] for k in ("qa", "uptake", "kl")}
@@ -335,6 +343,12 @@ def camels_config() -> ml_collections.ConfigDict:
       # The comparison is also made at inner steps 2^-k .. 2^k times the learned one (`step_scales`): whether a
       # weighting's advantage belongs to its weights or to one step size. 0 = at the learned step only.
       compare_octaves=2,
+      # The inner step divided by the root mean square of the unadapted model's gradients on the first this many
+      # meta-train documents (uniform weights, one document per gradient): shaped like the steps of the test
+      # stream's Adam, and differentiable (`inner.second_moment_precond`). 0 = plain SGD (the reference).
+      # inner_lr is then in Adam's units (its lrs are ~1e-5, not SGD's ~1e-2).
+      precond_docs=0,
+      precond_eps=1e-8,  # added to the root mean square, > 0 (optax.adam's eps)
       seed=0,  # RNG seed of the run (>= 0)
   ))
 
@@ -361,6 +375,8 @@ RULES = {
     "compare": checks.subset_of(*baselines.DOC_WEIGHTINGS, allow_empty=True),
     "compare_batches": checks.count_or_zero,
     "compare_octaves": checks.count_or_zero,
+    "precond_docs": checks.count_or_zero,
+    "precond_eps": checks.positive,
     "seed": checks.seed,
 }
 
@@ -450,13 +466,36 @@ def load_trained(config: ml_collections.ConfigDict, base: loading.Loaded, workdi
   return t.wm_graphdef, loop.restore_best(os.path.join(workdir, JOB), t.state, no_trained)["meta"]
 
 
-def _validation(eval_step, base_params, batches):
-  """meta params -> the means over `batches` of `meta_eval_step`'s metrics, prefixed "val_"."""
+def precond_of(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, data):
+  """The inner step's preconditioner (`inner.second_moment_precond`) from the gradients of `base_params` on the
+  first `camels.precond_docs` meta-train documents with uniform weights, one document each; None when 0.
+
+  Deterministic in the config and the base params, so evaluation recomputes what training used."""
+  c = config.camels
+  if not c.precond_docs:
+    return None
+  docs = data.splits["meta_train"][:c.precond_docs]
+  mesh = sharding.mesh_of(base_params)
+  grads_fn = jax.jit(functools.partial(one_step_grads, graphdef=base.graphdef,
+                                       mcfg=meta_config(c, config.data.doc_buckets)))
+  add = jax.jit(inner_lib.add_square, donate_argnums=0)
+  sum_sq = None
+  for batch in pipeline.meta_eval_batches(docs, data.loc, data.spec, data.pad_id, 1, config.data.loc_batch):
+    batch = sharding.replicate(batch, mesh)
+    w_BxL = batch["doc_mask_BxL"].astype(jnp.float32)  # uniform: every real token weighs 1
+    g = grads_fn(base_params, batch, w_BxL)
+    sum_sq = inner_lib.add_square(None, g) if sum_sq is None else add(sum_sq, g)
+  return jax.jit(functools.partial(inner_lib.second_moment_precond, n=len(docs), eps=c.precond_eps))(sum_sq)
+
+
+def _validation(eval_step, base_params, batches, extra=()):
+  """meta params -> the means over `batches` of `meta_eval_step`'s metrics, prefixed "val_" (`extra`: the
+  preconditioner, when there is one)."""
 
   def validate(meta):
     sums = {}
     for batch in batches:
-      for k, v in eval_step(meta, base_params, batch).items():
+      for k, v in eval_step(meta, base_params, batch, *extra).items():
         sums[k] = sums.get(k, 0.0) + float(v)
     return {f"val_{k}": v for k, v in summarize(sums, len(batches)).items()}
   return validate
@@ -489,14 +528,16 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   base_sh, meta_sh, opt_sh = (sharding.param_shardings(x, mesh) for x in (base_params, *t.state.values()))
   streams_sh = sharding.param_shardings(jax.eval_shape(broadcast, base_params), mesh, lead=(sharding.DATA_AXIS,))
   kw = dict(graphdef=base.graphdef, wm_graphdef=t.wm_graphdef, mcfg=t.mcfg)
+  precond = precond_of(config, base, base_params, data)
+  extra, extra_sh = ((precond,), (base_sh,)) if precond is not None else ((), ())
   train_step = jax.jit(functools.partial(meta_train_step, optimizer=t.optimizer, **kw),
-                       in_shardings=(meta_sh, opt_sh, streams_sh, dat),
+                       in_shardings=(meta_sh, opt_sh, streams_sh, dat) + extra_sh,
                        out_shardings=(meta_sh, opt_sh, streams_sh, rep), donate_argnums=(0, 1, 2))
-  eval_step = jax.jit(functools.partial(meta_eval_step, **kw), in_shardings=(meta_sh, base_sh, rep),
+  eval_step = jax.jit(functools.partial(meta_eval_step, **kw), in_shardings=(meta_sh, base_sh, rep) + extra_sh,
                       out_shardings=rep)
   reset_train = jax.jit(broadcast, out_shardings=streams_sh)
   val_batches = list(data.meta_eval_batches())[:c.val_batches or None]
-  validate = _validation(eval_step, base_params, [sharding.replicate(b, mesh) for b in val_batches])
+  validate = _validation(eval_step, base_params, [sharding.replicate(b, mesh) for b in val_batches], extra)
   rows = sharding.process_rows(c.streams, mesh)  # the streams this process builds and feeds
   loader = data.meta_loader()
 
@@ -505,7 +546,7 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
     if step % c.reset_every == 0:
       base_P = reset_train(base_params)
     batch_P = sharding.shard_rows(_stack(loader.take(c.streams, rows)), c.streams, mesh)
-    meta, opt_state, base_P, m = train_step(state["meta"], state["opt"], base_P, batch_P)
+    meta, opt_state, base_P, m = train_step(state["meta"], state["opt"], base_P, batch_P, *extra)
     return {"meta": meta, "opt": opt_state}, base_P, m
 
   cfg = loop.LoopConfig(JOB, c.steps, c.val_every, BEST_METRIC)
@@ -517,7 +558,7 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
     # As meta-training validates: `meta_batch_docs` documents per inner update, from the reset base model.
     by_step = compare_on(config, base, base_params, data, t.wm_graphdef, r.state["meta"], data.splits["meta_val"],
                          names, batch_docs=config.data.meta_batch_docs, scales=step_scales(c.compare_octaves),
-                         max_batches=c.compare_batches, progress=progress,
+                         max_batches=c.compare_batches, progress=progress, precond=precond,
                          desc="camels: weightings against the step (meta-val)")
     results["compare"], results["compare_step"] = by_step["1"], r.best_step
     if len(by_step) > 1:
@@ -528,7 +569,7 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
 
 
 def compare_on(config, base, base_params, data, wm_graphdef, meta, docs, names, *, batch_docs: int,
-               scales=(1.0,), max_batches: int = 0, progress: bool = False,
+               scales=(1.0,), max_batches: int = 0, progress: bool = False, precond=None,
                desc: str = "compare weightings") -> dict[str, dict]:
   """`compare_weightings` of the weighting model `meta` against the fixed weightings `names` on `docs`:
   `batch_docs` documents per inner update from the reset `base_params`, then their own questions.
@@ -544,6 +585,7 @@ def compare_on(config, base, base_params, data, wm_graphdef, meta, docs, names, 
     scales: inner steps as multiples of the learned one (`step_scales`).
     max_batches: only the first batches (0: all).
     progress, desc: `compare_weightings`' progress bar.
+    precond: the inner step's preconditioner (`precond_of`; None: SGD).
   """
   mesh = sharding.mesh_of(base_params)
   chunks = pipeline.meta_eval_chunks(docs, data.spec.qa_slots, batch_docs)
@@ -555,7 +597,7 @@ def compare_on(config, base, base_params, data, wm_graphdef, meta, docs, names, 
     batches, chunks = batches[:max_batches], chunks[:max_batches]
   return compare_weightings(meta, base_params, batches, chunks, fns, graphdef=base.graphdef,
                             wm_graphdef=wm_graphdef, mcfg=meta_config(config.camels, config.data.doc_buckets),
-                            scales=scales, progress=progress, desc=desc)
+                            scales=scales, progress=progress, precond=precond, desc=desc)
 
 
 def summarize(sums: dict[str, float], n_batches: int) -> dict[str, float | None]:
@@ -577,7 +619,7 @@ def step_scales(octaves: int) -> tuple[float, ...]:
 
 
 def compare_weightings(meta, base_params, batches, chunks, weightings, *, graphdef, wm_graphdef,
-                       mcfg: MetaConfig, scales=(1.0,), progress: bool = False,
+                       mcfg: MetaConfig, scales=(1.0,), progress: bool = False, precond=None,
                        desc: str = "compare weightings") -> dict[str, dict[str, dict]]:
   """Uptake of the learned weights and of fixed weightings at the same step, on the same batches, at each
   of `scales` times the learned inner step.
@@ -594,6 +636,7 @@ def compare_weightings(meta, base_params, batches, chunks, weightings, *, graphd
     weightings: {name: fn(TokenizedDoc, L) -> w_L} (`baselines.doc_weighting`).
     scales: inner steps as multiples of the learned one (`step_scales`).
     progress, desc: a progress bar over the (batch, step, weighting) updates, and its label.
+    precond: the inner step's diagonal preconditioner (None: SGD).
 
   Returns:
     {f"{scale:g}": {"learned" and each name: {"uptake", "qa_before", "qa", "kl", "weight_mean", "facts_filler",
@@ -619,13 +662,13 @@ def compare_weightings(meta, base_params, batches, chunks, weightings, *, graphd
     # every scale (a third of the cost at three scales). Sequences of documents take the general path.
     linear = batch["doc_tokens_BxL"].shape[0] == 1 and mcfg.inner.steps == 1 and not mcfg.mixing
     for name, w1_BxL in ws.items():
-      grads = grads_fn(base_params, batch, w1_BxL) if linear else None
+      grads = grads_fn(base_params, batch, w1_BxL, precond=precond) if linear else None
       for s in scales:
         w_BxL = w1_BxL * s if s != 1.0 else w1_BxL
         if linear:
           m = dict(step_fn(meta, base_params, grads, s, batch, before))
         else:
-          m = dict(score_fn(meta, base_params, batch, w_BxL, before=before))
+          m = dict(score_fn(meta, base_params, batch, w_BxL, before=before, precond=precond))
         bar.update()
         per_q[s][name].extend(np.asarray(m.pop("uptake_BxQ"))[valid_BxQ].tolist())
         m |= uptake_lib.facts_filler_sums(w_BxL, batch["doc_answer_mask_BxL"], batch["doc_mask_BxL"],

@@ -15,11 +15,18 @@ from camels_jax.models import transformer
 from tests.methods import camels_fixtures as fx
 
 
-def _loss_fn(base, wm_graphdef, mcfg, batch):
+def _loss_fn(base, wm_graphdef, mcfg, batch, precond=None):
   return functools.partial(
-      lambda meta, base_params: camels.meta_loss(meta, base_params, batch, graphdef=base.graphdef,
+      lambda meta, base_params: camels.meta_loss(meta, base_params, batch, precond, graphdef=base.graphdef,
                                                  wm_graphdef=wm_graphdef, mcfg=mcfg)[0],
       base_params=base.params)
+
+
+def _precond(params, seed=5):
+  """A positive diagonal preconditioner of `params`' shapes, far from constant."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [jnp.exp(jax.random.normal(k, x.shape, x.dtype)) for k, x in zip(keys, leaves)])
 
 
 def _directional_fd(f, params, direction, eps=1e-5):
@@ -28,18 +35,19 @@ def _directional_fd(f, params, direction, eps=1e-5):
 
 
 @pytest.mark.slow  # 35-50 s per case on 2 cores
-@pytest.mark.parametrize("n_docs,steps,learn_lr,mixing", [
-    (1, 1, False, False),
-    (3, 1, True, False),
-    (3, 2, False, True),
-], ids=["k1", "k3-learned-lr", "k3-2steps-mixing"])
-def test_meta_gradient_matches_central_finite_differences(n_docs, steps, learn_lr, mixing):
+@pytest.mark.parametrize("n_docs,steps,learn_lr,mixing,precond", [
+    (1, 1, False, False, False),
+    (3, 1, True, False, False),
+    (3, 2, False, True, False),
+    (3, 1, False, False, True),
+], ids=["k1", "k3-learned-lr", "k3-2steps-mixing", "k3-preconditioned"])
+def test_meta_gradient_matches_central_finite_differences(n_docs, steps, learn_lr, mixing, precond):
   with jax.enable_x64(True):
     base, wm_graphdef, wm_params = fx.tiny("float64")
     mcfg = camels.MetaConfig(inner=inner.InnerConfig(steps=steps), inner_lr=0.5, learn_inner_lr=learn_lr,
                              mixing=mixing)
     meta = camels.init_meta_params(wm_params, mcfg)
-    f = jax.jit(_loss_fn(base, wm_graphdef, mcfg, fx.batch(n_docs)))
+    f = jax.jit(_loss_fn(base, wm_graphdef, mcfg, fx.batch(n_docs), _precond(base.params) if precond else None))
     grads = jax.grad(f)(meta)
     leaves, treedef = jax.tree.flatten(meta)
     keys = jax.random.split(jax.random.key(7), 2 * len(leaves))
@@ -182,3 +190,41 @@ def test_first_document_is_linearised_without_a_base_params_tangent(n_docs):
   meta_only = count(jax.grad(f), meta, base.params)
   with_base = count(jax.grad(f, argnums=(0, 1)), meta, base.params)
   assert with_base - meta_only == 4 * forward, (meta_only, with_base, forward)
+
+
+def test_a_preconditioned_step_is_sgd_on_precond_times_the_gradient():
+  base, _, _ = fx.tiny()
+  b = fx.batch(1)
+  icfg = inner.InnerConfig()
+  w = b["doc_mask_BxL"].astype(jnp.float32)
+  args = (base.graphdef, base.params, b["doc_tokens_BxL"], b["doc_mask_BxL"], w, 0.1, icfg)
+  g = jax.grad(inner.doc_loss, argnums=1)(base.graphdef, base.params, b["doc_tokens_BxL"], b["doc_mask_BxL"], w,
+                                          icfg)
+  p = _precond(base.params)
+  by_hand = jax.tree.map(lambda x, gi, d: x - 0.1 * d * gi, base.params, g, p)
+  stepped = inner.sgd_step(*args, precond=p)
+  for a, e in zip(jax.tree.leaves(stepped), jax.tree.leaves(by_hand)):
+    np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7)
+  ones = jax.tree.map(jnp.ones_like, base.params)
+  for a, e in zip(jax.tree.leaves(inner.sgd_step(*args, precond=ones)), jax.tree.leaves(inner.sgd_step(*args))):
+    np.testing.assert_array_equal(a, e)
+  # Through `adapt` (the scan over documents) too: two documents, one after the other.
+  b2 = fx.batch(2)
+  w2 = b2["doc_mask_BxL"].astype(jnp.float32)
+  got, _ = inner.adapt(base.graphdef, base.params, b2["doc_tokens_BxL"], b2["doc_mask_BxL"], w2, b2["doc_valid_B"],
+                       0.1, icfg, precond=p)
+  want = base.params
+  for k in range(2):
+    want = inner.sgd_step(base.graphdef, want, b2["doc_tokens_BxL"][k:k + 1], b2["doc_mask_BxL"][k:k + 1],
+                          w2[k:k + 1], 0.1, icfg, precond=p)
+  for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_second_moment_precond_is_one_over_root_mean_square_plus_eps():
+  g1 = {"a": jnp.array([3.0, 0.0, -1.0])}
+  g2 = {"a": jnp.array([4.0, 0.0, 1.0])}
+  sum_sq = inner.add_square(inner.add_square(None, g1), g2)
+  np.testing.assert_array_equal(sum_sq["a"], [25.0, 0.0, 2.0])
+  p = inner.second_moment_precond(sum_sq, 2, 1e-3)
+  np.testing.assert_allclose(p["a"], [1 / (12.5 ** 0.5 + 1e-3), 1 / 1e-3, 1 / (1.0 + 1e-3)], rtol=1e-6)
