@@ -39,9 +39,15 @@ def sgd_step(graphdef: nnx.GraphDef, params, tokens_BxL, mask_BxL, w_BxL, lr, ic
   with a fixed diagonal preconditioner (a params-shaped tree, a constant of the meta-gradient)."""
   at = jax.lax.stop_gradient(params) if icfg.first_order else params
   grads = jax.grad(doc_loss, argnums=1)(graphdef, at, tokens_BxL, mask_BxL, w_BxL, icfg)
-  if precond is not None:
-    grads = jax.tree.map(lambda g, d: g * d.astype(g.dtype), grads, precond)
+  grads = preconditioned(grads, precond)
   return jax.tree.map(lambda p, g: p - (lr * g).astype(p.dtype), params, grads)
+
+
+def preconditioned(grads, precond):
+  """precond * grads leaf by leaf (grads as they are when precond is None)."""
+  if precond is None:
+    return grads
+  return jax.tree.map(lambda g, d: g * d.astype(g.dtype), grads, precond)
 
 
 def add_square(sum_sq, grads):

@@ -279,8 +279,7 @@ def one_step_grads(base_params, batch, w_BxL, *, graphdef, mcfg: MetaConfig, pre
   lr; `uptake_at_step` takes any multiple of it without another backward pass."""
   grads = jax.grad(inner_lib.doc_loss, argnums=1)(graphdef, base_params, batch["doc_tokens_BxL"],
                                                   batch["doc_mask_BxL"], w_BxL, mcfg.inner)
-  if precond is not None:
-    grads = jax.tree.map(lambda g, d: g * d.astype(g.dtype), grads, precond)
+  grads = inner_lib.preconditioned(grads, precond)
   return jax.tree.map(lambda g: g * batch["doc_valid_B"][0].astype(g.dtype), grads)
 
 
