@@ -1,8 +1,9 @@
 """Test order for `pytest -n 2 --dist loadfile` (README's test command), and the shared data.
 
 loadfile gives each xdist worker whole files, so a module's fixtures (a trained tiny run that several tests
-read) are built once. The workers take files in collection order; the longest files go first so that neither
-worker starts one near the end while the other sits idle.
+read) are built once. The workers take files in collection order (xdist's reordering by test count is turned
+off below); the longest files go first so that neither worker starts one near the end while the other sits
+idle.
 
 Tests that read the project's shared data (../shared/data beside the repository: SQuAD, WikiText-2) get its
 paths from the `shared_data` fixture, which fails such a test with one clear message when a file is missing
@@ -32,18 +33,30 @@ def shared_data():
   return shared_data_path
 
 
-# The longest files on 2 CPU cores (seconds, from `--durations` of a full run), longest first.
+# The longest files on 2 CPU cores (seconds summed over their tests, from `--durations` of a full `-n 2` run on
+# 2026-12-04, both workers busy), longest first.
 LONGEST_FIRST = (
-    "tests/test_multiprocess.py",  # ~1,250: subprocess runs of the tiny jobs on 1, 2 and 4 devices
-    "tests/methods/test_camels.py",  # ~350
-    "tests/test_train.py",  # ~300
-    "tests/test_evaluate.py",  # ~250
-    "tests/test_repro.py",  # ~220
-    "tests/test_mac_job.py",  # ~210 (measured alone, single process)
-    "tests/methods/test_mac.py",  # ~200
-    "tests/test_cli.py",  # ~190 (measured alone, single process)
-    "tests/methods/test_camels_sharded.py",  # ~150
+    "tests/test_multiprocess.py",  # ~2,700: subprocess runs of the tiny jobs on 1, 2 and 4 devices
+    "tests/test_evaluate.py",  # ~1,300
+    "tests/methods/test_camels.py",  # ~850
+    "tests/test_train.py",  # ~850
+    "tests/test_cli.py",  # ~650 (its Ctrl-C test alone ~30 s)
+    "tests/methods/test_mac.py",  # ~600
+    "tests/test_repro.py",  # ~550
+    "tests/adapt/test_uptake.py",  # ~470
+    "tests/test_mac_job.py",  # ~420
+    "tests/methods/test_camels_sharded.py",  # ~320
+    "tests/methods/test_dynamic_eval.py",  # ~290
+    "tests/methods/test_fwl.py",  # ~230
+    "tests/test_qa_tune.py",  # ~200
 )
+
+
+def pytest_configure(config):
+  # pytest-xdist (3.8 here) hands files out largest test count first unless told not to, which put the ~20-minute
+  # test_multiprocess.py (7 tests) last and left it to run alone at the end, with the suite past an hour.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

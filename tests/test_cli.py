@@ -102,10 +102,17 @@ def test_interrupt_says_how_to_resume_and_exits_130(tmp_path):
   workdir = tmp_path / "wd"
   cmd = [sys.executable, "-m", "camels_jax.train", f"--config={ENTRY_CONFIGS['train']}", f"--workdir={workdir}",
          "--config.jobs=qa_tune", "--config.qa_tune.max_steps=100000", "--config.qa_tune.patience=100000"]
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # PYTHONFAULTHANDLER: should the job ever hang after the signal, SIGABRT prints where each thread waits.
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, PYTHONFAULTHANDLER="1"))
   said = [proc.stdout.readline() for _ in range(3)]  # model:, data:, qa_tune: QA-tuning ...
   proc.send_signal(signal.SIGINT)
-  out, err = proc.communicate(timeout=300)
+  try:
+    out, err = proc.communicate(timeout=180)  # ~30 s alone
+  except subprocess.TimeoutExpired:
+    proc.send_signal(signal.SIGABRT)
+    out, err = proc.communicate()
+    pytest.fail(f"still running 180 s after SIGINT; its threads:\n{err[-6000:]}")
   assert said[0].startswith("model:") and said[2].startswith("qa_tune: QA-tuning"), (said, err[-3000:])
   assert proc.returncode == cli.EXIT_INTERRUPTED, err[-3000:]
   lines = [line for line in err.splitlines() if line.strip()]

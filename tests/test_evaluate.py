@@ -233,11 +233,12 @@ def test_the_preconditioned_meta_objective_uses_the_root_mean_square_of_meta_tra
   mcfg = camels.meta_config(config.camels, config.data.doc_buckets)
   # By hand: each of the first 2 meta-train documents' gradient with every real token weighing 1.
   sq = []
+  # Jitted: op-by-op gradients of the model cost more than a minute on 2 cores.
+  grad = jax.jit(lambda p, t_BxL, m_BxL: jax.grad(inner.doc_loss, argnums=1)(
+      ctx.model.graphdef, p, t_BxL, m_BxL, m_BxL.astype(np.float32), mcfg.inner))
   for batch in pipeline.meta_eval_batches(ctx.data.splits["meta_train"][:2], ctx.data.loc, ctx.data.spec,
                                           ctx.data.pad_id, 1, config.data.loc_batch):
-    g = jax.grad(inner.doc_loss, argnums=1)(ctx.model.graphdef, ctx.params, batch["doc_tokens_BxL"],
-                                            batch["doc_mask_BxL"], batch["doc_mask_BxL"].astype(np.float32),
-                                            mcfg.inner)
+    g = grad(ctx.params, batch["doc_tokens_BxL"], batch["doc_mask_BxL"])
     sq.append(jax.tree.map(lambda x: np.square(np.asarray(x, np.float64)), g))
   rms = jax.tree.map(lambda a, b: np.sqrt((a + b) / 2), *sq)
   precond = camels.precond_of(config, ctx.model, ctx.params, ctx.data)

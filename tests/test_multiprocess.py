@@ -48,7 +48,8 @@ FWL_HEAD = ["--config.method=fwl"]
 DYNAMIC = ["--config.method=dynamic", "--config.dynamic.stride=32", "--config.dynamic.lr=1e-2"]
 RESULTS = {"train": "train_results.json", "evaluate": os.path.join("eval", "results.json"),
            "perplexity": "perplexity.json"}
-TIMEOUT_S = 600
+# One run takes 2-4 minutes alone; beside the other xdist worker's tests on 2 cores, up to ~9.
+TIMEOUT_S = 1200
 # The tests share the one- and two-process runs (module fixtures): README's `--dist loadfile` gives the whole
 # file to one xdist worker, which builds them once.
 # Metrics that are ratios of small differences of losses (uptake over uniform's, facts/filler weight, a KL
