@@ -53,8 +53,8 @@ LONGEST_FIRST = (
 
 
 def pytest_configure(config):
-  # pytest-xdist (3.8 here) hands files out largest test count first unless told not to, which put the ~20-minute
-  # test_multiprocess.py (7 tests) last and left it to run alone at the end, with the suite past an hour.
+  # pytest-xdist (3.8 here) hands files out largest test count first unless told not to, which put the longest
+  # file, test_multiprocess.py (7 tests), last: it ran alone for its final ~25 minutes.
   if hasattr(config.option, "loadscopereorder"):
     config.option.loadscopereorder = False
 

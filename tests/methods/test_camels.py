@@ -197,7 +197,7 @@ def test_a_preconditioned_step_is_sgd_on_precond_times_the_gradient():
   icfg = inner.InnerConfig()
   w = b["doc_mask_BxL"].astype(jnp.float32)
   args = (base.graphdef, base.params, b["doc_tokens_BxL"], b["doc_mask_BxL"], w, 0.1, icfg)
-  # Jitted: op by op, these gradients of the model take a minute on 2 cores.
+  # Jitted, as the library runs them.
   g = jax.jit(jax.grad(inner.doc_loss, argnums=1), static_argnums=(0, 5))(
       base.graphdef, base.params, b["doc_tokens_BxL"], b["doc_mask_BxL"], w, icfg)
   sgd_step = jax.jit(inner.sgd_step, static_argnums=(0, 6))
