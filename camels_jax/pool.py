@@ -11,6 +11,10 @@ uniform and against no adaptation. Pooled intervals resample the questions of al
 question one unit, as within a split), so a split with more questions weighs more; they say nothing about
 articles no split holds.
 
+A split's per-question scores can be kept without its workdir (and without the dataset's text that the
+predictions hold): `--export FILE` with one workdir writes them as strict JSON, and such a file stands for the
+workdir in `--workdirs` (configs/expected/squad_cpu_scores/ holds those of the README's SQuAD table).
+
 Strict JSON with --out. A workdir without a finished evaluation, or whose questions differ between methods,
 is one line on stderr and exit 2.
 """
@@ -43,9 +47,15 @@ def _read(path: str):
     raise PoolError(f"{path}: unreadable ({e})") from None
 
 
+SCORES_FORMAT = "camels_jax.pool scores v1"
+
+
 def load_split(workdir: str) -> dict:
   """One finished evaluation: {"label", "methods": {name: {"lr", "ids", "f1", "nll"}}} (no adaptation
-  included), every method's per-question arrays in the order of no adaptation's question ids."""
+  included), every method's per-question arrays in the order of no adaptation's question ids. `workdir` may
+  also be a file written by `export`."""
+  if workdir.endswith(".json") and not os.path.isdir(workdir):
+    return _load_scores(workdir)
   eval_dir = os.path.join(workdir, "eval")
   results = _read(os.path.join(eval_dir, "results.json"))
   config_path = os.path.join(workdir, "config.json")
@@ -69,6 +79,39 @@ def load_split(workdir: str) -> dict:
                      **{m: np.array([float(by_id[i][m]) for i in order], np.float64) for m in METRICS}}
   label = os.path.basename(os.path.normpath(workdir)) + ("" if seed is None else f" (split_seed {seed})")
   return {"label": label, "workdir": workdir, "methods": methods}
+
+
+def export(split: dict) -> dict:
+  """`split` (from load_split) as a strict-JSON object that `load_split` reads back."""
+  return {"format": SCORES_FORMAT, "label": split["label"],
+          "methods": {n: {"lr": m["lr"], "ids": list(m["ids"]), **{k: m[k].tolist() for k in METRICS}}
+                      for n, m in split["methods"].items()}}
+
+
+def _load_scores(path: str) -> dict:
+  obj = _read(path)
+  if not isinstance(obj, dict) or obj.get("format") != SCORES_FORMAT:
+    raise PoolError(f"{path}: not a scores file of `pool --export` (its \"format\" is not {SCORES_FORMAT!r})")
+  methods = {}
+  try:
+    for name, m in obj["methods"].items():
+      arrays = {k: np.asarray(m[k], np.float64) for k in METRICS}
+      if any(a.shape != (len(m["ids"]),) for a in arrays.values()):
+        raise PoolError(f"{path}: methods.{name}: ids, f1 and nll differ in length")
+      if sorted(m["ids"]) != sorted(obj["methods"][NO_ADAPTATION]["ids"]):
+        raise PoolError(f"{path}: methods.{name}: its questions differ from no adaptation's; pairs need the "
+                        "same questions")
+      methods[name] = {"lr": m["lr"], "ids": list(m["ids"]), **arrays}
+  except (TypeError, KeyError, ValueError) as e:
+    raise PoolError(f"{path}: malformed scores file ({e!r})") from None
+  # Pairs are by position below (pool concatenates arrays): every method in no adaptation's order.
+  order = methods[NO_ADAPTATION]["ids"]
+  for m in methods.values():
+    index = {q: i for i, q in enumerate(m["ids"])}
+    for k in METRICS:
+      m[k] = m[k][[index[q] for q in order]]
+    m["ids"] = list(order)
+  return {"label": obj["label"], "workdir": path, "methods": methods}
 
 
 def _summary(split_arrays: list[dict], name: str, boot: dict) -> dict:
@@ -123,9 +166,16 @@ def main(argv=None) -> int:
   parser.add_argument("--workdirs", required=True, help="comma-separated workdirs of finished evaluations")
   parser.add_argument("--out", default="", help="write the pooled results here as strict JSON")
   parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (>= 1)")
+  parser.add_argument("--export", default="", help="with one workdir: write its per-question scores here "
+                      "(strict JSON, usable in --workdirs) instead of pooling")
   args = parser.parse_args(argv)
   try:
     workdirs = [w.strip() for w in args.workdirs.split(",") if w.strip()]
+    if args.export:
+      if len(workdirs) != 1:
+        raise PoolError(f"--export takes one workdir, got {len(workdirs)}")
+      io_utils.write_json(args.export, export(load_split(workdirs[0])))
+      return 0
     if args.resamples < 1:
       raise PoolError(f"--resamples={args.resamples} must be >= 1")
     result = pool([load_split(w) for w in workdirs], resamples=args.resamples)

@@ -90,3 +90,34 @@ def test_a_workdir_without_a_finished_evaluation_is_one_line_and_exit_2(tmp_path
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and "results.json: missing" in err
   assert not out.exists()
+
+
+def test_an_exported_split_pools_as_its_workdir_does(tmp_path):
+  rng = np.random.default_rng(3)
+  (w0, _), (w1, _) = _split(tmp_path, 0, 6, rng), _split(tmp_path, 1, 5, rng)
+  scores = str(tmp_path / "kept" / "split1.json")
+  assert pool.main(["--workdirs", w1, "--export", scores]) == 0
+  with open(scores) as f:
+    kept = json.load(f)
+  assert kept["label"] == "sq1 (split_seed 1)" and "answer" not in json.dumps(kept)  # scores, not the text
+  # The kept file in another order than no adaptation's: load_split pairs by id again.
+  kept["methods"]["uniform"] = {k: v[::-1] if isinstance(v, list) else v for k, v in kept["methods"]["uniform"].items()}
+  with open(scores, "w") as f:
+    json.dump(kept, f)
+  from_dirs, from_file = (pool.pool([pool.load_split(w0), pool.load_split(w)], resamples=200) for w in (w1, scores))
+  assert from_file["pooled"] == from_dirs["pooled"]
+  assert from_file["splits"][1]["methods"] == from_dirs["splits"][1]["methods"]
+  assert from_file["splits"][1]["lr"] == {"uniform": 0.0, "camels": 2.5e-5}
+
+
+def test_a_malformed_scores_file_is_one_line_and_exit_2(tmp_path, capsys):
+  bad = tmp_path / "split0.json"
+  bad.write_text(json.dumps({"format": pool.SCORES_FORMAT, "label": "x", "methods": {
+      "no_adaptation": {"lr": None, "ids": ["a", "b"], "f1": [0, 1], "nll": [1, 2]},
+      "uniform": {"lr": 1e-5, "ids": ["a", "b"], "f1": [0], "nll": [1, 2]}}}))
+  assert pool.main(["--workdirs", str(bad)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "split0.json: methods.uniform" in err and "differ in length" in err
+  bad.write_text(json.dumps({"label": "x"}))
+  assert pool.main(["--workdirs", str(bad)]) == 2
+  assert "not a scores file" in capsys.readouterr().err
