@@ -40,7 +40,6 @@ cores) measured, by XLA's compiled memory: one pass 218 / 220 / 226 / 271 MiB an
 bank's size gives the one pass.
 """
 
-import dataclasses
 import functools
 import math
 import os
@@ -361,37 +360,77 @@ def eval_sums(params, base_params, batch, bank_KxTxD, other_bank_KxTxD, other_va
 # The memory bank of a stream.
 
 
-@dataclasses.dataclass(frozen=True)
 class Bank:
-  """The modulation tokens of the documents read so far, T per document, in arrival order."""
+  """The modulation tokens of the documents read so far, T per document, in arrival order.
 
-  tokens_MxTxD: np.ndarray
+  Appending writes the document's T x D tokens into a buffer that doubles when full, so a stream of M
+  documents copies O(M) bytes (a concatenation per document copied O(M^2)). A bank is a value: appending
+  to one that is not the newest bank of its buffer (a branch) copies it into a buffer of its own first, and
+  the documents a later append wrote past its end are never read as its own.
+  """
+
+  def __init__(self, tokens_MxTxD: np.ndarray):
+    """A bank holding `tokens_MxTxD` (copied into a buffer of its own)."""
+    m, t, d = np.shape(tokens_MxTxD)
+    self._buf_CxTxD = np.zeros((max(m, 1), t, d), np.float32)
+    self._buf_CxTxD[:m] = tokens_MxTxD
+    self._m = m
+    self._fill = [m]  # documents written into the buffer, shared by every bank on it
 
   @classmethod
-  def empty(cls, tokens: int, d_model: int) -> "Bank":
-    return cls(np.zeros((0, tokens, d_model), np.float32))
+  def empty(cls, tokens: int, d_model: int, capacity: int = 8) -> "Bank":
+    """A bank of no documents whose buffer holds `capacity` before it first grows."""
+    bank = cls(np.zeros((0, tokens, d_model), np.float32))
+    bank._buf_CxTxD = np.zeros((max(capacity, 1), tokens, d_model), np.float32)
+    return bank
 
   def append(self, m_TxD) -> "Bank":
-    return Bank(np.concatenate([self.tokens_MxTxD, np.asarray(m_TxD, np.float32)[None]], axis=0))
+    m_TxD = np.asarray(m_TxD, np.float32)
+    if m_TxD.shape != self._buf_CxTxD.shape[1:]:
+      raise ValueError(f"Bank.append: a document of shape {m_TxD.shape}, the bank's are "
+                       f"{self._buf_CxTxD.shape[1:]}")
+    buf, fill = self._buf_CxTxD, self._fill
+    if self._m != fill[0] or self._m == len(buf):  # a branch, or full: a buffer of its own, twice as large
+      buf = np.zeros((2 * max(self._m, 1),) + buf.shape[1:], np.float32)
+      buf[:self._m] = self._buf_CxTxD[:self._m]
+      fill = [self._m]
+    buf[self._m] = m_TxD
+    fill[0] += 1
+    bank = object.__new__(Bank)
+    bank._buf_CxTxD, bank._m, bank._fill = buf, self._m + 1, fill
+    return bank
+
+  @property
+  def tokens_MxTxD(self) -> np.ndarray:
+    """The bank's documents (a read-only view of its buffer)."""
+    view = self._buf_CxTxD[:self._m]
+    view.flags.writeable = False
+    return view
+
+  @property
+  def capacity(self) -> int:
+    """Documents the buffer holds before it next grows."""
+    return len(self._buf_CxTxD)
 
   @property
   def docs(self) -> int:
-    return self.tokens_MxTxD.shape[0]
+    return self._m
 
   @property
   def size_tokens(self) -> int:
-    return self.tokens_MxTxD.shape[0] * self.tokens_MxTxD.shape[1]
+    return self._m * self._buf_CxTxD.shape[1]
 
   @property
   def nbytes(self) -> int:
-    return self.tokens_MxTxD.nbytes
+    """Bytes of the bank's documents (its buffer holds at most twice as many)."""
+    return self._m * self._buf_CxTxD[0].nbytes
 
   def padded(self, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """(bank_MxTxD, valid_M) zero-padded to `capacity` documents: one compiled shape for a whole stream."""
-    m, t, d = self.tokens_MxTxD.shape
+    m, (_, t, d) = self._m, self._buf_CxTxD.shape
     capacity = max(capacity, m)
     bank = np.zeros((capacity, t, d), np.float32)
-    bank[:m] = self.tokens_MxTxD
+    bank[:m] = self._buf_CxTxD[:m]
     return bank, np.arange(capacity) < m
 
   def save(self, directory: str) -> None:
@@ -414,7 +453,7 @@ class Bank:
 def stream_bank(graphdef, params, docs, spec: pipeline.Spec, pad_id: int, tokens: int, d_model: int,
                 on_doc=None, progress: bool = False, desc: str = "mac bank"):
   """The bank of `docs` read in order (`on_doc(i, bank)` after each); each document costs one `amortize`."""
-  bank = Bank.empty(tokens, d_model)
+  bank = Bank.empty(tokens, d_model, capacity=len(docs))
   for i, d in enumerate(tqdm.tqdm(docs, desc=desc, disable=not progress, leave=False)):
     b = pipeline.doc_batch([d], spec, pad_id)
     m_1xTxD = amortize_jit(graphdef, params, b["doc_tokens_BxL"], b["doc_mask_BxL"])

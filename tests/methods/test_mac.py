@@ -110,6 +110,32 @@ def test_bank_grows_by_t_tokens_per_document_and_restores_bit_exactly(tmp_path):
     mac.Bank.restore(str(tmp_path / "none"))
 
 
+def test_appending_m_documents_copies_o_of_m_and_banks_stay_values():
+  rng = np.random.default_rng(0)
+  docs = rng.normal(size=(100, 3, 4)).astype(np.float32)
+  bank, banks, grew = mac.Bank.empty(3, 4, capacity=1), [], 0
+  for i in range(100):
+    before = bank
+    bank = bank.append(docs[i])
+    banks.append(bank)
+    # In place but for the doublings: a concatenation would give every append a buffer of its own.
+    grew += not np.shares_memory(bank.tokens_MxTxD, before.tokens_MxTxD) and before.docs > 0
+  assert grew == 7  # capacities 1 -> 2 -> 4 -> ... -> 128: ceil(log2(100)) growths, each copying what was written
+  assert bank.capacity == 128 and bank.nbytes == docs.nbytes
+  np.testing.assert_array_equal(bank.tokens_MxTxD, docs)
+  # Every earlier bank still holds exactly its own documents; a branch off one of them copies and leaves
+  # the newest alone.
+  np.testing.assert_array_equal(banks[9].tokens_MxTxD, docs[:10])
+  branch = banks[9].append(-docs[0])
+  np.testing.assert_array_equal(branch.tokens_MxTxD, np.concatenate([docs[:10], -docs[:1]]))
+  np.testing.assert_array_equal(bank.tokens_MxTxD, docs)
+  padded, valid = banks[9].padded(12)
+  np.testing.assert_array_equal(padded, np.concatenate([docs[:10], np.zeros((2, 3, 4), np.float32)]))
+  np.testing.assert_array_equal(valid, np.arange(12) < 10)
+  with pytest.raises(ValueError, match="a document of shape"):
+    bank.append(docs[0, :2])
+
+
 def test_prefix_depends_on_question_and_bank_not_on_order_within_a_window():
   base = _base()
   graphdef, params = mac.build(_config(), base)
