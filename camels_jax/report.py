@@ -217,11 +217,28 @@ def _reference_lines(results: dict) -> list[str]:
   return lines
 
 
+def _control_lines(results: dict) -> list[str]:
+  """Each method against its controls (`Method.controls`): what its own state adds, per question."""
+  rows = [(m, k, c) for m, r in results["methods"].items() for k, c in r.get("controls", {}).items()]
+  if not rows:
+    return []
+  lines = ["Controls (the same questions answered without what the method's own state holds; MAC's other bank: as "
+           "many documents, none of the stream's; method − control paired, answer NLL < 0: its own state helps):",
+           "", "| method | control | control F1 | control answer NLL | F1: method − control "
+           "| answer NLL: method − control |", "|---|---|---|---|---|---|"]
+  for method, name, c in rows:
+    d = c["method_minus_control"]
+    lines.append(f"| {method} | {name.replace('_', ' ')} | {num(c['test']['f1'], '.3f')} | "
+                 f"{num(c['test']['nll'], '.3f')} | {interval(d.get('f1'), '.3f', signed=True)} | "
+                 f"{interval(d.get('nll'), '.3f', signed=True)} |")
+  return lines + [""]
+
+
 def markdown(results: dict) -> str:
-  """results.md: test scores with intervals and comparisons, against no adaptation, the meta-objective on the
-  test documents, the lr sweep, retention, costs (Markdown)."""
-  return "\n".join(_test_lines(results) + [""] + _reference_lines(results) + [""] + _sweep_lines(results) + [""]
-                   + _time_lines(results)) + "\n"
+  """results.md: test scores with intervals and comparisons, against no adaptation, the methods' controls, the
+  meta-objective on the test documents, the lr sweep, retention, costs (Markdown)."""
+  return "\n".join(_test_lines(results) + [""] + _reference_lines(results) + [""] + _control_lines(results)
+                   + _sweep_lines(results) + [""] + _time_lines(results)) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,7 +323,10 @@ def mac_summary(r: dict) -> str:
   first, best = r["history"][0], r["best"]
   return (f"mac: meta-val answer NLL {first['val_nll']:.4f} at init -> {best['val_nll']:.4f} (best, step "
           f"{r['best_step']}); with another batch's bank {best['val_nll_other_bank']:.4f}; base model alone "
-          f"{best['val_nll_base']:.4f}")
+          f"{best['val_nll_base']:.4f}" + ("" if "val_by_question" not in r else
+          f"\n  per question ({r['val_by_question']['questions']}, paired): own bank - other bank "
+          f"{interval(r['val_by_question']['own_minus_other_bank'], '.4f', signed=True)}, own bank - none "
+          f"{interval(r['val_by_question']['own_minus_base'], '.4f', signed=True)}"))
 
 
 def _uptake_rows(compare: dict) -> list[str]:

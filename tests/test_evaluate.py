@@ -93,6 +93,11 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   assert m["sweep"] == [] and m["weights"] == {} and m["vs_camels"]["f1"]["n"] == n
   assert m["vs_camels"]["f1"]["mean"] == pytest.approx(m["test"]["f1"] - results["methods"]["camels"]["test"]["f1"])
   assert mac.Bank.restore(os.path.join(workdir, "eval_mac_bank")).docs == docs
+  # Its control: the same questions from a bank of as many documents, none of the stream's, paired.
+  other = m["controls"]["other_bank"]
+  assert other["test"]["bank_docs"] == docs and other["test"]["n"] == n and other["test"]["nll"] != m["test"]["nll"]
+  assert other["method_minus_control"]["nll"]["n"] == n and m["time_s"]["controls"] > 0
+  assert not any("controls" in r or "controls" in r["time_s"] for k, r in results["methods"].items() if k != "mac")
   out = os.path.join(workdir, "eval")
   names = set(os.listdir(out))
   assert {"results.json", "results.md", "f1_curve.png", "meta_objective_vs_step.png", "predictions"} <= names
@@ -137,6 +142,7 @@ def test_all_methods_produce_the_table_and_outputs(trained):
     md = f.read()
   assert md.count("**best**") == 1 and "| camels |" in md and "| no adaptation |" in md
   assert "mac / camels adaptation time per document" in md and "| mac | - |" in md
+  assert "| mac | other bank |" in md
   assert "F1 − uniform [95% CI]" in md and f"{n} questions" in md and evaluation.SELECT_RULES[config.eval.select] in md
   printed = report.table(results)
   assert "nan" not in printed.lower() and max(len(line) for line in printed.splitlines()) <= 160
@@ -176,6 +182,23 @@ def test_zero_learning_rate_leaves_qa_scores_unchanged(trained):
   jax.tree.map(np.testing.assert_array_equal, stepped, ctx.params)
   moved = uniform.answer(ctx, uniform.adapt(ctx, docs, 1e-2), docs, "greedy", "x")
   assert moved["nll"] != before["nll"]
+
+
+def test_macs_other_bank_holds_as_many_documents_none_of_them_the_streams(tmp_path):
+  from camels_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from camels_jax.evaluation import methods  # pylint: disable=g-import-not-at-top
+  from camels_jax.models import loading
+  config = tiny_default()
+  config.data.split_sizes.update(qa_train=3, qa_val=2, meta_train=4, meta_val=2, test=5)
+  data = data_lib.load(config.data, loading.load(config.model).tokenizer, str(tmp_path))
+  ids = lambda docs: [d.doc.id for d in docs]
+  test_docs = list(data.stream().docs)
+  others = methods.other_bank_docs(data, test_docs)
+  held_out = set(ids(data.splits["meta_val"]) + ids(data.splits["qa_val"]) + ids(data.splits["qa_train"]))
+  assert len(others) == len(test_docs) and len(set(ids(others))) == len(others) and set(ids(others)) <= held_out
+  assert not set(ids(others)) & set(ids(test_docs) + ids(data.splits["meta_train"]))  # nor what MAC trained on
+  # Fewer held-out documents than the stream: all of them.
+  assert len(methods.other_bank_docs(data, test_docs * 2)) == len(held_out)
 
 
 def _context(config, workdir):
@@ -462,6 +485,15 @@ def test_result_json_carries_the_comparisons_without_per_question_lists():
   assert uniform_json["uptake"] == pytest.approx(0.5)
   text = json.dumps(io_utils.strict_json(mac_json), allow_nan=False)
   assert "per_question" not in text and "predictions" not in text
+  assert "controls" not in mac_json  # a method without controls
+  # A control: its scores with intervals, and the method − control paired on the same questions.
+  control = _scores([0, 0, 1, 0], nll=1.75)
+  with_control = dataclasses.replace(results["mac"], controls={"other_bank": control})
+  got = evaluation.result_json(with_control, cmp["mac"], bc)["controls"]["other_bank"]
+  assert got["test"] == evaluation.with_ci(control, bc)
+  kw = dict(n_boot=bc.resamples, seed=bc.seed, level=bc.level)
+  assert got["method_minus_control"]["f1"] == stats.paired_bootstrap_ci([1, 0, 1, 0], [0, 0, 1, 0], **kw)
+  assert got["method_minus_control"]["nll"]["mean"] == pytest.approx(1.5 - 1.75)
 
 
 def test_clock_charges_nested_phases_to_the_inner_one():

@@ -4,11 +4,18 @@ import os
 
 import pytest
 
-from camels_jax import train
+from camels_jax import report, train
 from tests.tiny_config import Killed, kill_job_at, tiny_default
 
 # Every test trains or resumes the tiny mac job (~3.5 min for the file on 2 cores).
 pytestmark = pytest.mark.slow
+
+
+def _meta_val(workdir):
+  from camels_jax import data  # pylint: disable=g-import-not-at-top
+  from camels_jax.models import loading
+  c = tiny_mac()
+  return data.load(c.data, loading.load(c.model).tokenizer, workdir).splits["meta_val"]
 
 
 def tiny_mac(steps=4):
@@ -34,6 +41,13 @@ def test_validates_on_schedule_against_another_bank_and_the_base_model(trained):
   assert first["val_nll_other_bank"] == pytest.approx(first["val_nll_base"], abs=1e-6)
   assert r["best"]["val_nll"] == min(h["val_nll"] for h in r["history"])
   assert r["bank_bytes_per_doc"] == 4 * 2 * 32 and r["params"] > 0
+  # The best networks per meta-val question: own bank against another bank and none, paired.
+  vb = r["val_by_question"]
+  assert vb["questions"] == sum(len(d.qas) for d in _meta_val(workdir)) and vb["own_minus_base"]["n"] == vb["questions"]
+  assert vb["own_minus_other_bank"]["mean"] == pytest.approx(vb["nll"] - vb["nll_other_bank"])
+  assert vb["own_minus_base"]["mean"] == pytest.approx(vb["nll"] - vb["nll_base"])
+  assert vb["own_minus_base"]["lo"] <= vb["own_minus_base"]["mean"] <= vb["own_minus_base"]["hi"]
+  assert "own bank - other bank" in report.mac_summary(r)
   assert os.path.isdir(os.path.join(workdir, "mac"))
 
 

@@ -60,6 +60,12 @@ def answer_nll(logits_BxLxV: jax.Array, tokens_BxL: jax.Array, loss_mask_BxL: ja
   return (token_nll(logits_BxLxV, tokens_BxL) * lw_BxL).sum(), lw_BxL.sum()
 
 
+def answer_nll_rows(logits_BxLxV: jax.Array, tokens_BxL: jax.Array, loss_mask_BxL: jax.Array):
+  """`answer_nll` of each row: (summed answer NLL_B, answer tokens_B)."""
+  lw_BxL = shift_targets(loss_mask_BxL.astype(jnp.float32))
+  return (token_nll(logits_BxLxV, tokens_BxL) * lw_BxL).sum(-1), lw_BxL.sum(-1)
+
+
 def answer_nll_mean(logits_BxLxV, tokens_BxL, loss_mask_BxL) -> jax.Array:
   """Token-level mean answer NLL pooled over the batch (the reference's QA loss)."""
   total, count = answer_nll(logits_BxLxV, tokens_BxL, loss_mask_BxL)

@@ -356,6 +356,7 @@ class MethodResult:
   weights: Mapping[str, Any]  # `weight_diagnostics` of doc_weights ({} when None)
   time_s: Mapping[str, float]  # seconds per `Clock` phase, "adapt_per_doc", "total"
   record: Mapping[str, Any]  # `Method.record`'s fields
+  controls: Mapping[str, dict] = dataclasses.field(default_factory=dict)  # `Method.controls`' test scores
 
 
 def evaluate_method(ctx: Context, method: Method, val_docs, test_docs, chosen: Mapping[str, float],
@@ -387,6 +388,10 @@ def evaluate_method(ctx: Context, method: Method, val_docs, test_docs, chosen: M
     with clock(method.post_phase):
       state = method.post_stream(ctx, state)
   test, at_end = final_score(ctx, method, state, stream, test_docs, clock)
+  with clock("controls"):
+    controls = method.controls(ctx, state, test_docs)
+  if not controls:  # no such phase for a method without controls
+    del clock.totals["controls"]
   w_Ns = [method.token_weights(ctx, d) for d in test_docs]
   w_Ns = None if any(w is None for w in w_Ns) else tuple(w_Ns)
   weights = {} if w_Ns is None else weight_diagnostics(w_Ns, [d.answer_mask for d in test_docs])
@@ -394,7 +399,7 @@ def evaluate_method(ctx: Context, method: Method, val_docs, test_docs, chosen: M
   time_s = dict(clock.totals, adapt_per_doc=clock.totals["adapt"] / max(n, 1), total=clock.elapsed())
   result = MethodResult(method.name, method.adaptation, tuple(method.versus), sweep, lr, test, stream.curve,
                         {"right_after": stream.right_after, "at_end": at_end}, w_Ns, weights, time_s,
-                        method.record(ctx, state, test_docs))
+                        method.record(ctx, state, test_docs), controls)
   return result, stream
 
 
@@ -481,6 +486,9 @@ def result_json(r: MethodResult, c: Comparison, bc, baseline_name: str = BASELIN
          "curve": curve, "retention": dict(r.retention), "weights": dict(r.weights), "time_s": dict(r.time_s),
          "uptake": c.uptake, "vs_no_adaptation": dict(c.vs_no_adaptation), "by_position": list(c.by_position)
          } | dict(r.record)
+  if r.controls:  # what the method's own state adds over each control, on the same questions
+    out["controls"] = {k: {"test": with_ci(s, bc), "method_minus_control": paired(r.test, s, bc, ("f1", "nll"))}
+                       for k, s in r.controls.items()}
   return out | {f"vs_{other}": v for other, v in c.versus.items()}
 
 

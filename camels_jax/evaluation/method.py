@@ -131,6 +131,13 @@ class Method:
     del ctx, d
     return None
 
+  def controls(self, ctx: Context, state, test_docs) -> dict[str, dict]:
+    """{name: `score`} of the test questions answered from states that take away what the method's own
+    state should contribute (MAC: a bank of as many documents, none of them the test stream's), each
+    compared question by question with the method's test score; by default none."""
+    del ctx, state, test_docs
+    return {}
+
   def record(self, ctx: Context, state, test_docs) -> dict:
     """Fields of the method's results beside the protocol's ("memory_bytes", MAC's "bank"), from its state
     after the test stream (and whatever it keeps of that state)."""

@@ -20,6 +20,9 @@ from camels_jax.evaluation.method import REGISTRY, Context, Method, OnDoc, Weigh
 from camels_jax.methods import baselines, camels, mac
 
 MAC_BANK_DIR = "eval_mac_bank"  # <workdir>/eval_mac_bank: MAC's bank after the test stream (orbax)
+# Where MAC's other-bank control takes its documents: held out from the test stream and from MAC's training
+# (whose documents it may have memorised).
+OTHER_BANK_SPLITS = ("meta_val", "qa_val", "qa_train")
 
 
 def cached_weights(fn: WeightFn) -> WeightFn:
@@ -177,6 +180,16 @@ class LightTuned(Method):
     return self.base.record(ctx, state, test_docs)
 
 
+def other_bank_docs(data, test_docs) -> list:
+  """As many documents as `test_docs` (fewer if the splits hold fewer) from `OTHER_BANK_SPLITS`, in the
+  evaluation stream's order, none of them a test document: the bank of MAC's other-bank control."""
+  pool = [d for split in OTHER_BANK_SPLITS for d in data.splits.get(split, ())]
+  test_ids = {d.doc.id for d in test_docs}
+  pool = [d for d in pool if d.doc.id not in test_ids]
+  return list(pipeline.Stream(pool, min(len(test_docs), len(pool)), data.config.stream_seed, data.spec,
+                              data.pad_id).docs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Mac(Method):
   """MAC: no gradient step. Each document is amortized into a memory bank as it arrives; each question is
@@ -209,6 +222,19 @@ class Mac(Method):
   def answer(self, ctx, state, docs, decoding, desc):
     prefix_fn = mac.prefix_fn(self.graphdef, self.params, state, self.capacity, ctx.config.mac.window)
     return score(ctx, ctx.params, docs, decoding, desc, prefix_fn=prefix_fn)
+
+  def controls(self, ctx, state, test_docs):
+    """The test questions answered from a bank of as many other documents (`other_bank_docs`): MAC's answers
+    owe to its memory of the stream only what they gain over this."""
+    others = other_bank_docs(ctx.data, test_docs)
+    if not others:
+      return {}
+    bank = self.adapt(ctx, others, None, desc="mac other bank")
+    prefix_fn = mac.prefix_fn(self.graphdef, self.params, bank, self.capacity, ctx.config.mac.window)
+    other = score(ctx, ctx.params, test_docs, ctx.ec.decoding, "mac other-bank QA", prefix_fn=prefix_fn)
+    ctx.say(f"mac: answer NLL {other['nll']:.4f} with a bank of {bank.docs} other documents "
+            f"({', '.join(OTHER_BANK_SPLITS)})")
+    return {"other_bank": other | {"bank_docs": bank.docs}}
 
   def record(self, ctx, state, test_docs):
     bank = state

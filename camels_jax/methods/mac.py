@@ -53,7 +53,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from camels_jax import checkpoint, checks, loop, sharding
+from camels_jax import checkpoint, checks, loop, sharding, stats
 from camels_jax.adapt import loss
 from camels_jax.data import pipeline
 from camels_jax.models import loading, transformer
@@ -341,19 +341,23 @@ def train_step(params, opt_state, base_params, batch, rng, *, graphdef, base_gra
   return optax.apply_updates(params, updates), opt_state, {"loss": value, "grad_norm": optax.tree.norm(grads)}
 
 
-def eval_sums(params, base_params, batch, bank_KxTxD, other_bank_KxTxD, other_valid_K, *, graphdef, base_graphdef,
+def eval_rows(params, base_params, batch, bank_KxTxD, other_bank_KxTxD, other_valid_K, *, graphdef, base_graphdef,
               window: int):
-  """Answer NLL sums of every question of a batch given its own documents' bank, given another bank (whose
-  documents do not hold its answers), and with no prefix (the base model)."""
+  """For each question row of a batch (B x Q rows; a padding row has no tokens): its summed answer NLL given
+  its own documents' bank, given another bank (whose documents do not hold its answers), and with no prefix
+  (the base model), and its answer tokens."""
   shape = batch["qa_tokens_BxQxS"].shape
   rows = lambda k: batch[k].reshape(shape[0] * shape[1], shape[2])
   tokens, mask = rows("qa_tokens_BxQxS"), rows("qa_mask_BxQxS")
   loss_mask = rows("qa_loss_mask_BxQxS") & batch["qa_valid_BxQ"].reshape(-1)[:, None]
-  nll = lambda bank, valid: answer_nll(graphdef, params, base_graphdef, base_params, tokens, mask, loss_mask,
-                                       bank, valid, window)[0]
-  base_total, count = loss.answer_nll(transformer.apply(base_graphdef, base_params, tokens, mask), tokens, loss_mask)
+  base = base_graphdef, base_params
+
+  def nll(bank, valid):
+    pfx = prefix(graphdef, params, tokens, mask, loss_mask, bank, valid, window)
+    return loss.answer_nll_rows(transformer.apply(*base, tokens, mask, pfx), tokens, loss_mask)[0]
+  base_R, count_R = loss.answer_nll_rows(transformer.apply(*base, tokens, mask), tokens, loss_mask)
   return {"nll": nll(bank_KxTxD, batch["doc_valid_B"]), "nll_other_bank": nll(other_bank_KxTxD, other_valid_K),
-          "nll_base": base_total, "tokens": count}
+          "nll_base": base_R, "tokens": count_R}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,22 +545,37 @@ def init(config: ml_collections.ConfigDict, base: loading.Loaded, mesh) -> Train
 
 
 def _validation(graphdef, eval_fn, base_params, vals):
-  """params -> meta-val answer NLL with each batch's own bank, another batch's bank, and no bank."""
+  """(params -> meta-val answer NLL with each batch's own bank, another batch's bank, and no bank;
+  params -> the same per question, with paired intervals: `by_question`)."""
 
-  def validate(params):
+  def question_rows(params):
+    """`eval_rows` of every meta-val question row, concatenated (padding rows dropped)."""
     banks = [amortize_jit(graphdef, params, b["doc_tokens_BxL"], b["doc_mask_BxL"]) for b in vals]
-    sums = {}
+    out = []
     for i, batch in enumerate(vals):
       # The other bank: the next batch's documents, which do not hold this batch's answers (an empty bank
       # when meta-val fills one batch only).
       j = (i + 1) % len(vals)
       other = (banks[j], vals[j]["doc_valid_B"]) if j != i else (banks[i], np.zeros_like(batch["doc_valid_B"]))
-      for k, v in eval_fn(params, base_params, batch, banks[i], *other).items():
-        sums[k] = sums.get(k, 0.0) + float(v)
+      out.append({k: np.asarray(v, np.float64) for k, v in eval_fn(params, base_params, batch, banks[i],
+                                                                     *other).items()})
+    rows = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+    return {k: v[rows["tokens"] > 0] for k, v in rows.items()}
+
+  def validate(params):
+    sums = {k: float(v.sum()) for k, v in question_rows(params).items()}
     n = max(sums["tokens"], 1.0)
     return {"val_nll": sums["nll"] / n, "val_nll_other_bank": sums["nll_other_bank"] / n,
             "val_nll_base": sums["nll_base"] / n, "val_tokens": int(sums["tokens"])}
-  return validate
+
+  def by_question(params):
+    r = question_rows(params)
+    mean = {k: r[k] / r["tokens"] for k in ("nll", "nll_other_bank", "nll_base")}  # each question's mean
+    return {"questions": len(r["tokens"]), "nll": float(mean["nll"].mean()),
+            "nll_other_bank": float(mean["nll_other_bank"].mean()), "nll_base": float(mean["nll_base"].mean()),
+            "own_minus_other_bank": stats.paired_bootstrap_ci(mean["nll"], mean["nll_other_bank"]),
+            "own_minus_base": stats.paired_bootstrap_ci(mean["nll"], mean["nll_base"])}
+  return validate, by_question
 
 
 def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, data, workdir: str, writer,
@@ -576,8 +595,8 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   kw = dict(graphdef=t.graphdef, base_graphdef=base.graphdef)
   train_fn = jax.jit(functools.partial(train_step, scfg=step_config(c), optimizer=t.optimizer, **kw),
                      donate_argnums=(0, 1))
-  validate = _validation(t.graphdef, jax.jit(functools.partial(eval_sums, window=c.window, **kw)), base_params,
-                         val_batches(data.splits["meta_val"], spec, pad, c.bank_docs))
+  validate, by_question = _validation(t.graphdef, jax.jit(functools.partial(eval_rows, window=c.window, **kw)),
+                                      base_params, val_batches(data.splits["meta_val"], spec, pad, c.bank_docs))
 
   def step_fn(state, carry, step, rng):
     del step
@@ -588,6 +607,8 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
                lambda state: validate(state["params"]), workdir=workdir, writer=writer, rng=jax.random.key(c.seed),
                loader=loader, progress=progress, desc="mac train")
   results = {"best_step": r.best_step, "best": r.best, "history": r.history,
+             # The best networks' meta-val answer NLL per question: own bank against another bank and none.
+             "val_by_question": by_question(r.state["params"]),
              "params": int(sum(x.size for x in jax.tree.leaves(r.state["params"]))),
              "bank_bytes_per_doc": c.tokens * base.cfg.d_model * 4}
   return t.graphdef, r.state["params"], results
