@@ -57,4 +57,8 @@ def eval_config() -> ml_collections.ConfigDict:
       position_parts=2,
       open_book=True,  # score the open-book ceiling: the QA-tuned model with each question's document in its prompt
       open_book_docs=0,  # on the first this many test documents (>= 0; 0 = every one): its prompts are long
+      # retrieval and mac+retrieval (camels_jax/methods/retrieval.py): the k (>= 1) documents ranked highest for
+      # each question, put in its prompt (retrieval) or kept in MAC's bank (mac+retrieval); a prompt holds at most
+      # max_len tokens (>= 0; 0 = the model's positions less max_new_tokens), its context cut from the end.
+      retrieval=dict(k=1, max_len=0),
   ))

@@ -18,5 +18,5 @@ def get_config():
   c.mac = mac_config()  # MAC (camels_jax/methods/mac.py)
   c.mac.steps = 150  # CPU budget
   c.mac.val_every = 25
-  c.eval.methods = "uniform,ssm,tfidf,camels,uniform+qa_lt,mac"
+  c.eval.methods = "uniform,ssm,tfidf,camels,uniform+qa_lt,mac,retrieval,mac+retrieval"
   return c

@@ -16,7 +16,9 @@ from camels_jax.data import pipeline
 from camels_jax.methods import mac
 from tests.tiny_config import tiny_default
 
-METHODS = ("uniform", "ssm", "tfidf", "camels", "oracle", "uniform+qa_lt", "mac")  # every method registered
+METHODS = ("uniform", "ssm", "tfidf", "camels", "oracle", "uniform+qa_lt", "mac", "retrieval",
+           "mac+retrieval")  # every method registered
+NO_LR = ("mac", "retrieval", "mac+retrieval")  # no gradient step: no lr, no token weights
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   assert results["select"] == config.eval.select
   _assert_ci(results["no_adaptation"], n)
   for method, r in results["methods"].items():
-    assert (r["lr"] is None) == (method == "mac")
+    assert (r["lr"] is None) == (method in NO_LR)
     if r["sweep"]:
       assert r["lr"] == evaluation.select_lr(r["sweep"], config.eval.select) and r["sweep"][-1]["lr"] == 0.0
       assert r["lr_edge"] == evaluation.lr_edge(r["sweep"], r["lr"])
@@ -62,9 +64,9 @@ def test_all_methods_produce_the_table_and_outputs(trained):
     assert phases <= t["total"] and t["adapt_per_doc"] == pytest.approx(t["adapt"] / results["test_docs"])
     if method == "oracle":  # every weight on the answer tokens, none on the filler
       assert r["weights"]["facts_filler"] is None and r["weights"]["mean_weight"] > 0
-    elif method != "mac":  # MAC weighs no tokens
+    elif method not in NO_LR:
       assert r["weights"]["facts_tokens"] > 0 and r["weights"]["facts_filler"] > 0 and r["weights"]["mean_weight"] > 0
-    assert r["memory_bytes"]["adapt"] > 0
+    assert r["memory_bytes"]["adapt"] > 0 or method == "retrieval"  # an index of the texts read
     assert r["time_s"]["adapt_per_doc"] > 0 or method == "uniform+qa_lt"  # it reuses uniform's adapted stream
     if method == "uniform":
       assert "vs_uniform" not in r
@@ -93,6 +95,13 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   assert m["sweep"] == [] and m["weights"] == {} and m["vs_camels"]["f1"]["n"] == n
   assert m["vs_camels"]["f1"]["mean"] == pytest.approx(m["test"]["f1"] - results["methods"]["camels"]["test"]["f1"])
   assert mac.Bank.restore(os.path.join(workdir, "eval_mac_bank")).docs == docs
+  # Retrieval, and MAC with its bank restricted to the retrieved documents: how often a question's own
+  # document was the one retrieved (k = 1), compared with MAC and with each other.
+  for method in ("retrieval", "mac+retrieval"):
+    assert results["methods"][method]["test"]["recall"] > 0.5
+  assert results["methods"]["retrieval"]["index_docs"] == docs
+  assert results["methods"]["mac+retrieval"]["vs_retrieval"]["f1"]["n"] == n
+  assert results["methods"]["mac+retrieval"]["bank"]["docs"] == docs
   # Its control: the same questions from a bank of as many documents, none of the stream's, paired.
   other = m["controls"]["other_bank"]
   assert other["test"]["bank_docs"] == docs and other["test"]["n"] == n and other["test"]["nll"] != m["test"]["nll"]

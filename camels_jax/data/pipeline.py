@@ -311,20 +311,37 @@ def questions(docs: Sequence[TokenizedDoc]) -> list[QA]:
 
 def open_book(docs: Sequence[TokenizedDoc], spec: Spec, sep: Sequence[int],
               max_len: int | None = None) -> tuple[list[TokenizedDoc], Spec, int]:
-  """`docs` whose every question carries its document in front: the document's tokens (with its BOS, if any),
-  `sep`, then the question and answer as tokenised (their BOS dropped); the `Spec` whose qa_len holds them;
-  and how many questions had their document cut (from its end) to fit `max_len` tokens (None: no limit).
+  """`docs` whose every question carries its document in front (`with_context`)."""
+  return with_context(docs, [[d.tokens] * len(d.qas) for d in docs], spec, sep, max_len)
+
+
+def joined(contexts: Sequence[np.ndarray], sep: Sequence[int], add_bos: bool) -> np.ndarray:
+  """Several tokenised documents as one context: in order, `sep` between them, one BOS (the first's)."""
+  parts = []
+  for i, tokens in enumerate(contexts):
+    if i:
+      parts.append(np.asarray(sep, np.int32))
+    parts.append(np.asarray(tokens[int(add_bos and i > 0 and len(tokens) > 0):], np.int32))
+  return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
+def with_context(docs: Sequence[TokenizedDoc], contexts: Sequence[Sequence[np.ndarray]], spec: Spec,
+                 sep: Sequence[int], max_len: int | None = None) -> tuple[list[TokenizedDoc], Spec, int]:
+  """`docs` whose question j of document i carries contexts[i][j] in front: the context's tokens (with its
+  BOS, if any), `sep`, then the question and answer as tokenised (their BOS dropped); the `Spec` whose qa_len
+  holds them; and how many questions had their context cut (from its end) to fit `max_len` tokens (None: no
+  limit).
 
   The answer tokens (what is scored and generated) are unchanged; only the prompt grows.
   """
   out, longest, cut = [], spec.qa_len, 0
-  for d in docs:
+  for d, doc_contexts in zip(docs, contexts, strict=True):
     qas = []
-    for qa in d.qas:
-      n_bos = int(spec.add_bos and len(d.tokens) > 0 and len(qa.tokens) > 0 and qa.tokens[0] == d.tokens[0])
-      room = len(d.tokens) if max_len is None else max(0, max_len - len(sep) - (len(qa.tokens) - n_bos))
-      cut += room < len(d.tokens)
-      head = np.concatenate([d.tokens[:room], np.asarray(sep, np.int32)]).astype(np.int32)
+    for qa, context in zip(d.qas, doc_contexts, strict=True):
+      n_bos = int(spec.add_bos and len(context) > 0 and len(qa.tokens) > 0 and qa.tokens[0] == context[0])
+      room = len(context) if max_len is None else max(0, max_len - len(sep) - (len(qa.tokens) - n_bos))
+      cut += room < len(context)
+      head = np.concatenate([context[:room], np.asarray(sep, np.int32)]).astype(np.int32)
       tokens = np.concatenate([head, qa.tokens[n_bos:]]).astype(np.int32)
       qas.append(dataclasses.replace(qa, tokens=tokens, prompt_len=len(head) + qa.prompt_len - n_bos))
       longest = max(longest, len(tokens))

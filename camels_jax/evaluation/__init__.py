@@ -91,6 +91,7 @@ RULES = {
     "position_parts": checks.count,
     "open_book": checks.boolean,
     "open_book_docs": checks.count_or_zero,
+    "retrieval": {"k": checks.count, "max_len": checks.count_or_zero},
 }
 
 

@@ -49,14 +49,14 @@ def generate_kwargs(ec, decoding) -> dict:
   return kw
 
 
-def score(ctx: Context, params, docs, decoding: str, desc: str, prefix_fn=None) -> dict:
+def score(ctx: Context, params, docs, decoding: str, desc: str, prefix_fn=None, spec=None) -> dict:
   """QA metrics of `params` (conditioned by `prefix_fn`, see `qa.evaluate_qa`) on every question about
-  `docs`, with the per-question scores and answers.
+  `docs` (batched by `spec`, default the data's), with the per-question scores and answers.
 
   `qa.evaluate_qa`'s result with `return_predictions`: the aggregates plus "per_question" and
   "predictions" (see `summary` for the aggregates alone).
   """
-  batches = list(pipeline.qa_eval_batches(docs, ctx.data.spec, ctx.data.pad_id, ctx.ec.batch_size))
+  batches = list(pipeline.qa_eval_batches(docs, spec or ctx.data.spec, ctx.data.pad_id, ctx.ec.batch_size))
   return qa.evaluate_qa(ctx.model.graphdef, params, ctx.model.cfg, ctx.model.tokenizer, batches,
                         pipeline.questions(docs), decoding, progress=ctx.progress, desc=desc,
                         return_predictions=True, prefix_fn=prefix_fn, **generate_kwargs(ctx.ec, decoding))

@@ -1,23 +1,24 @@
 """The built-in evaluation methods, registered under the names `eval.methods` lists: the weighted-gradient
 methods (uniform, SSM, TF-IDF, CaMeLS: one Adam step per document on token-weighted losses, `adapt.online`),
-uniform followed by a QA light-tune after the stream, and MAC (no gradient step: a memory bank of amortized
-documents).
+uniform followed by a QA light-tune after the stream, MAC (no gradient step: a memory bank of amortized
+documents), retrieval (the top-k documents in the prompt) and MAC + retrieval (the bank restricted to them).
 """
 
 import dataclasses
 import functools
 import os
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import numpy as np
+import tqdm
 
 from camels_jax import checks, qa_tune
 from camels_jax.adapt import online
 from camels_jax.data import pipeline
 from camels_jax.evaluation.method import REGISTRY, Context, Method, OnDoc, WeightFn, pad, register, score
-from camels_jax.methods import baselines, camels, mac
+from camels_jax.methods import baselines, camels, mac, retrieval
 
 MAC_BANK_DIR = "eval_mac_bank"  # <workdir>/eval_mac_bank: MAC's bank after the test stream (orbax)
 # Where MAC's other-bank control takes its documents: held out from the test stream and from MAC's training
@@ -254,6 +255,96 @@ class Mac(Method):
             "bank": bank.nbytes}
 
 
+@dataclasses.dataclass(frozen=True)
+class MacRetrieval(Mac):
+  """MAC with its bank restricted, for each question, to the `eval.retrieval.k` documents ranked highest for
+  it (`methods.retrieval`) before aggregation (`mac.prefix_rows`)."""
+
+  name: str = "mac+retrieval"
+  versus: ClassVar[tuple[str, ...]] = ("mac", "retrieval")
+
+  def adapt(self, ctx, docs, lr, on_doc=None, desc="adapt"):
+    index = [retrieval.Index()]
+
+    def both(i, bank):
+      index[0] = index[0].add(docs[i])
+      if on_doc is not None:
+        on_doc(i, Retrieved(bank, index[0]))
+    bank = super().adapt(ctx, docs, lr, both, desc)
+    return Retrieved(bank, index[0])
+
+  def answer(self, ctx, state, docs, decoding, desc):
+    top_k = ctx.ec.retrieval.k
+    top_QxK = state.index.top_k([qa.question for d in docs for qa in d.qas], top_k)
+    # Each question's bank: its retrieved documents' tokens (fewer than k while the stream is short: padded).
+    bank_QxKxTxD = np.zeros((len(top_QxK), top_k) + state.bank.tokens_MxTxD.shape[1:], np.float32)
+    valid_QxK = np.zeros((len(top_QxK), top_k), bool)
+    bank_QxKxTxD[:, :top_QxK.shape[1]] = state.bank.tokens_MxTxD[top_QxK]
+    valid_QxK[:, :top_QxK.shape[1]] = True
+
+    def prefix_fn(batch):
+      rows_B = np.maximum(batch["qa_index_B"], 0)  # padding rows (-1) take any question's bank
+      return mac.prefix_rows_jit(self.graphdef, self.params, {k: batch[k] for k in mac.QUESTION_KEYS},
+                                 bank_QxKxTxD[rows_B], valid_QxK[rows_B], window=ctx.config.mac.window)
+    scores = score(ctx, ctx.params, docs, decoding, desc, prefix_fn=prefix_fn)
+    return scores | {"recall": retrieval.recall(top_QxK, _own_positions(state.index, docs))}
+
+  def controls(self, ctx, state, test_docs):
+    return {}  # MAC's row has the other-bank control
+
+  def record(self, ctx, state, test_docs):
+    return super().record(ctx, state.bank, test_docs)
+
+
+def _own_positions(index: retrieval.Index, docs) -> np.ndarray:
+  """Each question's own document's position in `index` (-1: not in it), in `pipeline.questions(docs)`
+  order."""
+  position = {d.doc.id: j for j, d in enumerate(index.docs)}
+  return np.array([position.get(d.doc.id, -1) for d in docs for _ in d.qas], np.int64)
+
+
+def index_stream(docs, on_doc: OnDoc | None = None, progress: bool = False, desc: str = "index"):
+  """The `retrieval.Index` of `docs` read in order (`on_doc(i, index)` after each)."""
+  index = retrieval.Index()
+  for i, d in enumerate(tqdm.tqdm(docs, desc=desc, disable=not progress, leave=False)):
+    index = index.add(d)
+    if on_doc is not None:
+      on_doc(i, index)
+  return index
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrieval(Method):
+  """No gradient step: the stream's documents are indexed as they arrive, and each question is answered by
+  the frozen QA-tuned model with the `eval.retrieval.k` documents ranked highest for it in its prompt
+  (`methods.retrieval`). No lr. Its answers also say how often the question's own document was retrieved
+  ("recall") and how many prompts were cut to fit ("documents_cut")."""
+
+  name: str = "retrieval"
+
+  def adapt(self, ctx, docs, lr, on_doc=None, desc="adapt"):
+    return index_stream(docs, on_doc, ctx.progress, desc)
+
+  def answer(self, ctx, state, docs, decoding, desc):
+    rc = ctx.ec.retrieval
+    limit = ctx.model.cfg.max_len - ctx.ec.max_new_tokens  # room for the answer the generation may write
+    limit = min(limit, rc.max_len) if rc.max_len else limit
+    prompted, spec, cut, top_QxK = retrieval.prompted(docs, state, rc.k, ctx.data.spec,
+                                                      ctx.model.tokenizer.encode("\n\n"), limit)
+    scores = score(ctx, ctx.params, prompted, decoding, desc, spec=spec)
+    return scores | {"recall": retrieval.recall(top_QxK, _own_positions(state, docs)), "documents_cut": cut}
+
+  def record(self, ctx, state, test_docs):
+    return {"index_docs": len(state)}
+
+
+class Retrieved(NamedTuple):
+  """MAC + retrieval's state: MAC's bank of the stream and the index of the same documents."""
+
+  bank: mac.Bank
+  index: retrieval.Index
+
+
 for _method in (Weighted("uniform", baseline("uniform")), Weighted("ssm", baseline("ssm")),
                 Weighted("tfidf", baseline("tfidf", min_threshold="tfidf_min_threshold")),
                 Weighted("camels", camels_weights, camels.require_trained),
@@ -263,3 +354,5 @@ for _method in (Weighted("uniform", baseline("uniform")), Weighted("ssm", baseli
   register(_method)
 register(LightTuned("uniform+qa_lt", REGISTRY["uniform"]))
 register(Mac())
+register(Retrieval())
+register(MacRetrieval())

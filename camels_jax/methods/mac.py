@@ -242,13 +242,24 @@ def aggregate(graphdef, params, q_BxTxD, bank_MxTxD, valid_M, window: int):
     bank_MxTxD, valid_M: the memory bank (one shared by every question) and which of its rows are documents.
     window: documents per aggregation pass (static).
   """
-  t, d = q_BxTxD.shape[1:]
-  model = nnx.merge(graphdef, params)
   order_M = jnp.argsort(~jnp.asarray(valid_M, bool), stable=True)  # valid documents first, in order
   # The bank is one memory for every question (leading axis 1): its projections are computed once. The
   # levels above it hold per-question summaries (leading axis B).
-  mem_1xMxTxD = bank_MxTxD[order_M][None]
-  valid_1xM = jnp.asarray(valid_M, bool)[order_M][None]
+  return _levels(nnx.merge(graphdef, params), q_BxTxD, bank_MxTxD[order_M][None],
+                 jnp.asarray(valid_M, bool)[order_M][None], window)
+
+
+def aggregate_rows(graphdef, params, q_BxTxD, bank_BxKxTxD, valid_BxK, window: int):
+  """`aggregate` with a bank of its own for each question row (e.g. the documents retrieved for it)."""
+  order_BxK = jnp.argsort(~jnp.asarray(valid_BxK, bool), axis=1, stable=True)
+  return _levels(nnx.merge(graphdef, params), q_BxTxD, jnp.take_along_axis(bank_BxKxTxD, order_BxK[..., None, None], 1),
+                 jnp.take_along_axis(jnp.asarray(valid_BxK, bool), order_BxK, 1), window)
+
+
+def _levels(model, q_BxTxD, mem_BxMxTxD, valid_BxM, window: int):
+  """The aggregation of a bank whose leading axis is 1 (one for every question) or B (one per question), its
+  valid documents first."""
+  t, d = q_BxTxD.shape[1:]
 
   def one_pass(m_BxNxTxD, v_BxN):
     return model.aggregate(q_BxTxD, m_BxNxTxD.reshape(m_BxNxTxD.shape[0], -1, d), jnp.repeat(v_BxN, t, axis=1))
@@ -268,7 +279,7 @@ def aggregate(graphdef, params, q_BxTxD, bank_MxTxD, valid_M, window: int):
     fits_B = valid_BxM.sum(-1) <= window
     return jnp.where(fits_B[:, None, None], one_pass(mem_BxMxTxD[:, :window], valid_BxWxN[:, 0]), deeper_BxTxD)
 
-  return levels(mem_1xMxTxD, valid_1xM)
+  return levels(mem_BxMxTxD, valid_BxM)
 
 
 def prefix(graphdef, params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, bank_MxTxD, valid_M, window: int):
@@ -276,6 +287,15 @@ def prefix(graphdef, params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, bank_
   q_mask_BxS = question_mask(qa_mask_BxS, qa_loss_mask_BxS).astype(jnp.int32)
   q_BxTxD = amortize(graphdef, params, qa_tokens_BxS, q_mask_BxS)
   a_BxTxD = aggregate(graphdef, params, q_BxTxD, bank_MxTxD, valid_M, window)
+  return nnx.merge(graphdef, params).prefix(a_BxTxD)
+
+
+def prefix_rows(graphdef, params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, bank_BxKxTxD, valid_BxK,
+                window: int):
+  """`prefix` with a bank of its own for each question row (`aggregate_rows`)."""
+  q_mask_BxS = question_mask(qa_mask_BxS, qa_loss_mask_BxS).astype(jnp.int32)
+  q_BxTxD = amortize(graphdef, params, qa_tokens_BxS, q_mask_BxS)
+  a_BxTxD = aggregate_rows(graphdef, params, q_BxTxD, bank_BxKxTxD, valid_BxK, window)
   return nnx.merge(graphdef, params).prefix(a_BxTxD)
 
 
@@ -476,20 +496,26 @@ def _prefix_jit(graphdef, params, batch, bank_MxTxD, valid_M, *, window):
                 batch["qa_loss_mask_BxS"], bank_MxTxD, valid_M, window)
 
 
-_QUESTION_KEYS = ("qa_tokens_BxS", "qa_mask_BxS", "qa_loss_mask_BxS")  # what a prefix reads of a QA batch
+QUESTION_KEYS = ("qa_tokens_BxS", "qa_mask_BxS", "qa_loss_mask_BxS")  # what a prefix reads of a QA batch
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "window"))
+def prefix_rows_jit(graphdef, params, batch, bank_BxKxTxD, valid_BxK, *, window):
+  return prefix_rows(graphdef, params, batch["qa_tokens_BxS"], batch["qa_mask_BxS"], batch["qa_loss_mask_BxS"],
+                     bank_BxKxTxD, valid_BxK, window)
 
 
 def prefix_fn(graphdef, params, bank: Bank, capacity: int, window: int):
   """batch -> the prefix of its question rows given `bank` (what `qa.evaluate_qa(prefix_fn=)` takes)."""
   bank_MxTxD, valid_M = bank.padded(capacity)
-  return lambda batch: _prefix_jit(graphdef, params, {k: batch[k] for k in _QUESTION_KEYS},
+  return lambda batch: _prefix_jit(graphdef, params, {k: batch[k] for k in QUESTION_KEYS},
                                    bank_MxTxD, valid_M, window=window)
 
 
 def prefix_lowered(graphdef, params, batch, bank: Bank, capacity: int, window: int) -> jax.stages.Lowered:
   """`prefix_fn`'s computation for one QA batch, lowered and not run (for XLA's memory analysis)."""
   bank_MxTxD, valid_M = bank.padded(capacity)
-  return _prefix_jit.lower(graphdef, params, {k: batch[k] for k in _QUESTION_KEYS}, bank_MxTxD, valid_M,
+  return _prefix_jit.lower(graphdef, params, {k: batch[k] for k in QUESTION_KEYS}, bank_MxTxD, valid_M,
                            window=window)
 
 

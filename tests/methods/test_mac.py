@@ -297,3 +297,24 @@ def test_an_encoder_with_another_tokenizer_is_refused(monkeypatch):
   monkeypatch.setattr(loading, "load", lambda mc: other)
   with pytest.raises(checks.ConfigError, match=r"mac.encoder=other.gguf: its tokenizer \(62 ids\) is not the base"):
     mac.build(_config(encoder="other.gguf"), base)
+
+
+def test_a_bank_per_question_row_equals_mac_over_a_bank_of_only_those_documents():
+  # MAC + retrieval: each question's bank restricted to its top-k documents (here k = 3 of a bank of 5, with
+  # window 2, so the restricted banks take two levels) is MAC over a bank holding only those k.
+  base = _base()
+  graphdef, params = mac.build(_config(), base)
+  params = _randomized(params)
+  qa = _qa(3)
+  bank_MxTxD = mac.amortize(graphdef, params, *_docs(5))
+  top_QxK = np.array([[4, 0, 2], [1, 3, 0], [2, 2, 4]])
+  valid_QxK = np.array([[True, True, True], [True, True, False], [True, True, True]])
+  rows = jax.jit(mac.prefix_rows, static_argnums=(0, 7))(graphdef, params, *qa, bank_MxTxD[top_QxK], valid_QxK, 2)
+  for q in range(3):
+    own = top_QxK[q][valid_QxK[q]]
+    alone = _prefix(graphdef, params, tuple(x[q:q + 1] for x in qa), bank_MxTxD[own], jnp.ones(len(own), bool))
+    np.testing.assert_allclose(rows.k_NxBxPxKxE[:, q:q + 1], alone.k_NxBxPxKxE, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows.v_NxBxPxKxE[:, q:q + 1], alone.v_NxBxPxKxE, rtol=1e-5, atol=1e-6)
+  # Not the prefix of the whole bank: the restriction is what it changes.
+  whole = _prefix(graphdef, params, qa, bank_MxTxD, jnp.ones(5, bool))
+  assert float(jnp.abs(whole.v_NxBxPxKxE - rows.v_NxBxPxKxE).max()) > 1e-4
