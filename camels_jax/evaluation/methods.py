@@ -238,9 +238,11 @@ class Mac(Method):
     return {"other_bank": other | {"bank_docs": bank.docs}}
 
   def record(self, ctx, state, test_docs):
-    bank = state
-    bank.save(os.path.join(ctx.workdir, MAC_BANK_DIR))
-    ctx.say(f"mac: bank of {bank.docs} documents, {bank.size_tokens} tokens, {bank.nbytes / 2**20:.2f} MiB")
+    state.save(os.path.join(ctx.workdir, MAC_BANK_DIR))
+    return self._bank_record(ctx, state, test_docs)
+
+  def _bank_record(self, ctx, bank, test_docs) -> dict:
+    ctx.say(f"{self.name}: bank of {bank.docs} documents, {bank.size_tokens} tokens, {bank.nbytes / 2**20:.2f} MiB")
     return {"bank": {"docs": bank.docs, "tokens": bank.size_tokens, "bytes": bank.nbytes},
             "memory_bytes": self._memory(ctx, bank, test_docs[0])}
 
@@ -293,7 +295,7 @@ class MacRetrieval(Mac):
     return {}  # MAC's row has the other-bank control
 
   def record(self, ctx, state, test_docs):
-    return super().record(ctx, state.bank, test_docs)
+    return self._bank_record(ctx, state.bank, test_docs)  # the bank MAC's row saves
 
 
 def _own_positions(index: retrieval.Index, docs) -> np.ndarray:
