@@ -29,6 +29,17 @@ raises the test stream's: the validation stream is 4x shorter than the test stre
 first 8 test paragraphs: learned - uniform +0.474 [+0.315, +0.643] per question at the learned step.
 Time: per method 8-12 min (5-6 validation streams of 6 paragraphs and the 24-paragraph test stream at ~13 s per
 paragraph), the light-tune 23 min (two QA-val passes of 621 questions), the meta-objective 13 min.
+
+Split_seed 1 (2026-12-04, the same code; the machine shared with single test files, not the whole suite: train
+26 min, evaluate 34 min, one split in 60 min). Adam steps took 2.3-3.2 s per paragraph (13 s above was beside the
+full test suite); evaluation: each method 3-4 min (half of it the lr sweep), the light-tune 8 min, the
+meta-objective 5.4 min, the open book 1.1 min. 111 test questions. F1 / answer NLL (NLL - no adaptation, paired):
+  no adaptation 0.077 / 3.236    uniform (1.5625e-6) 0.069 / 3.200 (-0.011)    SSM (6.25e-6) 0.079 / 3.182 (-0.037
+  [-0.061, -0.013])    TF-IDF (6.25e-6) 0.071 / 3.152 (-0.025)    CaMeLS (6.25e-6) 0.069 / 3.142 (-0.040 [-0.092,
+  +0.013])    oracle (1e-4) 0.073 / 3.814 (+1.035)    uniform + light-tune 0.072 / 3.221 (+0.034)    open book 0.279
+CaMeLS - uniform F1 -0.000 [-0.009, +0.008]. Meta-val: learned - uniform +0.429 [+0.210, +0.658] at the learned
+step, below SSM's +0.506; the meta-objective on the first 8 test paragraphs: learned - uniform +0.542 [+0.361,
++0.728], SSM - uniform +0.097 [-0.207, +0.410]. Per-question scores: configs/expected/squad_cpu_scores/.
 """
 
 import ml_collections
