@@ -583,8 +583,9 @@ def _validation(graphdef, eval_fn, base_params, vals):
       # when meta-val fills one batch only).
       j = (i + 1) % len(vals)
       other = (banks[j], vals[j]["doc_valid_B"]) if j != i else (banks[i], np.zeros_like(batch["doc_valid_B"]))
-      out.append({k: np.asarray(v, np.float64) for k, v in eval_fn(params, base_params, batch, banks[i],
-                                                                     *other).items()})
+      batch_rows = eval_fn(params, base_params, batch, banks[i], *other)
+      # Per-row outputs may be split over the devices of several processes (the FSDP axis): gathered whole.
+      out.append({k: sharding.to_host(v).astype(np.float64) for k, v in batch_rows.items()})
     rows = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
     return {k: v[rows["tokens"] > 0] for k, v in rows.items()}
 
