@@ -257,47 +257,6 @@ class Mac(Method):
             "bank": bank.nbytes}
 
 
-@dataclasses.dataclass(frozen=True)
-class MacRetrieval(Mac):
-  """MAC with its bank restricted, for each question, to the `eval.retrieval.k` documents ranked highest for
-  it (`methods.retrieval`) before aggregation (`mac.prefix_rows`)."""
-
-  name: str = "mac+retrieval"
-  versus: ClassVar[tuple[str, ...]] = ("mac", "retrieval")
-
-  def adapt(self, ctx, docs, lr, on_doc=None, desc="adapt"):
-    index = [retrieval.Index()]
-
-    def both(i, bank):
-      index[0] = index[0].add(docs[i])
-      if on_doc is not None:
-        on_doc(i, Retrieved(bank, index[0]))
-    bank = super().adapt(ctx, docs, lr, both, desc)
-    return Retrieved(bank, index[0])
-
-  def answer(self, ctx, state, docs, decoding, desc):
-    top_k = ctx.ec.retrieval.k
-    top_QxK = state.index.top_k([qa.question for d in docs for qa in d.qas], top_k)
-    # Each question's bank: its retrieved documents' tokens (fewer than k while the stream is short: padded).
-    bank_QxKxTxD = np.zeros((len(top_QxK), top_k) + state.bank.tokens_MxTxD.shape[1:], np.float32)
-    valid_QxK = np.zeros((len(top_QxK), top_k), bool)
-    bank_QxKxTxD[:, :top_QxK.shape[1]] = state.bank.tokens_MxTxD[top_QxK]
-    valid_QxK[:, :top_QxK.shape[1]] = True
-
-    def prefix_fn(batch):
-      rows_B = np.maximum(batch["qa_index_B"], 0)  # padding rows (-1) take any question's bank
-      return mac.prefix_rows_jit(self.graphdef, self.params, {k: batch[k] for k in mac.QUESTION_KEYS},
-                                 bank_QxKxTxD[rows_B], valid_QxK[rows_B], window=ctx.config.mac.window)
-    scores = score(ctx, ctx.params, docs, decoding, desc, prefix_fn=prefix_fn)
-    return scores | {"recall": retrieval.recall(top_QxK, _own_positions(state.index, docs))}
-
-  def controls(self, ctx, state, test_docs):
-    return {}  # MAC's row has the other-bank control
-
-  def record(self, ctx, state, test_docs):
-    return self._bank_record(ctx, state.bank, test_docs)  # the bank MAC's row saves
-
-
 def _own_positions(index: retrieval.Index, docs) -> np.ndarray:
   """Each question's own document's position in `index` (-1: not in it), in `pipeline.questions(docs)`
   order."""
@@ -345,6 +304,47 @@ class Retrieved(NamedTuple):
 
   bank: mac.Bank
   index: retrieval.Index
+
+
+@dataclasses.dataclass(frozen=True)
+class MacRetrieval(Mac):
+  """MAC with its bank restricted, for each question, to the `eval.retrieval.k` documents ranked highest for
+  it (`methods.retrieval`) before aggregation (`mac.prefix_rows`)."""
+
+  name: str = "mac+retrieval"
+  versus: ClassVar[tuple[str, ...]] = ("mac", "retrieval")
+
+  def adapt(self, ctx, docs, lr, on_doc=None, desc="adapt"):
+    index = [retrieval.Index()]
+
+    def both(i, bank):
+      index[0] = index[0].add(docs[i])
+      if on_doc is not None:
+        on_doc(i, Retrieved(bank, index[0]))
+    bank = super().adapt(ctx, docs, lr, both, desc)
+    return Retrieved(bank, index[0])
+
+  def answer(self, ctx, state, docs, decoding, desc):
+    top_k = ctx.ec.retrieval.k
+    top_QxK = state.index.top_k([qa.question for d in docs for qa in d.qas], top_k)
+    # Each question's bank: its retrieved documents' tokens (fewer than k while the stream is short: padded).
+    bank_QxKxTxD = np.zeros((len(top_QxK), top_k) + state.bank.tokens_MxTxD.shape[1:], np.float32)
+    valid_QxK = np.zeros((len(top_QxK), top_k), bool)
+    bank_QxKxTxD[:, :top_QxK.shape[1]] = state.bank.tokens_MxTxD[top_QxK]
+    valid_QxK[:, :top_QxK.shape[1]] = True
+
+    def prefix_fn(batch):
+      rows_B = np.maximum(batch["qa_index_B"], 0)  # padding rows (-1) take any question's bank
+      return mac.prefix_rows_jit(self.graphdef, self.params, {k: batch[k] for k in mac.QUESTION_KEYS},
+                                 bank_QxKxTxD[rows_B], valid_QxK[rows_B], window=ctx.config.mac.window)
+    scores = score(ctx, ctx.params, docs, decoding, desc, prefix_fn=prefix_fn)
+    return scores | {"recall": retrieval.recall(top_QxK, _own_positions(state.index, docs))}
+
+  def controls(self, ctx, state, test_docs):
+    return {}  # MAC's row has the other-bank control
+
+  def record(self, ctx, state, test_docs):
+    return self._bank_record(ctx, state.bank, test_docs)  # the bank MAC's row saves
 
 
 for _method in (Weighted("uniform", baseline("uniform")), Weighted("ssm", baseline("ssm")),
