@@ -40,6 +40,13 @@ meta-objective 5.4 min, the open book 1.1 min. 111 test questions. F1 / answer N
 CaMeLS - uniform F1 -0.000 [-0.009, +0.008]. Meta-val: learned - uniform +0.429 [+0.210, +0.658] at the learned
 step, below SSM's +0.506; the meta-objective on the first 8 test paragraphs: learned - uniform +0.542 [+0.361,
 +0.728], SSM - uniform +0.097 [-0.207, +0.410]. Per-question scores: configs/expected/squad_cpu_scores/.
+
+Split_seed 2 (2026-12-04, the same code: train 25 min, evaluate 34 min). 110 questions:
+  no adaptation 0.047 / 2.756    uniform (0: no adaptation won) 0.047 / 2.756    SSM (1e-4) 0.023 / 2.925 (+0.540)
+  TF-IDF (2.5e-5) 0.058 / 2.612 (-0.068)    CaMeLS (2.5e-5) 0.060 / 2.620 (-0.081 [-0.207, +0.056])
+  oracle (2.5e-5) 0.076 / 2.459 (-0.209)    uniform + light-tune (0) 0.047 / 2.756    open book 0.444
+Splits 1 and 2 pooled (221 questions): CaMeLS - uniform F1 +0.006 [-0.016, +0.026], CaMeLS - no adaptation
+answer NLL -0.060 [-0.130, +0.011] per question (README has the whole table).
 """
 
 import ml_collections
