@@ -1,6 +1,7 @@
 """Pooling finished evaluations over data splits: per-split and pooled paired intervals over the questions,
 read from the prediction files, and one-line errors for a workdir that cannot be pooled."""
 
+import glob
 import json
 import os
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from camels_jax import pool, stats
+from tests.tiny_config import REPO
 
 
 def _write_eval(workdir, seed, per_method, lrs):
@@ -121,3 +123,13 @@ def test_a_malformed_scores_file_is_one_line_and_exit_2(tmp_path, capsys):
   bad.write_text(json.dumps({"label": "x"}))
   assert pool.main(["--workdirs", str(bad)]) == 2
   assert "not a scores file" in capsys.readouterr().err
+
+
+def test_the_kept_squad_scores_load_and_pair_every_method_on_the_same_questions():
+  kept = sorted(glob.glob(os.path.join(REPO, "configs", "expected", "squad_cpu_scores", "split*.json")))
+  assert kept  # README's SQuAD tables are pooled from these
+  for path in kept:
+    split = pool.load_split(path)
+    ids = split["methods"]["no_adaptation"]["ids"]
+    assert len(ids) > 100 and {"uniform", "camels"} <= set(split["methods"])
+    assert all(m["ids"] == ids and len(m["f1"]) == len(ids) for m in split["methods"].values())
