@@ -52,7 +52,7 @@ from ml_collections import config_flags
 from camels_jax import checks, io_utils
 
 LOG_FILE = "log.txt"
-CONFIG_FILE = "config.json"
+CONFIG_FILE = io_utils.CONFIG_FILE
 MANIFEST_FILE = "manifest.json"
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C (128 + SIGINT)

@@ -61,4 +61,9 @@ def eval_config() -> ml_collections.ConfigDict:
       # each question, put in its prompt (retrieval) or kept in MAC's bank (mac+retrieval); a prompt holds at most
       # max_len tokens (>= 0; 0 = the model's positions less max_new_tokens), its context cut from the end.
       retrieval=dict(k=1, max_len=0),
+      # MAC's bank against its size (with eval.methods=mac): the test questions answered again with this many
+      # distractor documents mixed into the stream's bank at seeded positions (increasing counts >= 1; () = not
+      # measured). Generated data: question-free documents of its "loc" split past the locality texts; other
+      # datasets: documents of meta-val, QA-val and QA-train (evaluation.methods.distractor_docs).
+      mac_distractors=(),
   ))

@@ -1,9 +1,13 @@
-"""Writing result files atomically: a reader sees the whole file or none of it."""
+"""Result files written atomically (a reader sees the whole file or none of it), and a workdir's config read back."""
 
 import json
 import math
 import os
 import tempfile
+
+import ml_collections
+
+from camels_jax import checks
 
 
 def write_atomic(path: str, text: str) -> None:
@@ -42,3 +46,19 @@ def strict_json(obj):
 def write_json(path: str, obj) -> None:
   """Writes `obj` as strict JSON (non-finite floats become null), atomically."""
   write_atomic(path, json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+CONFIG_FILE = "config.json"  # <workdir>/config.json: the resolved config every run writes (cli.session)
+
+
+def workdir_config(workdir: str, what: str):
+  """The config a finished run wrote to <workdir>/config.json, as a ConfigDict; one `checks.UserError` naming the
+  file when it is missing or unreadable (`what`: which run it should have been, for the message)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except FileNotFoundError:
+    raise checks.UserError(f"{path}: not found; {workdir} must be the workdir of {what}") from None
+  except (OSError, ValueError) as e:
+    raise checks.UserError(f"{path}: unreadable ({' '.join(str(e).split())})") from None

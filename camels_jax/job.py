@@ -48,7 +48,7 @@ SAFE_ON_RESUME = ("camels.steps", "camels.val_every", "camels.val_batches", "cam
                   "model.remat_policy", "eval.*", "fwl.steps", "fwl.val_every", "mac.steps", "mac.val_every")
 # Fields added after workdirs were trained, with the value that behaves as the code before them: a workdir
 # whose config.json lacks one resumes (and evaluates) when the config keeps that value.
-INTRODUCED = {"camels.precond_docs": 0, "camels.precond_eps": 1e-8}
+INTRODUCED = {"camels.precond_docs": 0, "camels.precond_eps": 1e-8, "mac.train_docs": 0}
 
 
 def jobs_of(config: ml_collections.ConfigDict) -> list[str]:
@@ -100,6 +100,13 @@ def _qa_tune_splits(c, at=""):
           for key in ("train_split", "val_split") if c.qa_tune[key] not in c.data.split_sizes]
 
 
+def _mac_train_docs(c, at=""):
+  if not _has(c, "mac", "data") or not c.mac.train_docs or c.data.dataset == "generated":
+    return []
+  return [f"{at}mac.train_docs={c.mac.train_docs} needs {at}data.dataset='generated' (only generated documents "
+          f"come in any number); 0 trains on the meta_train split"]
+
+
 def _weighting_layers(c, at=""):
   if not _has(c, "camels"):
     return []
@@ -113,7 +120,7 @@ def _weighting_layers(c, at=""):
 CROSS = (checks.within("model", loading.CROSS) + checks.within("data", data_config.CROSS)
          + checks.within("qa_tune", qa_tune.CROSS) + checks.within("camels", camels.CROSS)
          + checks.within("eval", evaluation.CROSS)
-         + [_fits_random_model, _padded_lens, _qa_tune_splits, _weighting_layers])
+         + [_fits_random_model, _padded_lens, _qa_tune_splits, _weighting_layers, _mac_train_docs])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ run the job as one program with the model replicated on every device (the readin
 nothing to split) and process 0 alone prints and writes.
 """
 
-import json
 import os
 import time
 
@@ -73,14 +72,7 @@ def load_text(config: ml_collections.ConfigDict) -> str:
 def fwl_job_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config of the fwl train job in `config.fwl_workdir` (its config.json); its model must be ours."""
   path = os.path.join(config.fwl_workdir, cli.CONFIG_FILE)
-  try:
-    with open(path, encoding="utf-8") as f:
-      job = ml_collections.ConfigDict(json.load(f))
-  except FileNotFoundError:
-    raise checks.UserError(f"{path}: not found; fwl_workdir must be the workdir of a finished `python -m "
-                           f"camels_jax.train` run with an fwl config") from None
-  except (OSError, ValueError) as e:
-    raise checks.UserError(f"{path}: unreadable ({cli.one_line(e)})") from None
+  job = io_utils.workdir_config(config.fwl_workdir, "a finished `python -m camels_jax.train` run with an fwl config")
   if "fwl" not in job:
     raise checks.UserError(f"{path}: that workdir's job has no fwl section (jobs={job.get('jobs')!r})")
   diffs = cli.config_differences(job.model.to_dict(), config.model.to_dict())

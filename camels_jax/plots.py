@@ -326,3 +326,40 @@ def plot_uptake_vs_step(path: str, by_step: dict, title: str = "Uptake against t
            fontsize=7, color="0.35")
   fig.tight_layout(rect=(0, 0.03, 1, 1))
   _save_png(fig, path)
+
+
+def plot_bank_size(path: str, rows: Sequence[dict], title: str = "MAC against its bank's size") -> None:
+  """Answer NLL (left) and F1 (right, with its 95% interval) against the bank's documents (log scale), a line
+  per method, as a PNG.
+
+  Args:
+    path: the .png to write.
+    rows: `report.bank_size_rows`: {"method", "bank_docs", "test": {"nll", "f1", "ci": {"f1": {"lo", "hi"}}}}.
+    title: the left panel's title.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(11.5, 4.4), dpi=120)
+  FigureCanvasAgg(fig)
+  nll_ax, f1_ax = fig.subplots(1, 2)
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  for k, method in enumerate(methods):
+    mine = [r for r in rows if r["method"] == method]
+    xs = np.array([r["bank_docs"] for r in mine], np.float64)
+    style = dict(marker=_MARKERS[k % len(_MARKERS)], color=f"C{k % 10}", markersize=5, linewidth=1.2, alpha=0.9)
+    nll_ax.plot(xs, [r["test"]["nll"] for r in mine], label=method, **style)
+    f1 = [r["test"].get("ci", {}).get("f1", {}) for r in mine]
+    _errorbar(f1_ax, xs, [_point_and_error(r["test"]["f1"], c.get("lo"), c.get("hi")) for r, c in zip(mine, f1)],
+              capsize=3, elinewidth=1.0, label=method, **style)
+  for ax, label in ((nll_ax, "answer NLL (nats per token)"), (f1_ax, "F1")):
+    ax.set_xscale("log")
+    ax.set_xlabel("documents in the bank (the stream's, then distractors)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  nll_ax.set_title(title)
+  f1_ax.set_title("F1 on the stream's questions")
+  fig.text(0.01, 0.01, "bars: 95% bootstrap interval over questions", fontsize=7, color="0.35")
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _save_png(fig, path)

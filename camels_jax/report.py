@@ -15,6 +15,7 @@ from camels_jax import io_utils, plots, qa
 
 # The per-question test metrics with an interval, in the tables' column order.
 CI_METRICS = qa.GENERATED_METRICS
+BANK_SIZE_PLOT = "mac_bank_size.png"  # <workdir>/eval/: MAC's answer NLL and F1 against its bank's size
 BASELINE_KEY = "vs_uniform"  # results.json's paired comparison of a method with the baseline (uniform)
 
 
@@ -234,10 +235,51 @@ def _control_lines(results: dict) -> list[str]:
   return lines + [""]
 
 
+def bank_size_rows(results: dict) -> list[dict]:
+  """MAC's test scores against its bank's size: the stream's bank, then each `distractors_*` control, in order
+  of size; [] when no method measured distractors."""
+  rows = []
+  for method, r in results["methods"].items():
+    found = sorted((c for k, c in r.get("controls", {}).items() if k.startswith("distractors_")),
+                   key=lambda c: c["test"]["distractors"])
+    if not found:
+      continue
+    memory = r.get("memory_bytes", {})
+    rows.append({"method": method, "bank_docs": r.get("bank", {}).get("docs"), "distractors": 0, "test": r["test"],
+                 "minus_stream": None, "prefix_bytes": memory.get("prefix"), "bank_bytes": memory.get("bank")})
+    for c in found:
+      t = c["test"]
+      minus = c["method_minus_control"]  # stream bank - this bank: flipped to this bank - the stream's
+      rows.append({"method": method, "bank_docs": t["bank_docs"], "distractors": t["distractors"], "test": t,
+                   "minus_stream": {m: {"mean": -v["mean"], "lo": -v["hi"], "hi": -v["lo"]} for m, v in minus.items()},
+                   "amortize_s": t["amortize_s"], "answer_s": t["answer_s"],
+                   "prefix_bytes": t["prefix_bytes"], "bank_bytes": t["bank_bytes"]})
+  return rows
+
+
+def _bank_size_lines(results: dict) -> list[str]:
+  rows = bank_size_rows(results)
+  if not rows:
+    return []
+  lines = ["MAC against its bank's size (the stream's documents, then distractors mixed in; Δ: this bank − the "
+           "stream's alone, paired; prefix memory: XLA's compiled bytes of aggregating one question batch):", "",
+           "| method | bank documents | distractors | F1 | answer NLL | Δ F1 | Δ answer NLL | amortize s / doc "
+           "| QA s / question | prefix MiB | bank MiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    d, t = r["minus_stream"] or {}, r["test"]
+    mib = lambda b: num(None if b is None else b / 2**20, ".1f")  # noqa: E731
+    lines.append(f"| {r['method']} | {r['bank_docs']} | {r['distractors']} | {_metric_cell(t, 'f1')} | "
+                 f"{num(t['nll'], '.3f')} | {interval(d.get('f1'), '.3f', signed=True)} | "
+                 f"{interval(d.get('nll'), '.3f', signed=True)} | {num(r.get('amortize_s'), '.3f')} | "
+                 f"{num(r.get('answer_s'), '.3f')} | {mib(r['prefix_bytes'])} | {mib(r['bank_bytes'])} |")
+  return lines + [""]
+
+
 def markdown(results: dict) -> str:
   """results.md: test scores with intervals and comparisons, against no adaptation, the methods' controls, the
   meta-objective on the test documents, the lr sweep, retention, costs (Markdown)."""
   return "\n".join(_test_lines(results) + [""] + _reference_lines(results) + [""] + _control_lines(results)
+                   + _bank_size_lines(results)
                    + _sweep_lines(results) + [""] + _time_lines(results)) + "\n"
 
 
@@ -273,6 +315,8 @@ def _write_files(folder: str, results: dict, test_scores: dict, heatmaps: dict) 
     io_utils.write_json(stem + ".json", answers_by_id(scores))
     io_utils.write_json(stem + "_detail.json", prediction_details(scores))
   plots.plot_curves(os.path.join(folder, "f1_curve.png"), results)
+  if bank_size_rows(results):
+    plots.plot_bank_size(os.path.join(folder, BANK_SIZE_PLOT), bank_size_rows(results))
   if "meta_objective_by_step" in results:
     plots.plot_uptake_vs_step(os.path.join(folder, "meta_objective_vs_step.png"), results["meta_objective_by_step"],
                               "The meta-objective on the test documents")

@@ -111,6 +111,8 @@ _CROSS_CASES = {
     "online padded_len": (dict(eval__online__padded_len=100), "eval.online.padded_len=100 must be 0 or >="),
     "qa_tune split": (dict(qa_tune__train_split="train"), "qa_tune.train_split='train' is not a split"),
     "weighting layers": (dict(camels__weighting__base_layers=3), "camels.weighting.base_layers=3 exceeds"),
+    "mac train_docs": (dict(mac__train_docs=100, data__dataset="squad", data__path="x.json"),
+                       "mac.train_docs=100 needs data.dataset='generated'"),
 }
 
 

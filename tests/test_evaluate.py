@@ -34,6 +34,8 @@ def trained(tmp_path_factory):
 @pytest.mark.slow  # the `trained` run (~2 min) and every method
 def test_all_methods_produce_the_table_and_outputs(trained):
   config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.eval.mac_distractors = (3, 7)
   results = evaluate.run(config, workdir, progress=False)
   assert set(results["methods"]) == set(METHODS) == set(evaluation.REGISTRY)
   n = results["test_questions"]
@@ -107,9 +109,20 @@ def test_all_methods_produce_the_table_and_outputs(trained):
   assert other["test"]["bank_docs"] == docs and other["test"]["n"] == n and other["test"]["nll"] != m["test"]["nll"]
   assert other["method_minus_control"]["nll"]["n"] == n and m["time_s"]["controls"] > 0
   assert not any("controls" in r or "controls" in r["time_s"] for k, r in results["methods"].items() if k != "mac")
+  # Its bank against its size: the stream's documents, then 3 and 7 distractors mixed in.
+  rows = report.bank_size_rows(results)
+  assert [(r["bank_docs"], r["distractors"]) for r in rows] == [(docs, 0), (docs + 3, 3), (docs + 7, 7)]
+  for r in rows[1:]:
+    # F1's paired mean is the difference of the two means (answer NLL's is per question, not token-weighted).
+    assert r["test"]["n"] == n and r["minus_stream"]["f1"]["mean"] == pytest.approx(r["test"]["f1"] - m["test"]["f1"])
+    d = r["minus_stream"]["nll"]
+    assert d["lo"] <= d["mean"] <= d["hi"] and d["mean"] != 0
+    assert r["prefix_bytes"] > 0 and r["amortize_s"] > 0 and r["answer_s"] > 0
+  assert rows[2]["bank_bytes"] == 4 * config.mac.tokens * (docs + 7) * config.model.random.d_model
   out = os.path.join(workdir, "eval")
   names = set(os.listdir(out))
-  assert {"results.json", "results.md", "f1_curve.png", "meta_objective_vs_step.png", "predictions"} <= names
+  assert {"results.json", "results.md", "f1_curve.png", "meta_objective_vs_step.png", "predictions",
+          report.BANK_SIZE_PLOT} <= names
   # The references: the open-book ceiling (the same questions, the document in the prompt) and the
   # meta-objective on the test documents, every weighting scored on every test question once per step.
   book = results["open_book"]
@@ -151,7 +164,7 @@ def test_all_methods_produce_the_table_and_outputs(trained):
     md = f.read()
   assert md.count("**best**") == 1 and "| camels |" in md and "| no adaptation |" in md
   assert "mac / camels adaptation time per document" in md and "| mac | - |" in md
-  assert "| mac | other bank |" in md
+  assert "| mac | other bank |" in md and f"| mac | {docs + 7} | 7 |" in md
   assert "F1 − uniform [95% CI]" in md and f"{n} questions" in md and evaluation.SELECT_RULES[config.eval.select] in md
   printed = report.table(results)
   assert "nan" not in printed.lower() and max(len(line) for line in printed.splitlines()) <= 160
@@ -208,6 +221,40 @@ def test_macs_other_bank_holds_as_many_documents_none_of_them_the_streams(tmp_pa
   assert not set(ids(others)) & set(ids(test_docs) + ids(data.splits["meta_train"]))  # nor what MAC trained on
   # Fewer held-out documents than the stream: all of them.
   assert len(methods.other_bank_docs(data, test_docs * 2)) == len(held_out)
+
+
+def test_macs_distractors_are_unseen_documents_mixed_into_its_bank(tmp_path):
+  import types  # pylint: disable=g-import-not-at-top
+  from camels_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from camels_jax.evaluation import methods  # pylint: disable=g-import-not-at-top
+  from camels_jax.models import loading
+  config = tiny_default()
+  config.data.split_sizes.update(qa_train=3, qa_val=2, meta_train=4, meta_val=2, test=5)
+  model = loading.load(config.model)
+  data = data_lib.load(config.data, model.tokenizer, str(tmp_path))
+  ctx = types.SimpleNamespace(data=data, model=model, workdir=str(tmp_path))
+  test_docs = list(data.stream().docs)
+  ids = lambda docs: [d.doc.id for d in docs]
+  docs = methods.distractor_docs(ctx, test_docs, 9)
+  loc = config.data.generated.loc_docs  # the locality texts are the "loc" split's first documents
+  assert ids(docs) == [f"loc-{k}" for k in range(loc, loc + 9)]
+  assert not set(ids(docs)) & {d.doc.id for split in data.splits.values() for d in split}
+  assert ids(methods.distractor_docs(ctx, test_docs, 4)) == ids(docs)[:4]  # a larger count adds documents
+  # Other datasets draw from the held-out splits, never the test documents, and say when they hold too few.
+  held = types.SimpleNamespace(config=types.SimpleNamespace(dataset="squad"), splits=data.splits)
+  pool = methods.distractor_docs(types.SimpleNamespace(data=held), test_docs, 7)
+  assert len(pool) == 7 and set(ids(pool)) <= set(ids(data.splits["meta_val"] + data.splits["qa_val"]
+                                                       + data.splits["qa_train"]))
+  with pytest.raises(checks.ConfigError, match="eval.mac_distractors asks for 8"):
+    methods.distractor_docs(types.SimpleNamespace(data=held), test_docs, 8)
+  # The mixed bank: the stream's documents and the first n distractors, at seeded positions.
+  rng = np.random.default_rng(0)
+  bank, extra = mac.Bank(rng.normal(size=(5, 2, 3))), mac.Bank(rng.normal(size=(9, 2, 3)))
+  mixed = methods.mixed_bank(bank, extra, 4, seed=42)
+  want = np.concatenate([bank.tokens_MxTxD, extra.tokens_MxTxD[:4]]).reshape(9, -1)
+  got = mixed.tokens_MxTxD.reshape(9, -1)
+  assert sorted(map(tuple, got)) == sorted(map(tuple, want)) and not np.array_equal(got, want)
+  assert np.array_equal(methods.mixed_bank(bank, extra, 4, seed=42).tokens_MxTxD, mixed.tokens_MxTxD)
 
 
 def _context(config, workdir):

@@ -14,7 +14,8 @@ from camels_jax import checks, job
 from tests.tiny_config import REPO, load_config
 
 PACKAGE = os.path.join(REPO, "camels_jax")
-ENTRY_POINTS = {"camels_jax.train", "camels_jax.evaluate", "camels_jax.perplexity", "camels_jax.repro"}
+ENTRY_POINTS = {"camels_jax.train", "camels_jax.evaluate", "camels_jax.perplexity", "camels_jax.repro", "camels_jax.update",
+                "camels_jax.ask", "camels_jax.export", "camels_jax.pool"}
 # What only entry points may import: each other, the command-line layer, the job layer.
 UPPER = ENTRY_POINTS | {"camels_jax.cli", "camels_jax.job"}
 

@@ -49,6 +49,14 @@ def test_validates_on_schedule_against_another_bank_and_the_base_model(trained):
   assert vb["own_minus_base"]["lo"] <= vb["own_minus_base"]["mean"] <= vb["own_minus_base"]["hi"]
   assert "own bank - other bank" in report.mac_summary(r)
   assert os.path.isdir(os.path.join(workdir, "mac"))
+  assert r["train_docs"] == tiny_mac().data.split_sizes.meta_train  # mac.train_docs = 0: the split
+
+
+def test_trains_on_more_generated_documents_than_the_meta_train_split(tmp_path):
+  c = tiny_mac(steps=2)
+  c.mac.train_docs = 3 * c.data.split_sizes.meta_train
+  r = train.run(c, str(tmp_path), progress=False)["mac"]
+  assert r["train_docs"] == c.mac.train_docs and [h["step"] for h in r["history"]] == [0, 2]
 
 
 def test_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):

@@ -80,7 +80,8 @@ def adapt_stream(graphdef: nnx.GraphDef, params, doc_batches: Sequence[dict[str,
                  weights: Callable[[int, dict[str, np.ndarray]], np.ndarray], c: ml_collections.ConfigDict,
                  icfg: inner.InnerConfig,
                  on_doc: Callable[[int, object], None] | None = None, progress: bool = True,
-                 desc: str = "adapt"):
+                 desc: str = "adapt", opt_state=None, start: int = 0,
+                 on_state: Callable[[int, object, object], None] | None = None):
   """Adapts `params` on the stream's documents in order.
 
   Args:
@@ -91,15 +92,20 @@ def adapt_stream(graphdef: nnx.GraphDef, params, doc_batches: Sequence[dict[str,
     on_doc: called as on_doc(i, params) after document i (e.g. evaluation points along the stream).
     progress: show a progress bar.
     desc: the progress bar's label.
+    opt_state, start: resume a stream: the optimizer state after its first `start` documents (with `params`
+      as they were then); None starts a fresh one.
+    on_state: called as on_state(i, params, opt_state) after document i (e.g. a checkpoint).
 
   Returns:
-    (adapted params, per-document losses).
+    (adapted params, per-document losses from `start` on).
   """
   direction = direction_of(c.optimizer, float(c.grad_clip))
   params = jax.tree.map(lambda x: x.copy(), params)  # adapt_step donates its inputs
-  opt_state = direction.init(params)
+  opt_state = direction.init(params) if opt_state is None else jax.tree.map(lambda x: x.copy(), opt_state)
   losses = []
-  for i, batch in enumerate(tqdm.tqdm(doc_batches, desc=desc, disable=not progress)):
+  for i in tqdm.trange(start, len(doc_batches), desc=desc, disable=not progress, initial=start,
+                       total=len(doc_batches)):
+    batch = doc_batches[i]
     w_BxL = weights(i, batch)
     params, opt_state, loss = adapt_step(graphdef, params, opt_state, batch["doc_tokens_BxL"],
                                          batch["doc_mask_BxL"], w_BxL, c.lr, direction=direction,
@@ -107,6 +113,8 @@ def adapt_stream(graphdef: nnx.GraphDef, params, doc_batches: Sequence[dict[str,
     losses.append(float(loss))
     if on_doc is not None:
       on_doc(i, params)
+    if on_state is not None:
+      on_state(i, params, opt_state)
   return params, losses
 
 

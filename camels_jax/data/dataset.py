@@ -124,6 +124,24 @@ def load(config: ml_collections.ConfigDict, tokenizer: pipeline.Tokenizer, workd
   return Data(c, spec, tokenizer.pad_id, tokenized, loc, dict(counts))
 
 
+def generated_docs(config: ml_collections.ConfigDict, tokenizer: pipeline.Tokenizer, workdir: str, split: str,
+                   stop: int, start: int = 0) -> list[pipeline.TokenizedDoc]:
+  """Documents `start` to `stop` - 1 of one split of the generated dataset, prepared and tokenised as `load`
+  does: more of a split than the job's split sizes hold (the k-th document of a split depends only on the
+  seed, the split and k, so the first ones are the job's own; `generated` module docstring).
+
+  Raises:
+    DataError: `config.dataset` is not "generated".
+  """
+  c = config
+  if c.dataset != "generated":
+    raise DataError(f"dataset={c.dataset!r}: only the generated dataset can make more documents than its splits "
+                    f"hold")
+  sources, _ = _prepare_generated(c, c.data_dir or os.path.join(workdir, "tfds"), {split: stop})
+  docs = builders.read_documents(sources[split])[start:stop]
+  return pipeline.tokenize(docs, tokenizer, pipeline.Spec.from_config(c), collections.Counter())
+
+
 def _prepare_generated(c, data_dir: str, sizes: dict[str, int]):
   return builders.prepare("camels_generated", data_dir, seed=c.generated.seed, sizes=sizes,
                           questions_per_doc=c.generated.questions_per_doc)

@@ -92,6 +92,8 @@ RULES = {
     "open_book": checks.boolean,
     "open_book_docs": checks.count_or_zero,
     "retrieval": {"k": checks.count, "max_len": checks.count_or_zero},
+    "mac_distractors": checks.either(checks.increasing(checks.count),
+                                     checks.Rule(lambda x: isinstance(x, (tuple, list)) and not x, "() (none)")),
 }
 
 

@@ -7,6 +7,7 @@ documents), retrieval (the top-k documents in the prompt) and MAC + retrieval (t
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
@@ -16,7 +17,7 @@ import tqdm
 
 from camels_jax import checks, qa_tune
 from camels_jax.adapt import online
-from camels_jax.data import pipeline
+from camels_jax.data import dataset, pipeline
 from camels_jax.evaluation.method import REGISTRY, Context, Method, OnDoc, WeightFn, pad, register, score
 from camels_jax.methods import baselines, camels, mac, retrieval
 
@@ -66,8 +67,10 @@ def camels_weights(ctx: Context) -> WeightFn:
   return fn
 
 
-def adapt(ctx: Context, docs, weights: WeightFn, lr: float, on_doc: OnDoc | None = None, desc: str = "adapt"):
-  """The QA-tuned model adapted on `docs` in order with `weights` at learning rate `lr`.
+def adapt(ctx: Context, docs, weights: WeightFn, lr: float, on_doc: OnDoc | None = None, desc: str = "adapt",
+          **resume):
+  """The QA-tuned model adapted on `docs` in order with `weights` at learning rate `lr` (`resume`:
+  `online.adapt_stream`'s opt_state, start and on_state, with ctx.params the params after `start` documents).
 
   At lr 0 (the "no adaptation" candidate chosen) the updates are skipped: clipped Adam and SGD scale their
   whole step by the lr, so every document would leave the parameters exactly as they are.
@@ -84,7 +87,7 @@ def adapt(ctx: Context, docs, weights: WeightFn, lr: float, on_doc: OnDoc | None
   batches = [pipeline.doc_batch([d], ctx.data.spec, ctx.data.pad_id) for d in docs]
   weight_fn = lambda i, b: weights(docs[i], b["doc_tokens_BxL"].shape[1])[None]
   params, _ = online.adapt_stream(ctx.model.graphdef, ctx.params, batches, weight_fn, oc, icfg,
-                                  on_doc=on_doc, progress=ctx.progress, desc=desc)
+                                  on_doc=on_doc, progress=ctx.progress, desc=desc, **resume)
   return params
 
 
@@ -181,6 +184,29 @@ class LightTuned(Method):
     return self.base.record(ctx, state, test_docs)
 
 
+def distractor_docs(ctx: Context, test_docs, n: int) -> list:
+  """`n` documents to mix into MAC's bank, none of them a test document or one MAC trained on: with generated
+  data the question-free documents of its "loc" split past the locality texts (any number); otherwise the
+  documents of `OTHER_BANK_SPLITS`, of which there must be `n`."""
+  data = ctx.data
+  if data.config.dataset == "generated":
+    start = data.config.generated.loc_docs
+    return dataset.generated_docs(data.config, ctx.model.tokenizer, ctx.workdir, "loc", start + n, start)
+  test_ids = {d.doc.id for d in test_docs}
+  pool = [d for split in OTHER_BANK_SPLITS for d in data.splits.get(split, ()) if d.doc.id not in test_ids]
+  if len(pool) < n:
+    raise checks.ConfigError(f"config: eval.mac_distractors asks for {n} distractor documents, but "
+                             f"{', '.join(OTHER_BANK_SPLITS)} hold {len(pool)} (only generated data makes any number)")
+  return pool[:n]
+
+
+def mixed_bank(bank: mac.Bank, extra: mac.Bank, n: int, seed: int) -> mac.Bank:
+  """`bank` with the first `n` documents of `extra` at seeded random positions (windows of the hierarchical
+  aggregation then mix the two, as in a stream where they arrive among its documents)."""
+  tokens_MxTxD = np.concatenate([bank.tokens_MxTxD, extra.tokens_MxTxD[:n]])
+  return mac.Bank(tokens_MxTxD[np.random.default_rng([seed, n]).permutation(len(tokens_MxTxD))])
+
+
 def other_bank_docs(data, test_docs) -> list:
   """As many documents as `test_docs` (fewer if the splits hold fewer) from `OTHER_BANK_SPLITS`, in the
   evaluation stream's order, none of them a test document: the bank of MAC's other-bank control."""
@@ -235,7 +261,36 @@ class Mac(Method):
     other = score(ctx, ctx.params, test_docs, ctx.ec.decoding, "mac other-bank QA", prefix_fn=prefix_fn)
     ctx.say(f"mac: answer NLL {other['nll']:.4f} with a bank of {bank.docs} other documents "
             f"({', '.join(OTHER_BANK_SPLITS)})")
-    return {"other_bank": other | {"bank_docs": bank.docs}}
+    return {"other_bank": other | {"bank_docs": bank.docs}} | self._distractors(ctx, state, test_docs)
+
+  def _distractors(self, ctx, bank, test_docs) -> dict:
+    """The test questions answered again from the stream's bank with `eval.mac_distractors` documents mixed
+    in (`distractor_docs`, `mixed_bank`): how MAC's answers degrade as its memory grows. Each entry also has
+    the seconds per document of amortizing the distractors, and the seconds per question and XLA's compiled
+    bytes of aggregating that bank for one question batch."""
+    counts, window = tuple(ctx.ec.mac_distractors), ctx.config.mac.window
+    if not counts:
+      return {}
+    docs = distractor_docs(ctx, test_docs, max(counts))
+    start = time.perf_counter()
+    extra = self.adapt(ctx, docs, None, desc="mac distractors")
+    amortize_s = (time.perf_counter() - start) / len(docs)
+    batch = next(iter(pipeline.qa_eval_batches(test_docs[:1], ctx.data.spec, ctx.data.pad_id, ctx.ec.batch_size)))
+    out = {}
+    for n in counts:
+      mixed = mixed_bank(bank, extra, n, ctx.data.config.stream_seed)
+      lowered = mac.prefix_lowered(self.graphdef, self.params, batch, mixed, mixed.docs, window)
+      prefix_fn = mac.prefix_fn(self.graphdef, self.params, mixed, mixed.docs, window)
+      start = time.perf_counter()
+      s = score(ctx, ctx.params, test_docs, ctx.ec.decoding, f"mac +{n} distractors QA", prefix_fn=prefix_fn)
+      seconds = time.perf_counter() - start
+      out[f"distractors_{n}"] = s | {
+          "bank_docs": mixed.docs, "distractors": n, "amortize_s": amortize_s,
+          "answer_s": seconds / max(len(s["per_question"]["nll"]), 1),
+          "prefix_bytes": online.compiled_bytes(lowered.compile()), "bank_bytes": mixed.nbytes}
+      ctx.say(f"mac: answer NLL {s['nll']:.4f}, F1 {s['f1']:.4f} with {n} distractors in a bank of "
+              f"{mixed.docs} documents ({seconds:.0f} s)")
+    return out
 
   def record(self, ctx, state, test_docs):
     state.save(os.path.join(ctx.workdir, MAC_BANK_DIR))

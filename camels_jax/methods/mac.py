@@ -55,7 +55,7 @@ from flax import nnx
 
 from camels_jax import checkpoint, checks, loop, sharding, stats
 from camels_jax.adapt import loss
-from camels_jax.data import pipeline
+from camels_jax.data import dataset, pipeline
 from camels_jax.models import loading, transformer
 
 _MASKED = -1e30
@@ -76,6 +76,9 @@ def mac_config() -> ml_collections.ConfigDict:
       mlp_mult=2,  # width of the blocks' and the output MLPs in units of d_model, >= 1
       window=4,  # documents aggregated in one pass; larger banks are aggregated hierarchically (>= 2)
       bank_docs=8,  # meta-train documents in a training bank (> window trains the hierarchy too)
+      # Generated data only: train on the first this many generated meta-train documents (the job's meta-train
+      # split is their first ones), so MAC reads many more documents than CaMeLS trains on; 0 = the split.
+      train_docs=0,
       questions=16,  # questions per training step, sampled from the bank's documents' questions
       backprop_fraction=0.5,  # fraction of a bank's documents amortized under the gradient, in (0, 1]
       lr=1e-4,  # Adam lr, > 0
@@ -97,6 +100,7 @@ RULES = {
     "mlp_mult": checks.count,
     "window": checks.at_least(2, integer=True),
     "bank_docs": checks.count,
+    "train_docs": checks.count_or_zero,
     "questions": checks.count,
     "backprop_fraction": checks.Rule(lambda x: checks._is_number(x) and 0 < x <= 1, "a number in (0, 1]",
                                      bad_example=0),
@@ -605,9 +609,18 @@ def _validation(graphdef, eval_fn, base_params, vals):
   return validate, by_question
 
 
+def train_docs(config: ml_collections.ConfigDict, base: loading.Loaded, data, workdir: str) -> list:
+  """MAC's training documents: the meta-train split, or the first `mac.train_docs` generated meta-train
+  documents (which start with the split's own)."""
+  n = config.mac.train_docs
+  if not n:
+    return data.splits["meta_train"]
+  return dataset.generated_docs(config.data, base.tokenizer, workdir, "meta_train", n)
+
+
 def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, data, workdir: str, writer,
         progress: bool = True):
-  """Trains MAC on the meta-train split with the (QA-tuned) base model frozen; validates on meta-val.
+  """Trains MAC on `train_docs` with the (QA-tuned) base model frozen; validates on meta-val.
 
   Resumes from <workdir>/mac's latest checkpoint (data position and RNG included), through `loop.run`.
 
@@ -618,7 +631,8 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   # On the base model's mesh, split over its FSDP axis like the base model (the batches stay whole).
   t = init(config, base, sharding.mesh_of(base_params))
   spec, pad = data.spec, data.pad_id
-  loader = bank_loader(data.splits["meta_train"], spec, pad, c.bank_docs, c.seed)
+  docs = train_docs(config, base, data, workdir)
+  loader = bank_loader(docs, spec, pad, c.bank_docs, c.seed)
   kw = dict(graphdef=t.graphdef, base_graphdef=base.graphdef)
   train_fn = jax.jit(functools.partial(train_step, scfg=step_config(c), optimizer=t.optimizer, **kw),
                      donate_argnums=(0, 1))
@@ -633,7 +647,7 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   r = loop.run(loop.LoopConfig(JOB, c.steps, c.val_every, BEST_METRIC), t.state, step_fn,
                lambda state: validate(state["params"]), workdir=workdir, writer=writer, rng=jax.random.key(c.seed),
                loader=loader, progress=progress, desc="mac train")
-  results = {"best_step": r.best_step, "best": r.best, "history": r.history,
+  results = {"best_step": r.best_step, "best": r.best, "history": r.history, "train_docs": len(docs),
              # The best networks' meta-val answer NLL per question: own bank against another bank and none.
              "val_by_question": by_question(r.state["params"]),
              "params": int(sum(x.size for x in jax.tree.leaves(r.state["params"]))),

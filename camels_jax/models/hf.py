@@ -16,6 +16,11 @@ from camels_jax.models.config import ModelConfig
 from camels_jax.models.convert import CheckpointError
 
 SUPPORTED = ("gpt2", "llama")
+# A block's linear layers: (this library's name, transformers' name) in each family.
+GPT2_LINEARS = (("attn/o", "attn.c_proj"), ("mlp/fc", "mlp.c_fc"), ("mlp/proj", "mlp.c_proj"))
+LLAMA_LINEARS = (("attn/q", "self_attn.q_proj"), ("attn/k", "self_attn.k_proj"), ("attn/v", "self_attn.v_proj"),
+                 ("attn/o", "self_attn.o_proj"), ("mlp/gate", "mlp.gate_proj"), ("mlp/up", "mlp.up_proj"),
+                 ("mlp/down", "mlp.down_proj"))
 
 
 def config_from_dict(hf: dict, source: str) -> ModelConfig:
@@ -95,7 +100,7 @@ def _gpt2_names(t: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndar
     for j, name in enumerate("qkv"):
       flat[b + f"attn/{name}/kernel"] = qkv_w[:, j * d:(j + 1) * d]
       flat[b + f"attn/{name}/bias"] = qkv_b[j * d:(j + 1) * d]
-    for ours, theirs in (("attn/o", "attn.c_proj"), ("mlp/fc", "mlp.c_fc"), ("mlp/proj", "mlp.c_proj")):
+    for ours, theirs in GPT2_LINEARS:
       flat[b + ours + "/kernel"] = t.pop(h + theirs + ".weight")
       flat[b + ours + "/bias"] = t.pop(h + theirs + ".bias")
   t.pop("lm_head.weight", None)  # tied to wte
@@ -112,10 +117,7 @@ def _llama_names(t: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.nda
     h, b = f"model.layers.{i}.", f"blocks/{i}/"
     flat[b + "ln1/scale"] = t.pop(h + "input_layernorm.weight")
     flat[b + "ln2/scale"] = t.pop(h + "post_attention_layernorm.weight")
-    for ours, theirs in (("attn/q", "self_attn.q_proj"), ("attn/k", "self_attn.k_proj"),
-                         ("attn/v", "self_attn.v_proj"), ("attn/o", "self_attn.o_proj"),
-                         ("mlp/gate", "mlp.gate_proj"), ("mlp/up", "mlp.up_proj"),
-                         ("mlp/down", "mlp.down_proj")):
+    for ours, theirs in LLAMA_LINEARS:
       flat[b + ours + "/kernel"] = t.pop(h + theirs + ".weight").T  # torch Linear is [out, in]
   return flat | _leftovers(t)
 

@@ -185,3 +185,22 @@ def test_malformed_row_reported_through_load(tmp_path, tok):
   config.path = str(path)
   with pytest.raises(data.DataError, match=r"bad\.csv, row 3: 4 fields, expected 3"):
     data.load(config, tok, str(tmp_path))
+
+
+def test_more_generated_documents_start_with_the_jobs_own(tok, tmp_path):
+  from camels_jax.data import dataset  # pylint: disable=g-import-not-at-top
+  config = data.get_data_config()
+  config.split_sizes.update(qa_train=2, qa_val=2, meta_train=3, meta_val=2, test=2)
+  loaded = data.load(config, tok, str(tmp_path))
+  more = dataset.generated_docs(config, tok, str(tmp_path), "meta_train", 10)
+  assert len(more) == 10 and len({d.doc.id for d in more}) == 10
+  # The split's documents are the first ones, tokenised alike (the split itself is in shuffled order).
+  own = {d.doc.id: d for d in loaded.splits["meta_train"]}
+  assert {d.doc.id for d in more[:3]} == set(own)
+  assert all((d.tokens == own[d.doc.id].tokens).all() and len(d.qas) == len(own[d.doc.id].qas) for d in more[:3])
+  # A range of the "loc" split: question-free documents past the locality texts.
+  extra = dataset.generated_docs(config, tok, str(tmp_path), "loc", 70, 64)
+  assert [d.doc.id for d in extra] == [f"loc-{k}" for k in range(64, 70)] and not any(d.qas for d in extra)
+  squad = data.get_data_config("squad")
+  with pytest.raises(data.DataError, match="only the generated dataset"):
+    dataset.generated_docs(squad, tok, str(tmp_path), "meta_train", 10)
