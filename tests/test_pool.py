@@ -133,3 +133,6 @@ def test_the_kept_squad_scores_load_and_pair_every_method_on_the_same_questions(
     ids = split["methods"]["no_adaptation"]["ids"]
     assert len(ids) > 100 and {"uniform", "camels"} <= set(split["methods"])
     assert all(m["ids"] == ids and len(m["f1"]) == len(ids) for m in split["methods"].values())
+  # Three article splits (data.split_seed 0, 1, 2): no question is in two of them.
+  ids = [set(pool.load_split(p)["methods"]["no_adaptation"]["ids"]) for p in kept]
+  assert len(kept) == 3 and sum(map(len, ids)) == len(set.union(*ids))
