@@ -57,6 +57,7 @@ def main(argv):
     raise checks.UserError("--workdir is required (the workdir of a finished `python -m camels_jax.update`)")
   questions = read_questions(FLAGS.question, FLAGS.questions)
   update_record(FLAGS.workdir)  # before any model loads
+  cli.route_logs(FLAGS.workdir)  # library logs to the update's log.txt: the terminal shows the answers
   for row in run(FLAGS.workdir, questions, FLAGS.compare, FLAGS.decoding):
     print(f"Q: {row['question']}")
     for name in ("updated", "not_updated"):

@@ -11,7 +11,7 @@ An updated model is exported by `camels_jax.update` itself (<workdir>/hf).
 import json
 import os
 
-from absl import flags
+from absl import flags, logging
 
 from camels_jax import checks, cli, io_utils, qa_tune, updater
 from camels_jax.models import export, loading
@@ -41,6 +41,8 @@ def main(argv):
   del argv
   if not FLAGS.out:
     raise checks.UserError("--out is required (the checkpoint folder to write)")
+  if FLAGS.verbosity < 1:  # a quiet terminal: library logs only with --verbosity=1
+    logging.set_verbosity(logging.WARNING)
   folder = run(FLAGS.out, FLAGS.from_workdir, FLAGS.base, FLAGS.dtype)
   print(f"wrote {folder}: load it with transformers.AutoModelForCausalLM.from_pretrained({folder!r})")
 

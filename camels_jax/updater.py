@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 from absl import logging
 
 from camels_jax import checkpoint, checks, evaluation, io_utils, plots, qa, qa_tune
@@ -241,7 +242,8 @@ class Updater:
     for m_TxD in (np.asarray(saved["bank"])[:start] if saved is not None else []):
       bank = bank.append(m_TxD)
     save = self._saver(state_dir, save_every, len(docs), key)
-    for i in range(start, len(docs)):
+    for i in tqdm.trange(start, len(docs), desc="update", disable=not self.progress, initial=start,
+                         total=len(docs)):
       b = pipeline.doc_batch([docs[i]], ctx.data.spec, ctx.data.pad_id)
       bank = bank.append(np.asarray(mac.amortize_jit(method.graphdef, method.params, b["doc_tokens_BxL"],
                                                      b["doc_mask_BxL"]))[0])
