@@ -156,8 +156,8 @@ class Updater:
     """
     config, lr = check(from_workdir, method, lr, base)
     mc = config.model.copy_and_resolve_references()
-    if base != QA_TUNED:
-      mc.source = base
+    if base != QA_TUNED:  # another model: its own tokenizer too
+      mc.source, mc.tokenizer = base, ""
     model = loading.load(mc)
     params = model.params
     if base == QA_TUNED:
@@ -328,6 +328,9 @@ def check(from_workdir: str, method: str, lr: float | None, base: str) -> tuple[
   if method not in METHODS:
     raise checks.UserError(f"--method={method!r}: expected one of {', '.join(METHODS)}")
   config = io_utils.workdir_config(from_workdir, "a finished `python -m camels_jax.train` run")
+  if base != QA_TUNED and method in ("camels", "mac"):
+    raise checks.UserError(f"--method={method} reads the tokens and hidden states of the model it was trained "
+                           f"on: it needs --base={QA_TUNED} (the from_workdir's QA-tuned model), not {base!r}")
   evaluation.REGISTRY[method].require(config, from_workdir)  # camels: the weighting model; mac: its networks
   if base == QA_TUNED and not os.path.isdir(os.path.join(from_workdir, qa_tune.TUNED)):
     raise checks.UserError(f"{from_workdir}: no QA-tuned model ({qa_tune.TUNED}/); run the train job there, or "

@@ -195,10 +195,24 @@ def test_camels_and_mac_update_and_answer(tmp_path):
   assert u.score(bank, [QUESTION], [ANSWER]) != u.score(None, [QUESTION], [ANSWER])  # the bank conditions it
 
 
-@pytest.mark.slow  # SmolLM2 (540 MB of float32 written and read back)
-def test_smollm2_from_gguf_exports_with_transformers_logits(tmp_path):
+@pytest.mark.slow  # SmolLM2 (540 MB of float32 written and read back, twice)
+def test_smollm2_from_gguf_exports_with_transformers_logits_before_and_after_an_update(tmp_path):
   from camels_jax.models import loading  # pylint: disable=g-import-not-at-top
   folder = export.run(str(tmp_path / "smollm2"), base="smollm2")
   model = loading.load(loading.model_config("smollm2"))
   worst = _logits_agree(folder, model.graphdef, model.params, model.tokenizer)
   print(f"SmolLM2 exported: max |logit difference| {worst:.2e}")
+  # Updated on the three documents (any from_workdir's settings; the base is SmolLM2 as loaded).
+  job = tmp_path / "job"
+  job.mkdir()
+  io_utils.write_json(str(job / cli.CONFIG_FILE), cli.config_dict(_config("llama")))
+  out = str(tmp_path / "update")
+  updater.run(str(job), _docs_file(tmp_path), out, method="uniform", lr=1e-5, base="smollm2", progress=False)
+  u = updater.Updater.load(str(job), "uniform", 1e-5, base="smollm2", progress=False)
+  after = u.load_state(out)
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(model.params)))
+  worst = _logits_agree(os.path.join(out, "hf"), model.graphdef, after, model.tokenizer)
+  print(f"SmolLM2 updated and exported: max |logit difference| {worst:.2e}")
+  with pytest.raises(updater.checks.UserError, match="needs --base=qa_tuned"):
+    updater.check(str(job), "camels", 1e-5, "smollm2")
