@@ -10,7 +10,8 @@ is the library behind it).
 file (one object per line, its `--text_field` the document), or a directory (each .txt file one document, in
 name order). Methods: uniform, ssm, tfidf, camels (at `--lr`: by default the lr the method's evaluation chose,
 read from <from_workdir>/eval/results.json) and mac (no lr). The base model is the QA-tuned model of
-`--from_workdir` (`--base=qa_tuned`) or any model source (`--base=smollm2`, a Hugging Face folder, a .gguf file).
+`--from_workdir` (`--base=qa_tuned`) or, for uniform, SSM and TF-IDF, any model source with its own tokenizer
+(`--base=smollm2`, a Hugging Face folder, a .gguf file).
 
 <workdir> gets: update.json (the documents, method, lr, base, time per document), config.json and
 manifest.json, token_weights.html (the weights each document was read with; weighted methods), and the adapted
