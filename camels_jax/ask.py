@@ -5,12 +5,9 @@ evaluation's prompt format and decoding; `--compare` prints the not-updated mode
   python -m camels_jax.ask --workdir=runs/notes --questions=questions.txt   # one question per line
 """
 
-import json
-import os
-
 from absl import flags
 
-from camels_jax import checks, cli, updater
+from camels_jax import checks, cli, io_utils, updater
 from camels_jax.data.sources import read_text
 
 FLAGS = flags.FLAGS
@@ -28,15 +25,7 @@ def read_questions(question: str, path: str) -> list[str]:
 
 def update_record(workdir: str) -> dict:
   """<workdir>/update.json of a finished update; one `checks.UserError` when there is none."""
-  path = os.path.join(workdir, updater.RESULT_FILE)
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise checks.UserError(f"{path}: not found; --workdir must be the workdir of a finished "
-                           f"`python -m camels_jax.update`") from None
-  except (OSError, ValueError) as e:
-    raise checks.UserError(f"{path}: unreadable ({cli.one_line(e)})") from None
+  return io_utils.read_workdir_json(workdir, updater.RESULT_FILE, "a finished `python -m camels_jax.update`")
 
 
 def run(workdir: str, questions: list[str], compare: bool = False, decoding: str = "") -> list[dict]:

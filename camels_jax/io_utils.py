@@ -51,14 +51,19 @@ def write_json(path: str, obj) -> None:
 CONFIG_FILE = "config.json"  # <workdir>/config.json: the resolved config every run writes (cli.session)
 
 
-def workdir_config(workdir: str, what: str):
-  """The config a finished run wrote to <workdir>/config.json, as a ConfigDict; one `checks.UserError` naming the
-  file when it is missing or unreadable (`what`: which run it should have been, for the message)."""
-  path = os.path.join(workdir, CONFIG_FILE)
+def read_workdir_json(workdir: str, name: str, what: str):
+  """<workdir>/<name>, parsed; one `checks.UserError` naming the file when it is missing or unreadable (`what`:
+  which run should have written it, for the message)."""
+  path = os.path.join(workdir, name)
   try:
     with open(path, encoding="utf-8") as f:
-      return ml_collections.ConfigDict(json.load(f))
+      return json.load(f)
   except FileNotFoundError:
     raise checks.UserError(f"{path}: not found; {workdir} must be the workdir of {what}") from None
   except (OSError, ValueError) as e:
     raise checks.UserError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
+
+
+def workdir_config(workdir: str, what: str) -> ml_collections.ConfigDict:
+  """The config a finished run wrote to <workdir>/config.json, as a ConfigDict (`read_workdir_json`)."""
+  return ml_collections.ConfigDict(read_workdir_json(workdir, CONFIG_FILE, what))
