@@ -2,6 +2,7 @@
 
   python -m camels_jax.perplexity --config configs/ppl_smollm2.py [--config.text_file=PATH]
       [--config.method=static|dynamic|fwl] [--config.dynamic.context=overlap|xl] [--config.dynamic.lr=1e-5]
+      [--config.method=dynamic --config.sweep.enabled=true]
 
 Every token but the first is scored. `dynamic` (camels_jax/methods/dynamic_eval.py) says how the text is
 segmented: "overlap" windows (each token scored with up to a full window of context) or "xl" chunks attending
@@ -9,6 +10,12 @@ to cached keys and values of the tokens before them; method "dynamic" also takes
 segment after scoring it. Method "fwl" scores non-overlapping windows of `dynamic.window` tokens with the FWL
 head of the `fwl` train job in `fwl_workdir` (the head adapts within each window) and reports the same
 windows' static perplexity beside it.
+
+With `sweep.enabled` (method "dynamic") the text's articles are split into training, validation and test
+articles; the optimizer, learning rate and decay are selected on the validation articles
+(camels_jax/methods/dynamic_sweep.py) and the test articles alone are scored, static and with the selected
+settings, with a paired bootstrap interval over tokens on the difference. `max_tokens` then cuts the test
+articles' tokens.
 
 Launched as several processes (launch/*.sh with ENTRY=camels_jax.perplexity, or `--distributed`), the processes
 run the job as one program with the model replicated on every device (the reading is sequential, so there is
@@ -21,11 +28,11 @@ import time
 import jax
 import ml_collections
 
-from camels_jax import checks, cli, io_utils, job, metrics, sharding
+from camels_jax import checks, cli, io_utils, job, metrics, sharding, stats
 from camels_jax.data import generated
 from camels_jax.data import text as text_lib
 from camels_jax.data.sources import DataError, read_text
-from camels_jax.methods import dynamic_eval, fwl
+from camels_jax.methods import dynamic_eval, dynamic_sweep, fwl
 from camels_jax.models import loading
 
 METHODS = ("static", "dynamic", "fwl")
@@ -36,6 +43,7 @@ RULES = {
     "model": loading.RULES,
     "method": checks.one_of(*METHODS),
     "dynamic": dynamic_eval.RULES,
+    "sweep": dynamic_sweep.RULES,
     "fwl_workdir": checks.string,  # method fwl: the workdir of a finished `fwl` train job
     "text_file": checks.string,  # "" = generated documents
     "generated_seed": checks.seed,
@@ -53,11 +61,22 @@ def _fwl_needs_its_workdir(c, at=""):
   return []
 
 
+def _sweep_is_for_dynamic(c, at=""):
+  found = []
+  if c.sweep.enabled and c.method != "dynamic":
+    found.append(f"{at}sweep.enabled=True selects dynamic evaluation's settings: it needs {at}method='dynamic' "
+                 f"(not {c.method!r})")
+  if c.method == "dynamic" and c.dynamic.optimizer == "rms" and not c.sweep.enabled:
+    found.append(f"{at}dynamic.optimizer='rms' needs {at}sweep.enabled=True: its gradient statistics come from "
+                 f"the training articles of the sweep's split (a one-value grid fixes its lr and decay)")
+  return found
+
+
 CROSS = (checks.within("model", loading.CROSS) + checks.within("dynamic", dynamic_eval.CROSS)
-         + [_fwl_needs_its_workdir])
+         + checks.within("sweep", dynamic_sweep.CROSS) + [_fwl_needs_its_workdir, _sweep_is_for_dynamic])
 
 # Fields a rerun in the same workdir may change: they do not change what the workdir holds.
-SAFE_ON_RESUME = ("batch_size", "method", "dynamic.*", "fwl_workdir", "text_file", "max_tokens",
+SAFE_ON_RESUME = ("batch_size", "method", "dynamic.*", "sweep.*", "fwl_workdir", "text_file", "max_tokens",
                   "generated_*", "add_bos")
 
 
@@ -67,6 +86,13 @@ def load_text(config: ml_collections.ConfigDict) -> str:
     return read_text(config.text_file)
   docs = generated.generate(config.generated_seed, "test", config.generated_docs)
   return "\n\n".join(d.text for d in docs)
+
+
+def load_articles(config: ml_collections.ConfigDict) -> list[str]:
+  """The articles of the configured text file (WikiText headings or paragraph blocks), or generated documents."""
+  if config.text_file:
+    return text_lib.articles(read_text(config.text_file))
+  return [d.text for d in generated.generate(config.generated_seed, "test", config.generated_docs)]
 
 
 def fwl_job_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -119,6 +145,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) 
                           tokens_NxL, mask_NxL, config.batch_size, job.fwl.chunk, progress)
     result = {"nll": m["nll"], "ppl": m["ppl"], "tokens": m["tokens"], "time_s": time.perf_counter() - start,
               "updates": 0, "static_same_windows": {"nll": m["static_nll"], "ppl": m["static_ppl"]}}
+  elif config.sweep.enabled:
+    dynamic_eval.check_model(c, model.cfg)
+    result = run_sweep(config, model, progress)
   else:
     dynamic_eval.check_model(c, model.cfg)
     result = dynamic_eval.evaluate(model.graphdef, model.params, model.cfg, ids, c,
@@ -133,6 +162,37 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) 
   return result
 
 
+def run_sweep(config: ml_collections.ConfigDict, model, progress: bool = True) -> dict:
+  """Selects dynamic evaluation's settings on the validation articles, then scores the test articles static
+  and dynamic at the selection (module docstring)."""
+  s = config.sweep
+  train, val, test = text_lib.split_three(load_articles(config), s.val_fraction, s.heldout_fraction)
+  tok = model.tokenizer
+  train_ids, val_ids = (text_lib.token_stream(tok, a, config.add_bos) for a in (train, val))
+  test_ids = text_lib.token_stream(tok, test, config.add_bos)[:config.max_tokens or None]
+  report, rms = dynamic_sweep.select(model.graphdef, model.params, model.cfg, config.dynamic, s, train_ids,
+                                     val_ids, progress)
+  chosen = dynamic_sweep.Candidate(**report["selected"]).section(config.dynamic)
+  start = time.perf_counter()
+  static = dynamic_eval.score(model.graphdef, model.params, model.cfg, test_ids, chosen, dynamic=False,
+                              progress=progress)
+  static_s = time.perf_counter() - start
+  start = time.perf_counter()
+  dynamic = dynamic_eval.score(model.graphdef, model.params, model.cfg, test_ids, chosen, dynamic=True,
+                               progress=progress, rms=rms)
+  seconds = time.perf_counter() - start
+  nll, static_nll = float(dynamic.nll_T.mean()), float(static.nll_T.mean())
+  first_line = lambda a: a.strip().split("\n")[0][:80]
+  return {"nll": nll, "ppl": dynamic_eval.perplexity(nll), "tokens": int(dynamic.nll_T.size), "time_s": seconds,
+          "updates": dynamic.updates, "static": {"nll": static_nll, "ppl": dynamic_eval.perplexity(static_nll), "time_s": static_s},
+          "dynamic_minus_static_nll": stats.paired_bootstrap_ci(dynamic.nll_T, static.nll_T),
+          "sweep": report,
+          "split": {"train_articles": len(train), "val_articles": len(val), "test_articles": len(test),
+                    "train_tokens": len(train_ids), "val_tokens": len(val_ids), "test_tokens": len(test_ids),
+                    "val_first_lines": [first_line(a) for a in val],
+                    "test_first_lines": [first_line(a) for a in test]}}
+
+
 def main(argv):
   del argv
   config, workdir, distributed = cli.flag_values()
@@ -142,6 +202,13 @@ def main(argv):
   if jax.process_index():
     return
   extra = ""
+  if "sweep" in result:
+    sel, d = result["sweep"]["selected"], result["dynamic_minus_static_nll"]
+    extra = (f"; selected on {result['split']['val_articles']} validation articles: {sel['optimizer']} lr "
+             f"{sel['lr']:g}" + (f" decay {sel['decay']:g}" if sel["optimizer"] == "rms" else "")
+             + (f" (EDGE: {'; '.join(result['sweep']['edge'])})" if result["sweep"]["edge"] else "")
+             + f"; static {result['static']['ppl']:.3f} on the same {result['split']['test_articles']} test "
+             f"articles, NLL difference {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]")
   if "static_same_windows" in result:
     extra = f"; static on the same windows {result['static_same_windows']['ppl']:.3f}"
   print(f"{config.method} perplexity {result['ppl']:.3f} (nll {result['nll']:.4f}) over {result['tokens']} "

@@ -19,6 +19,7 @@ Dynamic evaluation (a gradient step on each segment after scoring it) and Transf
 import ml_collections
 
 from camels_jax.methods.dynamic_eval import dynamic_config
+from camels_jax.methods.dynamic_sweep import sweep_config
 from camels_jax.models.loading import model_config
 
 
@@ -30,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dynamic = dynamic_config()  # segmentation (overlap / xl) and the updates of method "dynamic"
   c.dynamic.window = 1024  # overlap windows of 1024 tokens, moved by 512
   c.dynamic.stride = 512
+  c.sweep = sweep_config()  # method "dynamic": select optimizer/lr/decay on validation articles, score the test
   c.fwl_workdir = ""  # method "fwl": the workdir of `python -m camels_jax.train --config configs/fwl_*.py`
   c.text_file = ""  # text to score; "" = documents of the generated dataset
   c.generated_seed = 0  # seed of the generated dataset (when text_file is ""), >= 0

@@ -67,6 +67,18 @@ def split_articles(items: Sequence[str], heldout_fraction: float) -> tuple[list[
   return list(items[:-n_heldout]), list(items[-n_heldout:])
 
 
+def split_three(items: Sequence[str], val_fraction: float,
+                heldout_fraction: float) -> tuple[list[str], list[str], list[str]]:
+  """(train, validation, test): the last ceil(heldout_fraction * n) articles are the test articles, the
+  ceil(val_fraction * n) before them the validation articles (at least one of each)."""
+  if len(items) < 3:
+    raise checks.UserError(f"{len(items)} article(s): training, validation and test articles need at least 3")
+  n = len(items)
+  n_test = min(n - 2, max(1, math.ceil(heldout_fraction * n)))
+  n_val = min(n - 1 - n_test, max(1, math.ceil(val_fraction * n)))
+  return list(items[:n - n_test - n_val]), list(items[n - n_test - n_val:n - n_test]), list(items[n - n_test:])
+
+
 def load_articles(c: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
   """(train, held-out) articles of a `text_config()` section."""
   if c.text_file:

@@ -24,11 +24,15 @@ Two ways of giving a segment its context (`context`):
     positions, so the result equals a long forward; once it is full every chunk takes positions memory,
     ..., memory + chunk - 1 and the memory holds keys computed at those same positions, an approximation
     (the reason Transformer-XL uses relative positions).
-    Measured on SmolLM2 (static, 1,024 WikiText-2 tokens, chunk 256 + memory 256): identical per-token
-    NLLs to overlapping 512/256 windows while the memory fills (the first 512 tokens), then worse (3.07
-    vs 2.63 nats on tokens 512-639): once the sequence's first tokens leave the memory, the model loses
-    the "attention sink" it was trained with (Xiao et al. 2023, StreamingLLM), which every fresh overlap
-    window has. Keeping the first tokens in the memory would need keys stored before rotation; not done.
+    Attention sinks (`sinks` = s > 0): the first s tokens of the sequence stay in the cache for good, in slots
+    of their own before the memory, so every chunk attends to them however far it is from the start (Xiao et
+    al. 2023, StreamingLLM). Without them, SmolLM2 scores 3.07 against 2.63 nats on tokens 512-639 once the
+    sequence's first tokens leave a 256-token memory (static, WikiText-2, chunk 256): it was trained with
+    the first tokens always in view and dumps attention on them. The sinks' keys are rotated at their own
+    positions 0..s-1, so for Llama XL with sinks equals one long forward pass in which token i attends to
+    tokens 0..s-1 and to the memory + chunk before it (the tests check this past max_len). A sink token is
+    masked out of the memory slots while it is still there, so no token is seen twice. GPT-2 chunks take
+    positions from min(start, s + memory), the same approximation as above.
 
 Updates: every segment's loss is the mean NLL of the tokens it scores. With `update_every` = k the
 gradients of k consecutive segments (each taken at the same, not yet updated, parameters) are averaged
@@ -37,6 +41,14 @@ segments. `params` = "full" trains every parameter (in at least float32, cast ba
 storage dtype for each forward); "lora" trains only LoRA adapters (camels_jax.adapt.lora) of rank
 `lora_rank` and scale lora_alpha / lora_rank on the `lora_targets` projections of every block.
 
+Optimizers: SGD, Adam, and "rms", the update of Krause et al. (2018, 2019):
+    theta <- theta - lr * g / (rms + rms_eps) + min(decay * rms / mean(rms), 1) * (theta_0 - theta)
+where rms is each weight's root-mean-square gradient over `stat_segments` segments of training text
+(`gradient_rms`, at the original weights theta_0, with the same segmentation) and mean(rms) its mean over
+every weight: steps are normalised per weight by how much its gradient usually moves, and the weights that
+move most decay fastest back to theta_0. The cap at 1 (never past theta_0) is ours, as is a mean over all
+weights rather than per tensor. At lr 0 and decay 0 it is static evaluation.
+
 Every segment has a fixed shape (the last one is padded and masked), so each of the two step functions
 (score only; score and update) compiles once per `evaluate` call. The update step is one jitted pure
 function whose trainable params, optimizer state and KV cache are donated.
@@ -44,9 +56,11 @@ function whose trainable params, optimizer state and KV cache are donated.
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +77,7 @@ from camels_jax.models.config import ModelConfig
 
 CONTEXTS = ("overlap", "xl")
 PARAMS = ("full", "lora")
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "rms")
 
 
 def dynamic_config() -> ml_collections.ConfigDict:
@@ -74,14 +88,18 @@ def dynamic_config() -> ml_collections.ConfigDict:
       stride=256,  # overlap: new tokens scored per window after the first, in [1, window]
       chunk=256,  # xl: tokens per chunk, >= 1; chunk + memory <= the model's max_len
       memory=256,  # xl: earlier tokens whose cached keys/values each chunk attends to, >= 0 (0 = none)
+      sinks=0,  # xl: the sequence's first tokens, kept in the cache for every chunk, in [0, chunk]
       update_every=1,  # segments (windows or chunks) per optimizer step, >= 1 (their gradients averaged)
       params="full",  # what is trained: "full" (every parameter) or "lora" (adapters only)
       lora_rank=8,  # lora: adapter rank, >= 1 and <= the narrowest targeted projection's width
       lora_alpha=16.0,  # lora: the update is (lora_alpha / lora_rank) * A @ B, > 0
       lora_targets="q,k,v,o",  # lora: comma-separated projections: q,k,v,o + gate,up,down (llama) or fc,proj (gpt2)
       lora_seed=0,  # lora: seed of the random A matrices, >= 0
-      optimizer="adam",  # "sgd" or "adam" (optax defaults: b1 0.9, b2 0.999, eps 1e-8)
+      optimizer="adam",  # "sgd", "adam" (optax defaults) or "rms" (Krause et al.: RMS-normalised, with decay)
       lr=1e-5,  # learning rate, >= 0 (0: no change, equals static evaluation)
+      decay=0.0,  # rms: pull towards the original weights per step (scaled by each weight's RMS), >= 0
+      rms_eps=1e-8,  # rms: added to each weight's gradient RMS before dividing by it, > 0
+      stat_segments=16,  # rms: segments of training text whose gradients give each weight's RMS, >= 1
       grad_clip=0.0,  # global-norm clip of each (averaged) gradient, >= 0 (0 = no clipping)
   ))
 
@@ -92,6 +110,7 @@ RULES = {
     "stride": checks.count,
     "chunk": checks.count,
     "memory": checks.count_or_zero,
+    "sinks": checks.count_or_zero,
     "update_every": checks.count,
     "params": checks.one_of(*PARAMS),
     "lora_rank": checks.count,
@@ -100,6 +119,9 @@ RULES = {
     "lora_seed": checks.seed,
     "optimizer": checks.one_of(*OPTIMIZERS),
     "lr": checks.non_negative,
+    "decay": checks.non_negative,
+    "rms_eps": checks.positive,
+    "stat_segments": checks.count,
     "grad_clip": checks.non_negative,
 }
 
@@ -111,8 +133,21 @@ def _stride_within_window(c, at=""):
   return []
 
 
+def _sinks_within_chunk(c, at=""):
+  if c.context == "xl" and c.sinks > c.chunk:
+    return [f"{at}sinks={c.sinks} must be <= {at}chunk={c.chunk}: the sinks are copied from the first chunk"]
+  return []
+
+
+def _rms_trains_full_params(c, at=""):
+  if c.optimizer == "rms" and c.params != "full":
+    return [f"{at}optimizer='rms' needs {at}params='full': LoRA's B matrices start at zero, so the A matrices' "
+            f"gradient RMS on training text is 0 and the normalised step would divide by it"]
+  return []
+
+
 # Constraints that need the model (max_len, projection widths) are in `model_violations`.
-CROSS = [_stride_within_window]
+CROSS = [_stride_within_window, _sinks_within_chunk, _rms_trains_full_params]
 
 
 def model_violations(c: ml_collections.ConfigDict, model_cfg: ModelConfig, at: str = "") -> list[str]:
@@ -120,9 +155,10 @@ def model_violations(c: ml_collections.ConfigDict, model_cfg: ModelConfig, at: s
   found = []
   if c.context == "overlap" and c.window > model_cfg.max_len:
     found.append(f"{at}window={c.window} exceeds the model's max_len={model_cfg.max_len}")
-  if c.context == "xl" and c.chunk + c.memory > model_cfg.max_len:
-    found.append(f"{at}chunk={c.chunk} + {at}memory={c.memory} = {c.chunk + c.memory} exceeds the model's "
-                 f"max_len={model_cfg.max_len} (a chunk attends to up to chunk + memory tokens)")
+  if c.context == "xl" and c.chunk + c.memory + c.sinks > model_cfg.max_len:
+    found.append(f"{at}chunk={c.chunk} + {at}memory={c.memory} + {at}sinks={c.sinks} = "
+                 f"{c.chunk + c.memory + c.sinks} exceeds the model's max_len={model_cfg.max_len} (a chunk "
+                 f"attends to up to that many tokens)")
   if c.params == "lora":
     found.extend(lora.violations(model_cfg, c.lora_targets, c.lora_rank, at))
   return found
@@ -177,37 +213,58 @@ def _batch(ids: np.ndarray, seg: Segment, c, model_cfg: ModelConfig) -> dict[str
   mask = (np.arange(size) < seg.length).astype(np.int32)
   score = ((np.arange(size) >= seg.first) & (mask > 0)).astype(np.float32)
   if c.context == "xl" and model_cfg.arch == "gpt2":
-    pos = min(seg.start, c.memory) + np.arange(size, dtype=np.int32)  # see the module docstring
+    pos = min(seg.start, c.sinks + c.memory) + np.arange(size, dtype=np.int32)  # see the module docstring
   elif c.context == "xl":
     pos = seg.start + np.arange(size, dtype=np.int32)
   else:
     pos = np.arange(size, dtype=np.int32)
-  return {"tokens": tokens, "labels": labels, "mask": mask, "score": score, "pos": pos}
+  return {"tokens": tokens, "labels": labels, "mask": mask, "score": score, "pos": pos,
+          "start": np.int32(seg.start)}
 
 
 # ------------------------------------------------------------------------------------------------
 # Pure step functions.
 
 
-def _forward(graphdef, params, batch, cache, *, context: str, chunk: int, memory: int):
-  """Per-position NLL of the segment's labels (nll_L) and the memory for the next chunk ("xl")."""
+def _forward(graphdef, params, batch, cache, *, context: str, chunk: int, memory: int, sinks: int = 0):
+  """Per-position NLL of the segment's labels (nll_L) and the cache for the next chunk ("xl")."""
   tokens_1xL, mask_1xL = batch["tokens"][None], batch["mask"][None]
   if context == "overlap":
     logits_1xLxV = transformer.apply(graphdef, params, tokens_1xL, mask_1xL)
     new_cache = None
   else:
-    # Cache slots [0, memory) hold the memory (oldest first), [memory, memory + chunk) the chunk, which
-    # `decode_step` writes at index = memory and attends causally; the memory is visible wherever its
-    # mask is 1. Then every slot moves `chunk` to the left: the last `memory` tokens become the memory
-    # (the chunk slots, holding stale values, are overwritten, mask included, by the next chunk).
     logits_1xLxV, cache = transformer.decode_step(graphdef, params, tokens_1xL, batch["pos"][None], mask_1xL,
                                                   cache)
-    new_cache = transformer.KVCache(jnp.roll(cache.k_NxBxSxKxE, -chunk, axis=2),
-                                    jnp.roll(cache.v_NxBxSxKxE, -chunk, axis=2),
-                                    jnp.roll(cache.mask_BxS, -chunk, axis=1), jnp.asarray(memory, jnp.int32))
+    new_cache = _slide(cache, batch["start"], chunk=chunk, memory=memory, sinks=sinks)
   logp_LxV = jax.nn.log_softmax(transformer.upcast(logits_1xLxV[0]), axis=-1)
   nll_L = -jnp.take_along_axis(logp_LxV, batch["labels"][:, None], axis=-1)[:, 0]
   return nll_L, new_cache
+
+
+def _slide(cache: transformer.KVCache, start, *, chunk: int, memory: int, sinks: int) -> transformer.KVCache:
+  """The cache after the chunk starting at token `start`, for the next chunk.
+
+  Slots: [0, sinks) the sinks, [sinks, sinks + memory) the memory (oldest first), then the chunk, which
+  `decode_step` wrote at index = sinks + memory and attended causally; a slot is visible where its mask is
+  1. Every slot after the sinks moves `chunk` to the left, so the last `memory` tokens become the memory
+  (the chunk slots, holding stale values, are overwritten, mask included, by the next chunk). The first
+  chunk's first `sinks` tokens are copied into the sink slots, and a memory slot holding one of them is
+  masked (it is already visible as a sink).
+  """
+  def move(x, axis):
+    kept, rest = jnp.split(x, [sinks], axis=axis)
+    rest = jnp.roll(rest, -chunk, axis=axis)
+    if sinks:
+      first = jax.lax.slice_in_dim(x, sinks + memory, 2 * sinks + memory, axis=axis)
+      kept = jnp.where(start == 0, first, kept)
+    return jnp.concatenate([kept, rest], axis=axis)
+
+  mask_BxS = move(cache.mask_BxS, 1)
+  if sinks:
+    token_of_slot_M = start + chunk - memory + jnp.arange(memory)
+    mask_BxS = mask_BxS.at[:, sinks:sinks + memory].multiply((token_of_slot_M >= sinks).astype(mask_BxS.dtype))
+  return transformer.KVCache(move(cache.k_NxBxSxKxE, 2), move(cache.v_NxBxSxKxE, 2), mask_BxS,
+                             jnp.asarray(sinks + memory, jnp.int32))
 
 
 def _score_step(params, cache, batch, *, graphdef, forward):
@@ -215,23 +272,67 @@ def _score_step(params, cache, batch, *, graphdef, forward):
   return nll_L, cache
 
 
-def _update_step(trainable, opt_state, cache, batch, frozen, *, graphdef, forward, build: Callable,
-                 optimizer: optax.GradientTransformation):
-  """Scores the segment with the current params, then one (accumulating) optimizer step on its loss."""
-
+def _loss_and_grad(trainable, cache, batch, frozen, *, graphdef, forward, build: Callable):
   def loss_fn(trainable):
     nll_L, new_cache = forward(graphdef, build(frozen, trainable), batch, cache)
     w_L = batch["score"]
     return (nll_L * w_L).sum() / jnp.maximum(w_L.sum(), 1.0), (nll_L, new_cache)
 
   (_, (nll_L, new_cache)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  return grads, nll_L, new_cache
+
+
+def _update_step(trainable, opt_state, cache, batch, frozen, *, graphdef, forward, build: Callable,
+                 optimizer: optax.GradientTransformation):
+  """Scores the segment with the current params, then one (accumulating) optimizer step on its loss."""
+  grads, nll_L, new_cache = _loss_and_grad(trainable, cache, batch, frozen, graphdef=graphdef, forward=forward,
+                                           build=build)
   updates, opt_state = optimizer.update(grads, opt_state, trainable)
   return optax.apply_updates(trainable, updates), opt_state, new_cache, nll_L
 
 
-def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """sgd/adam at lr, after a global-norm clip (grad_clip > 0), on gradients averaged over update_every."""
-  opt = optax.sgd(c.lr) if c.optimizer == "sgd" else optax.adam(c.lr)
+def _square_step(sum_sq, cache, batch, trainable, frozen, *, graphdef, forward, build: Callable):
+  grads, _, new_cache = _loss_and_grad(trainable, cache, batch, frozen, graphdef=graphdef, forward=forward,
+                                       build=build)
+  return jax.tree.map(lambda s, g: s + jnp.square(g), sum_sq, grads), new_cache
+
+
+class RmsDecayState(NamedTuple):
+  theta0: optax.Params  # the weights dynamic evaluation started from
+  step_scale: optax.Params  # 1 / (rms + eps)
+  pull: optax.Params  # min(decay * rms / mean(rms), 1)
+
+
+def rms_decay(lr: float, decay: float, rms, eps: float = 1e-8) -> optax.GradientTransformation:
+  """Krause et al.'s RMS-normalised step with decay towards the starting weights (module docstring);
+  `rms`: each trainable weight's gradient RMS on training text (`gradient_rms`)."""
+
+  def init(params):
+    leaves = jax.tree.leaves(rms)
+    mean = sum(jnp.sum(x) for x in leaves) / sum(x.size for x in leaves)
+    return RmsDecayState(theta0=jax.tree.map(jnp.copy, params),
+                         step_scale=jax.tree.map(lambda r: 1.0 / (r + eps), rms),
+                         pull=jax.tree.map(lambda r: jnp.minimum(decay * r / mean, 1.0), rms))
+
+  def update(grads, state, params):
+    if params is None:
+      raise ValueError("rms_decay needs the params (its decay pulls them towards their starting values)")
+    updates = jax.tree.map(lambda g, s, p, t0, x: -lr * g * s + p * (t0 - x), grads, state.step_scale,
+                           state.pull, state.theta0, params)
+    return updates, state
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(c: ml_collections.ConfigDict, rms=None) -> optax.GradientTransformation:
+  """sgd/adam/rms at lr, after a global-norm clip (grad_clip > 0), on gradients averaged over update_every;
+  "rms" needs the trainable weights' gradient RMS (`gradient_rms`)."""
+  if c.optimizer == "rms":
+    if rms is None:
+      raise ValueError("optimizer 'rms' needs the gradient RMS of the weights (dynamic_eval.gradient_rms)")
+    opt = rms_decay(c.lr, c.decay, rms, c.rms_eps)
+  else:
+    opt = optax.sgd(c.lr) if c.optimizer == "sgd" else optax.adam(c.lr)
   if c.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(c.grad_clip), opt)
   if c.update_every > 1:
@@ -265,23 +366,55 @@ class Scored:
   trainable: object  # the final trained params or adapters (None for static evaluation)
 
 
-def score(graphdef: nnx.GraphDef, params, cfg: ModelConfig, ids: Sequence[int], c: ml_collections.ConfigDict, *,
-          dynamic: bool, progress: bool = False) -> Scored:
-  """Per-token NLLs of `ids` (every token but the first) under section `c`; `params` is never modified."""
+def _checked(ids, c, cfg) -> np.ndarray:
   checks.validate_section("dynamic", c, RULES, CROSS)
   check_model(c, cfg)
   ids = np.asarray(ids, np.int32)
+  if len(ids) < 2:
+    raise ValueError(f"dynamic_eval: {len(ids)} token(s): at least 2 are needed to score one")
+  return ids
+
+
+def _empty_cache(cfg: ModelConfig, c) -> transformer.KVCache | None:
+  if c.context != "xl":
+    return None
+  size = c.sinks + c.memory + c.chunk
+  return transformer.empty_cache(cfg, 1, size)._replace(index=jnp.asarray(c.sinks + c.memory, jnp.int32))
+
+
+def _segment_forward(c):
+  return functools.partial(_forward, context=c.context, chunk=c.chunk, memory=c.memory, sinks=c.sinks)
+
+
+def gradient_rms(graphdef: nnx.GraphDef, params, cfg: ModelConfig, ids: Sequence[int], c: ml_collections.ConfigDict,
+                 progress: bool = False):
+  """Each trainable weight's root-mean-square gradient of the segment loss over the first `c.stat_segments`
+  segments of `ids` (training text), at `params`, segmented as `c` says: optimizer "rms"'s statistics."""
+  ids = _checked(ids, c, cfg)
+  frozen, trainable, build = _trainable(params, c)
+  step = jax.jit(functools.partial(_square_step, graphdef=graphdef, forward=_segment_forward(c), build=build),
+                 donate_argnums=(0, 1))
+  sum_sq = jax.tree.map(jnp.zeros_like, trainable)
+  cache, count = _empty_cache(cfg, c), 0
+  segs = list(itertools.islice(segments(len(ids), c), c.stat_segments))
+  for seg in tqdm.tqdm(segs, desc="gradient RMS", disable=not progress):
+    sum_sq, cache = step(sum_sq, cache, _batch(ids, seg, c, cfg), trainable, frozen)
+    count += 1
+  return jax.tree.map(lambda s: jnp.sqrt(s / count), sum_sq)
+
+
+def score(graphdef: nnx.GraphDef, params, cfg: ModelConfig, ids: Sequence[int], c: ml_collections.ConfigDict, *,
+          dynamic: bool, progress: bool = False, rms=None) -> Scored:
+  """Per-token NLLs of `ids` (every token but the first) under section `c`; `params` is never modified.
+  `rms`: optimizer "rms"'s statistics (`gradient_rms` on training text)."""
+  ids = _checked(ids, c, cfg)
   n = len(ids)
-  if n < 2:
-    raise ValueError(f"dynamic_eval: {n} token(s): at least 2 are needed to score one")
-  forward = functools.partial(_forward, context=c.context, chunk=c.chunk, memory=c.memory)
-  cache = None
-  if c.context == "xl":
-    cache = transformer.empty_cache(cfg, 1, c.memory + c.chunk)._replace(index=jnp.asarray(c.memory, jnp.int32))
+  forward = _segment_forward(c)
+  cache = _empty_cache(cfg, c)
 
   if dynamic:
     frozen, trainable, build = _trainable(params, c)
-    optimizer = make_optimizer(c)
+    optimizer = make_optimizer(c, rms)
     opt_state = optimizer.init(trainable)
     step = jax.jit(functools.partial(_update_step, graphdef=graphdef, forward=forward, build=build,
                                      optimizer=optimizer), donate_argnums=(0, 1, 2))
@@ -307,12 +440,17 @@ def score(graphdef: nnx.GraphDef, params, cfg: ModelConfig, ids: Sequence[int], 
   return Scored(nll_T, count // c.update_every if dynamic else 0, trainable)
 
 
+def perplexity(nll: float) -> float:
+  """exp(nll), inf for a diverged run (and nan for nan) rather than an OverflowError."""
+  return math.exp(nll) if nll < 700 else (math.inf if nll == nll else math.nan)
+
+
 def evaluate(graphdef: nnx.GraphDef, params, cfg: ModelConfig, ids: Sequence[int], c: ml_collections.ConfigDict,
-             *, dynamic: bool, progress: bool = True) -> dict:
+             *, dynamic: bool, progress: bool = True, rms=None) -> dict:
   """{"nll", "ppl", "tokens", "time_s", "updates"}: mean NLL and perplexity of every token of `ids` but the
   first, static or with dynamic evaluation under section `c` (`dynamic_config()`)."""
   t0 = time.perf_counter()
-  s = score(graphdef, params, cfg, ids, c, dynamic=dynamic, progress=progress)
+  s = score(graphdef, params, cfg, ids, c, dynamic=dynamic, progress=progress, rms=rms)
   nll = float(s.nll_T.mean())
-  return {"nll": nll, "ppl": math.exp(nll), "tokens": int(s.nll_T.size), "time_s": time.perf_counter() - t0,
+  return {"nll": nll, "ppl": perplexity(nll), "tokens": int(s.nll_T.size), "time_s": time.perf_counter() - t0,
           "updates": s.updates}

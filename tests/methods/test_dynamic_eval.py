@@ -88,6 +88,52 @@ def test_xl_memory_truncates_and_rope_positions_stay_consistent_past_max_len():
   assert np.abs(short - xl).max() > 1e-3
 
 
+def _sliding_reference_nll(graphdef, params, cfg, ids, *, chunk, memory, sinks) -> np.ndarray:
+  """NLL of ids[1:] from one long pass in which token t attends to tokens 0..sinks-1 and to the `memory`
+  tokens before its chunk and its chunk up to itself, at its absolute position: fed one token at a time, each
+  with its own row of that mask over a cache of the whole sequence."""
+  n = len(ids)
+  step = jax.jit(lambda params, token, t, row, cache: transformer.decode_step(
+      graphdef, params, token, t[None, None], jnp.ones((1, 1), jnp.int32), cache._replace(mask_BxS=row, index=t)))
+  cache = transformer.empty_cache(cfg, 1, n)
+  nll = []
+  for t in range(n - 1):
+    j = np.arange(n)
+    row = ((j < sinks) | (j >= (t // chunk) * chunk - memory)) & (j < t)
+    logits, cache = step(params, jnp.asarray([[ids[t]]], jnp.int32), jnp.asarray(t, jnp.int32),
+                         jnp.asarray(row[None], jnp.int32), cache)
+    nll.append(-jax.nn.log_softmax(logits[0, 0])[ids[t + 1]])
+  return np.asarray(nll)
+
+
+@pytest.mark.parametrize("chunk,memory,sinks", [(4, 8, 2), (4, 8, 4), (1, 5, 1), (6, 3, 5), (5, 0, 3)])
+def test_xl_with_sinks_equals_one_long_forward_with_sinks_and_a_sliding_window(chunk, memory, sinks):
+  # Three layers and a sequence 3x max_len: keys and values of the memory were computed with their own
+  # (shorter) context, which the one-token-at-a-time reference reproduces exactly.
+  cfg = LLAMA.replace(n_layers=3, max_len=24)
+  graphdef, params = _model(cfg)
+  ids = list(np.random.default_rng(3).integers(0, 64, size=73))
+  want = _sliding_reference_nll(graphdef, params, cfg, ids, chunk=chunk, memory=memory, sinks=sinks)
+  c = _c(context="xl", chunk=chunk, memory=memory, sinks=sinks, lr=0.0)
+  for dynamic in (False, True):
+    got = de.score(graphdef, params, cfg, ids, c, dynamic=dynamic).nll_T
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The sinks change what is scored once the first tokens have left the memory, and only then.
+  plain = de.score(graphdef, params, cfg, ids, _c(context="xl", chunk=chunk, memory=memory, lr=0.0),
+                   dynamic=False).nll_T
+  first_without = max(1, ((memory + 1 + chunk - 1) // chunk) * chunk)  # the first chunk whose memory lost token 0
+  np.testing.assert_allclose(got[:first_without - 1], plain[:first_without - 1], rtol=1e-5, atol=1e-5)
+  assert np.abs(got - plain).max() > 1e-3
+
+
+def test_sinks_within_a_full_memory_change_nothing():
+  graphdef, params = _model()
+  want = _reference_nll(graphdef, params, IDS)
+  got = de.score(graphdef, params, LLAMA, IDS, _c(context="xl", chunk=8, memory=48, sinks=4, lr=0.0),
+                 dynamic=False).nll_T
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_overlap_with_stride_equal_to_window_is_non_overlapping_windows():
   graphdef, params = _model()
   window = 10
@@ -216,8 +262,12 @@ def test_stride_above_window_and_every_numeric_field_has_a_rule():
 def test_model_dependent_limits_are_one_clear_error():
   with pytest.raises(checks.ConfigError, match=r"dynamic.window=65 exceeds the model's max_len=64"):
     de.check_model(_c(window=65, stride=8), LLAMA)
-  with pytest.raises(checks.ConfigError, match=r"dynamic.chunk=32 \+ dynamic.memory=40 = 72 exceeds"):
+  with pytest.raises(checks.ConfigError, match=r"dynamic.chunk=32 \+ dynamic.memory=40 \+ dynamic.sinks=0 = 72 "):
     de.check_model(_c(context="xl", chunk=32, memory=40), GPT2)
+  with pytest.raises(checks.ConfigError, match=r"dynamic.chunk=32 \+ dynamic.memory=30 \+ dynamic.sinks=4 = 66 "):
+    de.check_model(_c(context="xl", chunk=32, memory=30, sinks=4), GPT2)
+  with pytest.raises(checks.ConfigError, match=r"dynamic.sinks=9 must be <= dynamic.chunk=8"):
+    de.score(*_model(), LLAMA, IDS, _c(context="xl", chunk=8, memory=8, sinks=9), dynamic=False)
   de.check_model(_c(context="xl", chunk=32, memory=32, window=1000, stride=1), GPT2)  # window unused in xl
   with pytest.raises(checks.ConfigError) as e:
     de.check_model(_c(window=32, params="lora", lora_rank=17, lora_targets="q,k"), LLAMA)  # k is 32 x 16
@@ -236,9 +286,11 @@ def test_gpt2_xl_runs_past_max_len_and_is_exact_while_the_memory_fills():
   cfg = GPT2.replace(max_len=16)
   graphdef, params = _model(cfg)
   ids = list(np.random.default_rng(2).integers(0, 64, size=70))
-  got = de.score(graphdef, params, cfg, ids, _c(context="xl", chunk=4, memory=12, lr=0.0), dynamic=False).nll_T
-  assert np.isfinite(got).all()
-  np.testing.assert_allclose(got[:16], _reference_nll(graphdef, params, ids[:17]), rtol=1e-5, atol=1e-5)
+  for memory, sinks in ((12, 0), (10, 2)):
+    got = de.score(graphdef, params, cfg, ids, _c(context="xl", chunk=4, memory=memory, sinks=sinks, lr=0.0),
+                   dynamic=False).nll_T
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got[:16], _reference_nll(graphdef, params, ids[:17]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -249,3 +301,57 @@ def test_each_step_function_compiles_once(dynamic, caplog):
     de.score(graphdef, params, LLAMA, IDS, c, dynamic=dynamic)
   name = "_update_step" if dynamic else "_score_step"
   assert sum(r.getMessage().startswith(f"Compiling jit({name})") for r in caplog.records) == 1
+
+
+def test_rms_with_lr_0_and_decay_0_equals_static():
+  graphdef, params = _model()
+  c = _c(context="overlap", window=16, stride=8, optimizer="rms", lr=0.0, decay=0.0, stat_segments=3)
+  rms = de.gradient_rms(graphdef, params, LLAMA, IDS[::-1], c)
+  static = de.score(graphdef, params, LLAMA, IDS, c, dynamic=False)
+  dynamic = de.score(graphdef, params, LLAMA, IDS, c, dynamic=True, rms=rms)
+  assert dynamic.updates > 0
+  np.testing.assert_allclose(dynamic.nll_T, static.nll_T, rtol=1e-6, atol=1e-6)
+  # A real step changes the scores, and decay pulls them back towards static.
+  moved = de.score(graphdef, params, LLAMA, IDS, _c(**{**c, "lr": 3e-3}), dynamic=True, rms=rms).nll_T
+  pulled = de.score(graphdef, params, LLAMA, IDS, _c(**{**c, "lr": 3e-3, "decay": 2.0}), dynamic=True,
+                    rms=rms).nll_T
+  assert np.abs(moved - static.nll_T).max() > 1e-2
+  assert np.abs(pulled - static.nll_T).mean() < np.abs(moved - static.nll_T).mean()
+  with pytest.raises(ValueError, match="needs the gradient RMS"):
+    de.score(graphdef, params, LLAMA, IDS, c, dynamic=True)
+
+
+def test_rms_update_is_krauses_formula_with_the_pull_capped_at_1():
+  rms = {"a": jnp.array([1.0, 3.0]), "b": jnp.array([0.0, 4.0])}  # mean rms 2
+  opt = de.rms_decay(lr=0.1, decay=0.8, rms=rms, eps=1e-8)
+  theta0 = {"a": jnp.array([1.0, 1.0]), "b": jnp.array([2.0, 2.0])}
+  state = opt.init(theta0)
+  theta = {"a": jnp.array([0.0, 3.0]), "b": jnp.array([2.5, 0.0])}
+  g = {"a": jnp.array([2.0, 3.0]), "b": jnp.array([1.0, -8.0])}
+  updates, _ = opt.update(g, state, theta)
+  pull = {"a": [0.4, 1.0], "b": [0.0, 1.0]}  # 0.8 * rms / 2, capped at 1
+  for k in ("a", "b"):
+    want = [-0.1 * gi / (ri + 1e-8) + p * (t0 - t)
+            for gi, ri, p, t0, t in zip(g[k], rms[k], pull[k], theta0[k], theta[k])]
+    np.testing.assert_allclose(updates[k], want, rtol=1e-6)
+
+
+def test_gradient_rms_is_the_rms_of_each_segments_gradient():
+  graphdef, params = _model()
+  c = _c(context="overlap", window=10, stride=10, optimizer="rms", stat_segments=3)
+  got = de.gradient_rms(graphdef, params, LLAMA, IDS, c)
+
+  def window_loss(p, start):
+    tokens = jnp.asarray(IDS[start:start + 11], jnp.int32)[None]
+    logp = jax.nn.log_softmax(transformer.apply(graphdef, p, tokens[:, :-1]), -1)
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+
+  grads = [jax.grad(window_loss)(params, s) for s in (0, 10, 20)]
+  want = jax.tree.map(lambda *g: jnp.sqrt(sum(x ** 2 for x in g) / 3), *grads)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_rms_needs_full_params():
+  with pytest.raises(checks.ConfigError, match="optimizer='rms' needs dynamic.params='full'"):
+    de.score(*_model(), LLAMA, IDS, _c(window=16, stride=16, optimizer="rms", params="lora"), dynamic=False)
