@@ -1,44 +1,25 @@
-"""Static evaluation, every dynamic-evaluation variant and Fast Weight Layers on held-out WikiText-2 raw test
-articles with SmolLM2-135M-Instruct: perplexity and wall time relative to static, in one run.
+"""Static evaluation, dynamic evaluation at its selected settings, Transformer-XL context with attention sinks, and
+Fast Weight Layers on held-out WikiText-2 test articles with SmolLM2-135M-Instruct, in one run.
 
-  python -m bench.fwl_vs_dynamic [--tokens 4096] [--fwl_workdir runs/fwl_smollm2_wikitext] [--fwl_steps 60]
+  python -m camels_jax.perplexity --config configs/ppl_smollm2.py --workdir runs/ppl_sweep_overlap \
+      --config.method=dynamic --config.sweep.enabled=true --config.text_file=../shared/data/wikitext2_raw_test.txt
+  python -m camels_jax.perplexity ... --workdir runs/ppl_sweep_xl --config.dynamic.context=xl \
+      --config.dynamic.chunk=256 --config.dynamic.memory=256 --config.dynamic.sinks=4   (the same sweep for XL)
+  python -m bench.fwl_vs_dynamic --overlap_sweep runs/ppl_sweep_overlap --xl_sweep runs/ppl_sweep_xl \
+      [--tokens 16384] [--fwl_workdir runs/fwl_smollm2_wikitext] [--fwl_steps 60]
 
-The held-out text is the last 10% of WikiText-2 test's articles (`camels_jax.data.text`), cut to `--tokens`
-tokens. FWL needs a head trained on the other articles: `--fwl_workdir` names a finished fwl train job's
-workdir (configs/fwl_smollm2.py with text.text_file set to WikiText-2); without one the bench trains a head
-for `--fwl_steps` steps first (into a temporary workdir) and also reports FWL's training throughput against
-a plain fine-tune step of the same model on the same windows. Times exclude compilation (every variant is
-compiled on a prefix of the text first). Nothing is asserted.
-
-Measured on 2 CPU cores, quiet (12 min in all), 4,096 held-out tokens, FWL head trained here for 60 steps of
-4 x 256 tokens (291 s; held-out val ppl 22.63 vs static 26.66):
-
-| variant | perplexity | vs static | wall s | time vs static | updates |
-|---|---|---|---|---|---|
-| static, overlap 512/256 | 21.005 | 1.000 | 19.4 | 1.00x | 0 |
-| static, windows 512 (no overlap) | 25.511 | 1.215 | 10.2 | 0.53x | 0 |
-| static, xl 256 + memory 256 | 38.921 | 1.853 | 11.0 | 0.57x | 0 |
-| dynamic, overlap 512/256, full, Adam 1e-5 | **20.140** | 0.959 | 71.6 | 3.68x | 15 |
-| dynamic, xl 256+256, full, Adam 1e-5 | 35.813 | 1.705 | 44.7 | 2.30x | 16 |
-| dynamic, xl 256+256, full, SGD 1e-3 | 36.545 | 1.740 | 43.9 | 2.26x | 16 |
-| dynamic, xl 256+256, full, Adam 1e-5, every 4 | 37.753 | 1.797 | 47.5 | 2.45x | 4 |
-| dynamic, xl 256+256, LoRA r8 qkvo, Adam 1e-4 | 37.857 | 1.802 | 32.8 | 1.69x | 16 |
-| FWL (60 training steps), windows 512 (no overlap) | 22.491 | 1.071 | 14.6 | 0.75x | 0 |
-
-FWL against static on the same 512-token windows: 22.491 vs 25.511 (-11.8%) at 1.43x the time; the best
-dynamic variant (overlap, full, Adam) against its static: 20.140 vs 21.005 (-4.1%) at 3.68x. Per unit of
-time FWL gives the most (3.0 perplexity points for 0.43x static's time, against 0.87 for 2.68x); in absolute
-terms dynamic overlap is best. XL context is poor for SmolLM2 once the first tokens leave the memory (its
-attention sink; methods/dynamic_eval.py). Training throughput: FWL step 199 tokens/s, a plain full fine-tune
-step 130 tokens/s (1.53x). Goals: FWL <= 1.3x static's cost: missed (1.43x: the slow pass adds a vocabulary
-projection and its backward, 28M of the model's 135M parameters, twice); FWL's gain >= the best dynamic
-variant's: met; every perplexity finite: met.
+The two perplexity jobs select dynamic evaluation's optimizer, learning rate and decay on validation articles
+(camels_jax/methods/dynamic_sweep.py); this bench reads their selections, splits the text the same way and
+scores the first `--tokens` tokens of the test articles with every variant, each at the settings its sweep
+selected. Per variant: perplexity, NLL minus static overlap's paired over tokens with a bootstrap interval,
+and warm wall time (each variant is compiled on a prefix first) against static overlap's. FWL needs a head
+trained on the training articles: `--fwl_workdir` names a finished fwl train job's workdir; without one the
+bench trains a head for `--fwl_steps` steps first (into a temporary workdir) and also reports FWL's training
+throughput against a plain fine-tune step. Nothing is asserted; the targets are printed met or missed.
 """
 
 import argparse
 import dataclasses
-import json
-import os
 import tempfile
 import time
 
@@ -46,50 +27,69 @@ import jax
 import ml_collections
 import numpy as np
 
-from camels_jax import cli
+from camels_jax import io_utils, perplexity, plots, stats
 from camels_jax.adapt import inner, online
 from camels_jax.data import text as text_lib
-from camels_jax.methods import dynamic_eval, fwl
+from camels_jax.methods import dynamic_eval, dynamic_sweep, fwl
 from camels_jax.models import loading
-
-WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext2_raw_test.txt")
-
 
 @dataclasses.dataclass
 class Variant:
   name: str
   dynamic: bool
   overrides: dict
+  sweep: str = ""  # "overlap" / "xl": the sweep whose selection sets optimizer, lr and decay
 
+
+OVERLAP = dict(context="overlap", window=512, stride=256)
+XL = dict(context="xl", chunk=256, memory=256)
+SINKS = 4
 
 VARIANTS = [
-    Variant("static, overlap 512/256", False, dict(context="overlap", window=512, stride=256)),
+    Variant("static, overlap 512/256", False, OVERLAP),
     Variant("static, windows 512 (no overlap)", False, dict(context="overlap", window=512, stride=512)),
-    Variant("static, xl 256 + memory 256", False, dict(context="xl", chunk=256, memory=256)),
-    Variant("dynamic, overlap 512/256, full, Adam 1e-5", True,
-            dict(context="overlap", window=512, stride=256, lr=1e-5)),
-    Variant("dynamic, xl 256+256, full, Adam 1e-5", True, dict(context="xl", chunk=256, memory=256, lr=1e-5)),
-    Variant("dynamic, xl 256+256, full, SGD 1e-3", True,
-            dict(context="xl", chunk=256, memory=256, optimizer="sgd", lr=1e-3)),
-    Variant("dynamic, xl 256+256, full, Adam 1e-5, every 4", True,
-            dict(context="xl", chunk=256, memory=256, lr=1e-5, update_every=4)),
-    Variant("dynamic, xl 256+256, LoRA r8 qkvo, Adam 1e-4", True,
-            dict(context="xl", chunk=256, memory=256, params="lora", lora_rank=8, lr=1e-4)),
+    Variant("static, xl 256 + memory 256", False, XL),
+    Variant(f"static, xl 256 + memory 256 + {SINKS} sinks", False, XL | dict(sinks=SINKS)),
+    Variant("dynamic, overlap 512/256", True, OVERLAP, sweep="overlap"),
+    Variant(f"dynamic, xl 256 + memory 256 + {SINKS} sinks", True, XL | dict(sinks=SINKS), sweep="xl"),
 ]
 
 
-def section(overrides: dict) -> ml_collections.ConfigDict:
+def section(overrides: dict, selected: dict | None = None) -> ml_collections.ConfigDict:
   c = dynamic_eval.dynamic_config()
   c.update(overrides)
+  if selected:
+    c.update(optimizer=selected["optimizer"], lr=selected["lr"], decay=selected["decay"])
   return c
 
 
-def timed_eval(model, ids, variant: Variant) -> dict:
-  c = section(variant.overrides)
-  warm = ids[:min(len(ids), 2 * max(c.window, c.chunk + c.memory) + 1)]  # compiles every shape used below
-  dynamic_eval.evaluate(model.graphdef, model.params, model.cfg, warm, c, dynamic=variant.dynamic, progress=False)
-  return dynamic_eval.evaluate(model.graphdef, model.params, model.cfg, ids, c, dynamic=variant.dynamic,
-                               progress=True)
+def timed_score(model, ids, c, dynamic: bool, rms) -> tuple[np.ndarray, float]:
+  """Per-token NLLs and the wall seconds of scoring `ids`, compiled first on a prefix."""
+  warm = ids[:min(len(ids), 2 * max(c.window, c.sinks + c.chunk + c.memory) + 1)]
+  dynamic_eval.score(model.graphdef, model.params, model.cfg, warm, c, dynamic=dynamic, rms=rms)
+  start = time.perf_counter()
+  s = dynamic_eval.score(model.graphdef, model.params, model.cfg, ids, c, dynamic=dynamic, progress=True, rms=rms)
+  return s.nll_T, time.perf_counter() - start
+
+
+def read_sweep(workdir: str) -> tuple[dict, ml_collections.ConfigDict]:
+  """(perplexity.json, config) of a finished perplexity job run with sweep.enabled."""
+  result = io_utils.read_workdir_json(workdir, "perplexity.json", "a finished perplexity job with sweep.enabled")
+  if "sweep" not in result:
+    raise SystemExit(f"{workdir}/perplexity.json: that run had no sweep (run it with --config.sweep.enabled=true)")
+  return result, io_utils.workdir_config(workdir, "a perplexity job's workdir")
+
+
+def print_selection(name: str, result: dict) -> None:
+  sw = result["sweep"]
+  print(f"\n{name} sweep: {len(sw['candidates'])} candidates on {result['split']['val_articles']} validation "
+        f"articles ({sw['val_tokens']} tokens; static ppl {sw['static_val_ppl']:.3f}):\n")
+  print("| optimizer | lr | decay | val ppl |\n|---|---|---|---|")
+  for r in sw["candidates"]:
+    mark = "**" if all(r[k] == sw["selected"][k] for k in ("optimizer", "lr", "decay")) else ""
+    ppl = "diverged" if r["val_ppl"] is None else f"{mark}{r['val_ppl']:.3f}{mark}"
+    print(f"| {r['optimizer']} | {r['lr']:g} | {r['decay']:g} | {ppl} |")
+  print(f"selected: {sw['selected']}" + (f"; EDGE: {'; '.join(sw['edge'])}" if sw["edge"] else "; inside the grid"))
 
 
 def fwl_config(args, text_file: str) -> ml_collections.ConfigDict:
@@ -142,35 +142,102 @@ def train_throughput(model, config, head_graphdef, trainable, windows_NxL, masks
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--text", default=WIKITEXT)
-  parser.add_argument("--tokens", type=int, default=4096)
+  parser.add_argument("--overlap_sweep", required=True, help="workdir of the overlap 512/256 perplexity sweep")
+  parser.add_argument("--xl_sweep", required=True, help="workdir of the xl 256+256+sinks perplexity sweep")
+  parser.add_argument("--tokens", type=int, default=16384)
   parser.add_argument("--fwl_workdir", default="")
   parser.add_argument("--fwl_steps", type=int, default=60)
+  parser.add_argument("--contexts", default="64,128,256,512,1024",
+                      help="context lengths of the static-vs-dynamic table (overlap windows moved by half); '' = none")
+  parser.add_argument("--plot", default="runs/bench/context_length.png", help="where the context-length plot goes")
+  parser.add_argument("--no_fwl", action="store_true", help="leave FWL out (no head to train or load)")
+  parser.add_argument("--json", default="", help="also write the rows here (strict JSON)")
   args = parser.parse_args()
 
+  sweeps = {name: read_sweep(w) for name, w in (("overlap", args.overlap_sweep), ("xl", args.xl_sweep))}
+  job = sweeps["overlap"][1]
+  for name, (result, _) in sweeps.items():
+    print_selection(name, result)
   model = loading.load(loading.model_config("smollm2"))
-  config = fwl_config(args, args.text)
-  _, heldout = text_lib.load_articles(config.text)
-  ids = text_lib.token_stream(model.tokenizer, heldout)[:args.tokens]
-  print(f"held-out text: {len(heldout)} WikiText-2 test articles, first {len(ids)} tokens")
+  train, val, test = text_lib.split_three(perplexity.load_articles(job), job.sweep.val_fraction,
+                                          job.sweep.heldout_fraction)
+  ids = text_lib.token_stream(model.tokenizer, test)[:args.tokens]
+  train_ids = text_lib.token_stream(model.tokenizer, train)
+  print(f"\ntest text: {len(test)} WikiText-2 test articles (validation {len(val)}, training {len(train)}), "
+        f"first {len(ids)} tokens")
 
-  rows = []
+  rows, nll = [], {}
   for v in VARIANTS:
-    r = timed_eval(model, ids, v)
-    rows.append((v.name, r["ppl"], r["time_s"], r["updates"]))
-    print(f"{v.name}: ppl {r['ppl']:.3f} in {r['time_s']:.1f} s ({r['updates']} updates)", flush=True)
+    selected = sweeps[v.sweep][0]["sweep"]["selected"] if v.sweep else None
+    c = section(v.overrides, selected)
+    rms = None
+    if v.dynamic and c.optimizer == "rms":
+      rms = dynamic_eval.gradient_rms(model.graphdef, model.params, model.cfg, train_ids, c)
+    nll_T, secs = timed_score(model, ids, c, v.dynamic, rms)
+    nll[v.name] = nll_T
+    rows.append({"variant": v.name, "settings": selected, "ppl": float(np.exp(nll_T.mean())), "seconds": secs})
+    print(f"{v.name}: ppl {rows[-1]['ppl']:.3f} in {secs:.1f} s", flush=True)
 
+  throughput = None if args.no_fwl else score_fwl(args, job.text_file, model, ids, rows)
+  report(args, ids, test, rows, nll, throughput)
+  if args.contexts:
+    val_ids = text_lib.token_stream(model.tokenizer, val)
+    contexts = [int(x) for x in args.contexts.split(",")]
+    ctx = context_rows(model, sweeps["overlap"], train_ids, val_ids, ids, contexts)
+    plots.plot_context_length(args.plot, ctx)
+    print(f"plot: {args.plot}")
+    if args.json:
+      io_utils.write_json(args.json, {"tokens": len(ids), "test_articles": len(test), "rows": rows,
+                                      "contexts": ctx})
+
+
+def context_rows(model, overlap_sweep, train_ids, val_ids, ids, contexts) -> list[dict]:
+  """Static and dynamic evaluation with overlapping windows of each context length (moved by half a window).
+  Dynamic evaluation's lr is selected again on the validation articles for every length, over the overlap
+  sweep's grid of the optimizer (and decay) that sweep selected."""
+  result, job = overlap_sweep
+  won = result["sweep"]["selected"]
+  grid = ml_collections.ConfigDict(job.sweep.to_dict())
+  grid.update(optimizers=won["optimizer"], rms_decays=(won["decay"],))
+  rows = []
+  print(f"\ncontext lengths {contexts}: {won['optimizer']} lrs {list(grid[won['optimizer'] + '_lrs'])} selected "
+        f"again on validation for each\n")
+  print("| context | static ppl | static s | selected lr | dynamic ppl | dynamic − static NLL | dynamic s |")
+  print("|---|---|---|---|---|---|---|")
+  for n in contexts:
+    c = section(dict(context="overlap", window=n, stride=max(1, n // 2)))
+    report, rms = dynamic_sweep.select(model.graphdef, model.params, model.cfg, c, grid, train_ids, val_ids,
+                                       progress=False)
+    chosen = dynamic_sweep.Candidate(**report["selected"]).section(c)
+    static_T, static_s = timed_score(model, ids, c, False, None)
+    dynamic_T, dynamic_s = timed_score(model, ids, chosen, True, rms)
+    d = stats.paired_bootstrap_ci(dynamic_T, static_T)
+    base = float(static_T.mean())
+    rows.append({"context": n, "selected": report["selected"], "edge": report["edge"],
+                 "static": {"ppl": float(np.exp(base)), "seconds": static_s},
+                 "dynamic": {"ppl": float(np.exp(dynamic_T.mean())), "seconds": dynamic_s,
+                             "ppl_lo": float(np.exp(base + d["lo"])), "ppl_hi": float(np.exp(base + d["hi"])),
+                             "nll_minus_static": d}})
+    edge = " (EDGE)" if report["edge"] else ""
+    print(f"| {n} | {rows[-1]['static']['ppl']:.3f} | {static_s:.1f} | {report['selected']['lr']:g}{edge} | "
+          f"{rows[-1]['dynamic']['ppl']:.3f} | {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] | "
+          f"{dynamic_s:.1f} |", flush=True)
+  return rows
+
+
+def score_fwl(args, text_file: str, model, ids, rows: list) -> dict | None:
+  """Appends FWL's row (non-overlapping 512-token windows), training a head first without `--fwl_workdir`; FWL's
+  training throughput when the bench trained it."""
   fwl_workdir = args.fwl_workdir
-  throughput = None
-  if not fwl_workdir:
+  if fwl_workdir:
+    config = io_utils.workdir_config(fwl_workdir, "a finished fwl train job")
+  else:
+    config = fwl_config(args, text_file)
     fwl_workdir = tempfile.mkdtemp(prefix="fwl_bench_")
     start = time.perf_counter()
     _, _, res = fwl.fit(config, model, fwl_workdir, _NullWriter(), progress=True)
-    print(f"FWL head trained for {config.fwl.steps} steps in {time.perf_counter() - start:.0f} s: held-out "
-          f"val ppl {res['best']['val_ppl']:.3f} (static {res['best']['val_static_ppl']:.3f})")
-  else:
-    with open(os.path.join(fwl_workdir, cli.CONFIG_FILE), encoding="utf-8") as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    print(f"FWL head trained for {config.fwl.steps} steps in {time.perf_counter() - start:.0f} s: validation "
+          f"ppl {res['best']['val_ppl']:.3f} (static {res['best']['val_static_ppl']:.3f})")
   head_graphdef, trainable = fwl.load_trained(config, model, fwl_workdir)
   tokens_NxL, mask_NxL = text_lib.windows(ids, 512, model.tokenizer.pad_id)
   fwl.score_windows(model.graphdef, model.params, head_graphdef, trainable["head"], tokens_NxL[:4], mask_NxL[:4],
@@ -178,25 +245,54 @@ def main():
   start = time.perf_counter()
   m = fwl.score_windows(model.graphdef, model.params, head_graphdef, trainable["head"], tokens_NxL, mask_NxL, 4,
                         config.fwl.chunk, progress=True)
-  fwl_s = time.perf_counter() - start
-  rows.append(("FWL, windows 512 (no overlap)", m["ppl"], fwl_s, 0))
+  rows.append({"variant": "FWL, windows 512 (no overlap)", "settings": None, "ppl": m["ppl"],
+               "seconds": time.perf_counter() - start})
+  if args.fwl_workdir:
+    return None
   train_windows, train_masks = text_lib.windows(ids, config.fwl.seq_len, model.tokenizer.pad_id)
-  throughput = train_throughput(model, config, head_graphdef, trainable, train_windows, train_masks)
+  return train_throughput(model, config, head_graphdef, trainable, train_windows, train_masks)
 
-  static_ppl, static_s = rows[0][1], rows[0][2]
-  window_ppl, window_s = rows[1][1], rows[1][2]
-  print(f"\n{len(ids)} held-out tokens; times exclude compilation; relative to static (overlap 512/256):\n")
-  print("| variant | perplexity | vs static | wall s | time vs static | updates | ppl gain per s over static |")
-  print("|---|---|---|---|---|---|---|")
-  for name, ppl, secs, updates in rows:
-    gain = f"{(static_ppl - ppl) / (secs - static_s):+.4f}" if secs > static_s else "-"
-    print(f"| {name} | {ppl:.3f} | {ppl / static_ppl:.3f} | {secs:.1f} | {secs / static_s:.2f}x | {updates} | "
-          f"{gain} |")
-  print(f"\nFWL against static on the same 512-token windows: ppl {m['ppl']:.3f} vs {window_ppl:.3f}, "
-        f"time {fwl_s / window_s:.2f}x")
+
+def report(args, ids, test, rows: list, nll: dict, throughput: dict | None) -> None:
+  ref = VARIANTS[0].name
+  by = {r["variant"]: r for r in rows}
+  print(f"\n{len(ids)} test tokens; times exclude compilation; relative to static overlap 512/256; "
+        f"NLL − static overlap paired over tokens, 95% bootstrap interval:\n")
+  print("| variant | selected on validation | perplexity | NLL − static overlap | wall s | time vs static |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    if r["variant"] in nll and r["variant"] != ref:
+      d = stats.paired_bootstrap_ci(nll[r["variant"]], nll[ref])
+      r["nll_minus_static_overlap"] = d
+      diff = f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+    else:
+      diff = "-"
+    sel = r["settings"]
+    sel = "-" if not sel else f"{sel['optimizer']} lr {sel['lr']:g}" + (
+        f" decay {sel['decay']:g}" if sel["optimizer"] == "rms" else "")
+    print(f"| {r['variant']} | {sel} | {r['ppl']:.3f} | {diff} | {r['seconds']:.1f} | "
+          f"{r['seconds'] / by[ref]['seconds']:.2f}x |")
+
+  def target(name, other, what):
+    a, b = by[name], by[other]
+    ratio, t = a["ppl"] / b["ppl"], a["seconds"] / b["seconds"]
+    met = "met" if ratio <= 1.03 and t <= 0.6 else "missed"
+    print(f"{what}: ppl {a['ppl']:.3f} vs {b['ppl']:.3f} ({(ratio - 1) * 100:+.1f}%, target within +3%) at "
+          f"{t:.2f}x the time (target <= 0.6x): {met}")
+
+  print()
+  target(VARIANTS[3].name, ref, "static XL with sinks against static overlap")
+  target(VARIANTS[5].name, VARIANTS[4].name, "dynamic XL with sinks against dynamic overlap")
+  window = by[VARIANTS[1].name]
+  fwl_row = by.get("FWL, windows 512 (no overlap)")
+  if fwl_row:
+    print(f"FWL against static on the same 512-token windows: ppl {fwl_row['ppl']:.3f} vs {window['ppl']:.3f} "
+          f"({(fwl_row['ppl'] / window['ppl'] - 1) * 100:+.1f}%), time {fwl_row['seconds'] / window['seconds']:.2f}x")
   if throughput:
     print(f"training throughput: FWL step {throughput['fwl']:.0f} tokens/s, plain fine-tune step "
           f"{throughput['plain fine-tune']:.0f} tokens/s ({throughput['fwl'] / throughput['plain fine-tune']:.2f}x)")
+  if args.json:
+    io_utils.write_json(args.json, {"tokens": len(ids), "test_articles": len(test), "rows": rows})
 
 
 class _NullWriter:

@@ -119,7 +119,7 @@ def _weighting_layers(c, at=""):
 
 CROSS = (checks.within("model", loading.CROSS) + checks.within("data", data_config.CROSS)
          + checks.within("qa_tune", qa_tune.CROSS) + checks.within("camels", camels.CROSS)
-         + checks.within("eval", evaluation.CROSS)
+         + checks.within("eval", evaluation.CROSS) + checks.within("text", text_lib.CROSS)
          + [_fits_random_model, _padded_lens, _qa_tune_splits, _weighting_layers, _mac_train_docs])
 
 

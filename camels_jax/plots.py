@@ -363,3 +363,41 @@ def plot_bank_size(path: str, rows: Sequence[dict], title: str = "MAC against it
   fig.text(0.01, 0.01, "bars: 95% bootstrap interval over questions", fontsize=7, color="0.35")
   fig.tight_layout(rect=(0, 0.03, 1, 1))
   _save_png(fig, path)
+
+
+def plot_context_length(path: str, rows: Sequence[dict], title: str = "Memory in weights against memory in "
+                        "activations") -> None:
+  """Perplexity (left) and wall time (right) against the context length (log scale), static and dynamic
+  evaluation, as a PNG; a dynamic point carries the 95% interval of its perplexity ratio to static's.
+
+  Args:
+    path: the .png to write.
+    rows: {"context", "static": {"ppl", "seconds"}, "dynamic": {"ppl", "seconds", "ppl_lo", "ppl_hi"}}, one per
+      context length (the interval keys may be missing or None).
+    title: the left panel's title.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(11.5, 4.4), dpi=120)
+  FigureCanvasAgg(fig)
+  ppl_ax, time_ax = fig.subplots(1, 2)
+  xs = np.array([r["context"] for r in rows], np.float64)
+  for k, kind in enumerate(("static", "dynamic")):
+    style = dict(marker=_MARKERS[k], color=f"C{k}", markersize=5, linewidth=1.2, alpha=0.9, label=kind)
+    points = [r[kind] for r in rows]
+    _errorbar(ppl_ax, xs, [_point_and_error(p["ppl"], p.get("ppl_lo"), p.get("ppl_hi")) for p in points],
+              capsize=3, elinewidth=1.0, **style)
+    time_ax.plot(xs, [p["seconds"] for p in points], **style)
+  for ax, label in ((ppl_ax, "perplexity on the test articles"), (time_ax, "wall seconds (compiled)")):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens per window; windows overlap by half)")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  ppl_ax.set_title(title)
+  time_ax.set_title("time to score the test tokens")
+  fig.text(0.01, 0.01, "bars: 95% bootstrap interval over tokens of the paired NLL difference, as perplexity",
+           fontsize=7, color="0.35")
+  fig.tight_layout(rect=(0, 0.03, 1, 1))
+  _save_png(fig, path)

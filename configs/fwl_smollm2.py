@@ -5,11 +5,13 @@
       --config.text.text_file=../shared/data/wikitext2_raw_test.txt --workdir runs/fwl_smollm2_wikitext
 
 By default the text is the generated dataset's documents (no files); with WikiText-2 raw the last 10% of its
-articles are held out. Validation reports the held-out perplexity of the FWL model beside the static model's
-(the same body and unembedding without the head). Scoring with it: `python -m camels_jax.perplexity
+articles are the test articles, never read here, and the 10% before them the validation articles. Validation
+(and the best checkpoint) uses the validation articles' perplexity of the FWL model, reported beside the
+static model's (the same body and unembedding without the head). Scoring with it: `python -m camels_jax.perplexity
 --config configs/ppl_smollm2.py --config.method=fwl --config.fwl_workdir=runs/fwl_smollm2`.
 
-Measured (bench/fwl_vs_dynamic.py, 2 CPU cores): a head trained for 60 steps of 4 x 256 tokens of WikiText-2
+Measured before the validation articles were split off (bench/fwl_vs_dynamic.py of stop 33, 2 CPU cores; the
+checkpoint was picked on the held-out articles): a head trained for 60 steps of 4 x 256 tokens of WikiText-2
 test's first 55 articles (4.4 s/step) lowers the perplexity of the 7 held-out articles, on the same
 512-token windows, from 25.51 (static) to 22.49, at 1.43x static's scoring time; the best dynamic-evaluation
 variant lowers 21.01 to 20.14 at 3.68x. The bench's docstring has the whole table.

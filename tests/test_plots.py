@@ -80,3 +80,13 @@ def test_heatmap_png_of_uniform_and_empty_documents(tmp_path):
   path = tmp_path / "w.png"
   plots.heatmap_png(str(path), docs, ["uniform", "empty", "zeros"], width=20)
   _read(path)
+
+
+def test_context_length_plot_with_and_without_intervals(tmp_path):
+  rows = [{"context": n, "static": {"ppl": 30.0 / k, "seconds": 10.0 * k},
+           "dynamic": {"ppl": 25.0 / k, "seconds": 25.0 * k, "ppl_lo": 24.0 / k if k > 1 else None,
+                       "ppl_hi": 26.0 / k if k > 1 else None}}
+          for k, n in enumerate((64, 128, 256, 512, 1024), start=1)]
+  path = tmp_path / "context_length.png"
+  plots.plot_context_length(str(path), rows)
+  _read(path)

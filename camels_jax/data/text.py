@@ -24,7 +24,8 @@ def text_config() -> ml_collections.ConfigDict:
   """Where language-modelling text comes from and which part is held out."""
   return ml_collections.ConfigDict(dict(
       text_file="",  # a UTF-8 text file (WikiText raw, tiny-shakespeare, ...); "" = generated documents
-      heldout_fraction=0.1,  # the last fraction of the articles, held out for evaluation, in (0, 1)
+      heldout_fraction=0.1,  # test articles: the last fraction of the articles, held out for evaluation, in (0, 1)
+      val_fraction=0.1,  # validation articles (early stopping, selection): this fraction before the test ones
       block_chars=10000,  # articles of a text without WikiText headings: paragraph blocks of this many chars
       generated_seed=0,  # seed of the generated documents (text_file "")
       generated_docs=400,  # generated documents (text_file ""), >= 2
@@ -34,10 +35,21 @@ def text_config() -> ml_collections.ConfigDict:
 RULES = {
     "text_file": checks.string,
     "heldout_fraction": checks.between(0, 1),
+    "val_fraction": checks.between(0, 1),
     "block_chars": checks.count,
     "generated_seed": checks.seed,
     "generated_docs": checks.at_least(2, integer=True),
 }
+
+
+def _fractions_leave_training_articles(c, at=""):
+  if c.val_fraction + c.heldout_fraction >= 1:
+    return [f"{at}val_fraction={c.val_fraction} + {at}heldout_fraction={c.heldout_fraction} must be < 1: "
+            f"some articles must be left for training"]
+  return []
+
+
+CROSS = [_fractions_leave_training_articles]
 
 
 def articles(text: str, block_chars: int = 10000) -> list[str]:
@@ -59,14 +71,6 @@ def articles(text: str, block_chars: int = 10000) -> list[str]:
   return [a for a in found if a]
 
 
-def split_articles(items: Sequence[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
-  """(train, held-out): the last ceil(fraction * n) articles are held out (at least one of each)."""
-  if len(items) < 2:
-    raise checks.UserError(f"{len(items)} article(s): holding whole articles out needs at least 2")
-  n_heldout = min(len(items) - 1, max(1, math.ceil(heldout_fraction * len(items))))
-  return list(items[:-n_heldout]), list(items[-n_heldout:])
-
-
 def split_three(items: Sequence[str], val_fraction: float,
                 heldout_fraction: float) -> tuple[list[str], list[str], list[str]]:
   """(train, validation, test): the last ceil(heldout_fraction * n) articles are the test articles, the
@@ -79,13 +83,13 @@ def split_three(items: Sequence[str], val_fraction: float,
   return list(items[:n - n_test - n_val]), list(items[n - n_test - n_val:n - n_test]), list(items[n - n_test:])
 
 
-def load_articles(c: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
-  """(train, held-out) articles of a `text_config()` section."""
+def load_articles(c: ml_collections.ConfigDict) -> tuple[list[str], list[str], list[str]]:
+  """(train, validation, test) articles of a `text_config()` section (`split_three`)."""
   if c.text_file:
     items = articles(read_text(c.text_file), c.block_chars)
   else:
     items = [d.text for d in generated.generate(c.generated_seed, "meta_train", c.generated_docs)]
-  return split_articles(items, c.heldout_fraction)
+  return split_three(items, c.val_fraction, c.heldout_fraction)
 
 
 def token_stream(tokenizer, texts: Sequence[str], add_bos: bool = False) -> list[int]:

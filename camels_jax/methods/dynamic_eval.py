@@ -298,6 +298,7 @@ def _square_step(sum_sq, cache, batch, trainable, frozen, *, graphdef, forward, 
 
 
 class RmsDecayState(NamedTuple):
+  lr: jax.Array  # a state array, not a constant of the step: every lr of a sweep runs one compiled step
   theta0: optax.Params  # the weights dynamic evaluation started from
   step_scale: optax.Params  # 1 / (rms + eps)
   pull: optax.Params  # min(decay * rms / mean(rms), 1)
@@ -310,14 +311,14 @@ def rms_decay(lr: float, decay: float, rms, eps: float = 1e-8) -> optax.Gradient
   def init(params):
     leaves = jax.tree.leaves(rms)
     mean = sum(jnp.sum(x) for x in leaves) / sum(x.size for x in leaves)
-    return RmsDecayState(theta0=jax.tree.map(jnp.copy, params),
+    return RmsDecayState(lr=jnp.asarray(lr, jnp.float32), theta0=jax.tree.map(jnp.copy, params),
                          step_scale=jax.tree.map(lambda r: 1.0 / (r + eps), rms),
                          pull=jax.tree.map(lambda r: jnp.minimum(decay * r / mean, 1.0), rms))
 
   def update(grads, state, params):
     if params is None:
       raise ValueError("rms_decay needs the params (its decay pulls them towards their starting values)")
-    updates = jax.tree.map(lambda g, s, p, t0, x: -lr * g * s + p * (t0 - x), grads, state.step_scale,
+    updates = jax.tree.map(lambda g, s, p, t0, x: -state.lr * g * s + p * (t0 - x), grads, state.step_scale,
                            state.pull, state.theta0, params)
     return updates, state
 
@@ -332,7 +333,9 @@ def make_optimizer(c: ml_collections.ConfigDict, rms=None) -> optax.GradientTran
       raise ValueError("optimizer 'rms' needs the gradient RMS of the weights (dynamic_eval.gradient_rms)")
     opt = rms_decay(c.lr, c.decay, rms, c.rms_eps)
   else:
-    opt = optax.sgd(c.lr) if c.optimizer == "sgd" else optax.adam(c.lr)
+    # The lr lives in the optimizer state (inject_hyperparams), so the compiled step is the same for every lr
+    # and a sweep compiles it once (the persistent compilation cache serves the rest).
+    opt = optax.inject_hyperparams(optax.sgd if c.optimizer == "sgd" else optax.adam)(learning_rate=c.lr)
   if c.grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(c.grad_clip), opt)
   if c.update_every > 1:

@@ -98,7 +98,7 @@ def fwl_config() -> ml_collections.ConfigDict:
       seq_len=256,  # tokens per training / validation window, >= 2 (capped at the model's context)
       batch_size=4,  # windows per training step, >= 1
       val_every=50,  # steps between validations (each also a checkpoint), >= 1
-      val_windows=16,  # held-out windows scored at each validation, >= 0 (0 = all of them)
+      val_windows=16,  # validation-article windows scored at each validation, >= 0 (0 = all of them)
       seed=0,  # init seed of the head and of the order of the training windows, >= 0
   ))
 
@@ -423,7 +423,7 @@ def _order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
 
 
 JOB = "fwl"  # the loop's checkpoints: <workdir>/fwl
-BEST_METRIC = "val_nll"  # held-out NLL per token
+BEST_METRIC = "val_nll"  # NLL per token on the validation articles
 
 
 class Trainable(NamedTuple):
@@ -450,21 +450,24 @@ def init(config: ml_collections.ConfigDict, base) -> Trainable:
 def _windows(config: ml_collections.ConfigDict, base, seq_len: int):
   """(train_NxL, train_mask_NxL, val_NxL, val_mask_NxL, articles): `config.text` in windows of `seq_len`."""
   c, tok = config.fwl, base.tokenizer
-  train_articles, heldout = text_lib.load_articles(config.text)
+  # The test articles are never read here: validation (and the best checkpoint) uses the validation articles.
+  train_articles, val_articles, test_articles = text_lib.load_articles(config.text)
   train_NxL, train_mask_NxL = text_lib.windows(text_lib.token_stream(tok, train_articles), seq_len, tok.pad_id)
-  val_NxL, val_mask_NxL = text_lib.windows(text_lib.token_stream(tok, heldout), seq_len, tok.pad_id)
+  val_NxL, val_mask_NxL = text_lib.windows(text_lib.token_stream(tok, val_articles), seq_len, tok.pad_id)
   if c.val_windows:
     val_NxL, val_mask_NxL = val_NxL[:c.val_windows], val_mask_NxL[:c.val_windows]
   if len(train_NxL) < c.batch_size:
     raise checks.UserError(f"fwl: {len(train_NxL)} training windows of {seq_len} tokens, fewer than "
                            f"fwl.batch_size={c.batch_size}; give more text or a smaller batch")
   return train_NxL, train_mask_NxL, val_NxL, val_mask_NxL, {"train_articles": len(train_articles),
-                                                            "heldout_articles": len(heldout)}
+                                                            "val_articles": len(val_articles),
+                                                            "heldout_articles": len(test_articles)}
 
 
 def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress: bool = True):
   """Trains an FWL head (and the body when `fwl.train_body`) on `config.text`'s training articles through
-  `loop.run`; validates on the held-out articles. Resumes from <workdir>/fwl (the step is the data position).
+  `loop.run`; validates on its validation articles, never on the test articles. Resumes from <workdir>/fwl (the
+  step is the data position).
 
   Args:
     config: the job config (`fwl` and `text` sections).
