@@ -24,7 +24,7 @@ that step_fn must not donate its state).
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -138,6 +138,31 @@ class _Checkpoints:
   def close(self):
     if self.ckpt is not None:
       self.ckpt.close()
+
+
+def should_stop(history: Sequence[float], patience: int, mode: str = "min") -> bool:
+  """The CaMeLS reference's early-stopping rule on one metric's validation history (QA-tune, FWL).
+
+  With more than `patience` values: stop if the best of all but the last `patience` is strictly better
+  than the best of the last `patience`. A tie is not worse, so an exactly flat history never stops
+  (as in the reference); `qa_tune.stop_rule` adds the reference's fallback for flat "max" metrics.
+
+  Args:
+    history: the metric at each validation, oldest first.
+    patience: number of trailing validations that must all fail to beat the earlier best.
+    mode: "min" (lower is better, e.g. NLL) or "max" (e.g. F1).
+
+  Returns:
+    Whether to stop training.
+  """
+  if mode not in ("min", "max"):
+    raise ValueError(f"mode={mode!r} is not 'min' or 'max'")
+  if len(history) <= patience:
+    return False
+  earlier, recent = history[:-patience], history[-patience:]
+  if mode == "min":
+    return min(earlier) < min(recent)
+  return max(earlier) > max(recent)
 
 
 def run(cfg: LoopConfig, state: PyTree, step_fn: StepFn, validate_fn: Callable[[PyTree], dict], *,

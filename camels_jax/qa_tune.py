@@ -167,39 +167,14 @@ def stack(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
 # Early stopping.
 
 
-def should_stop(history: Sequence[float], patience: int, mode: str = "min") -> bool:
-  """The reference's early-stopping rule on one metric's validation history.
-
-  With more than `patience` values: stop if the best of all but the last `patience` is strictly better
-  than the best of the last `patience`. A tie is not worse, so an exactly flat history never stops
-  (as in the reference); `stop_rule` adds the reference's fallback for flat "max" metrics.
-
-  Args:
-    history: the metric at each validation, oldest first.
-    patience: number of trailing validations that must all fail to beat the earlier best.
-    mode: "min" (lower is better, e.g. NLL) or "max" (e.g. F1).
-
-  Returns:
-    Whether to stop training.
-  """
-  if mode not in ("min", "max"):
-    raise ValueError(f"mode={mode!r} is not 'min' or 'max'")
-  if len(history) <= patience:
-    return False
-  earlier, recent = history[:-patience], history[-patience:]
-  if mode == "min":
-    return min(earlier) < min(recent)
-  return max(earlier) > max(recent)
-
-
 def stop_rule(history: Sequence[Mapping[str, float]], metric: str, patience: int) -> bool:
-  """`should_stop` on `metric` of validation records; a "max" metric that never changed falls back to NLL
+  """`loop.should_stop` on `metric` of validation records; a "max" metric that never changed falls back to NLL
   (the reference's rule for, e.g., an F1 stuck at 0)."""
   values = [h[metric] for h in history]
   mode = STOP_METRICS[metric]
   if mode == "max" and values and max(values) == min(values):
-    return should_stop([h["nll"] for h in history], patience, "min")
-  return should_stop(values, patience, mode)
+    return loop.should_stop([h["nll"] for h in history], patience, "min")
+  return loop.should_stop(values, patience, mode)
 
 
 def validate(model, data, config: ml_collections.ConfigDict, params,

@@ -86,3 +86,13 @@ def test_perplexity_refuses_a_workdir_without_a_trained_head_before_loading(trai
   ppl.update(method="fwl", fwl_workdir=str(empty))
   with pytest.raises(Exception, match="no trained FWL head"):
     perplexity.check_prerequisites(ppl)
+
+
+def test_training_stops_when_the_validation_loss_plateaus(tmp_path):
+  config = tiny_fwl()
+  config.fwl.update(steps=40, val_every=1, patience=2, lr=0.3)  # a step far too large: validation gets worse
+  results = train.run(config, str(tmp_path), progress=False)["fwl"]
+  nll = [h["val_nll"] for h in results["history"]]
+  assert results["steps_run"] < 40 and len(nll) == results["steps_run"] + 1
+  assert min(nll[:-2]) < min(nll[-2:])  # the last 2 validations both failed to beat an earlier one
+  assert results["best"]["val_nll"] == min(nll)

@@ -185,3 +185,23 @@ def test_a_bad_loop_config_is_refused():
     loop.LoopConfig("toy", 4, 2, "val_loss", best_mode="low")
   with pytest.raises(ValueError, match="val_every=0"):
     loop.LoopConfig("toy", 4, 0, "val_loss")
+
+
+@pytest.mark.parametrize("history, patience, mode, stop", [
+    ([5, 4, 3, 3.1, 3.2], 2, "min", True),  # the best (3) is older than the last 2
+    ([5, 4, 3, 3.1, 3.2], 3, "min", False),  # 3 is among the last 3
+    ([5, 4], 2, "min", False),  # not more than `patience` validations yet
+    ([2, 2, 2, 2, 2], 2, "min", False),  # ties are not worse (the reference's strict <)
+    ([0.1, 0.5, 0.4, 0.3], 2, "max", True),
+    ([0.1, 0.5, 0.4, 0.6], 2, "max", False),
+])
+def test_should_stop(history, patience, mode, stop):
+  assert loop.should_stop(history, patience, mode) is stop
+
+
+def test_should_stop_on_a_plateau_after_patience_validations():
+  # Improves until validation 3, then wobbles above its best: the stop comes `patience` validations later.
+  nll = [5.0, 4.0, 3.5, 3.0, 3.01, 3.2, 3.05, 3.3, 3.1, 3.02]
+  for patience in (1, 3, 5):
+    first = next(i for i in range(len(nll)) if loop.should_stop(nll[:i + 1], patience, "min"))
+    assert first == 3 + patience

@@ -28,26 +28,6 @@ class RecordingWriter:
 # The stopping rule (pure).
 
 
-@pytest.mark.parametrize("history, patience, mode, stop", [
-    ([5, 4, 3, 3.1, 3.2], 2, "min", True),  # the best (3) is older than the last 2
-    ([5, 4, 3, 3.1, 3.2], 3, "min", False),  # 3 is among the last 3
-    ([5, 4], 2, "min", False),  # not more than `patience` validations yet
-    ([2, 2, 2, 2, 2], 2, "min", False),  # ties are not worse (the reference's strict <)
-    ([0.1, 0.5, 0.4, 0.3], 2, "max", True),
-    ([0.1, 0.5, 0.4, 0.6], 2, "max", False),
-])
-def test_should_stop(history, patience, mode, stop):
-  assert qa_tune.should_stop(history, patience, mode) is stop
-
-
-def test_should_stop_on_a_plateau_after_patience_validations():
-  # Improves until validation 3, then wobbles above its best: the stop comes `patience` validations later.
-  nll = [5.0, 4.0, 3.5, 3.0, 3.01, 3.2, 3.05, 3.3, 3.1, 3.02]
-  for patience in (1, 3, 5):
-    first = next(i for i in range(len(nll)) if qa_tune.should_stop(nll[:i + 1], patience, "min"))
-    assert first == 3 + patience
-
-
 def test_stop_rule_falls_back_to_nll_when_a_max_metric_never_changes():
   flat = [dict(f1=0.0, nll=n) for n in (3.0, 2.0, 2.5, 2.6)]
   assert qa_tune.stop_rule(flat, "f1", 2)  # nll: 2.0 earlier beats 2.5, 2.6

@@ -99,6 +99,7 @@ def fwl_config() -> ml_collections.ConfigDict:
       batch_size=4,  # windows per training step, >= 1
       val_every=50,  # steps between validations (each also a checkpoint), >= 1
       val_windows=16,  # validation-article windows scored at each validation, >= 0 (0 = all of them)
+      patience=0,  # stop once the last `patience` validations all fail to beat an earlier one, >= 0 (0 = never)
       seed=0,  # init seed of the head and of the order of the training windows, >= 0
   ))
 
@@ -117,6 +118,7 @@ RULES = {
     "batch_size": checks.count,
     "val_every": checks.count,
     "val_windows": checks.count_or_zero,
+    "patience": checks.count_or_zero,
     "seed": checks.seed,
 }
 CROSS = []  # no constraints between fields
@@ -503,10 +505,14 @@ def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress:
                                              chunk=c.chunk, optimizer=t.optimizer)
     return {"trainable": trainable, "opt": opt_state}, carry, {"loss": value}
 
+  def plateaued(history) -> bool:
+    return bool(c.patience) and loop.should_stop([h[BEST_METRIC] for h in history], c.patience)
+
   r = loop.run(loop.LoopConfig(JOB, c.steps, c.val_every, BEST_METRIC, log_every=c.val_every), t.state, step_fn,
-               validate, workdir=workdir, writer=writer, rng=jax.random.key(c.seed), progress=progress,
-               desc="fwl train")
-  results = {"history": r.history, "best": r.best, "best_step": r.best_step, "seq_len": seq_len,
+               validate, workdir=workdir, writer=writer, rng=jax.random.key(c.seed), stop_fn=plateaued,
+               progress=progress, desc="fwl train")
+  results = {"history": r.history, "best": r.best, "best_step": r.best_step, "steps_run": r.steps_run,
+             "seq_len": seq_len,
              "train_windows": len(train_NxL), "val_windows": len(val_NxL)} | articles
   return t.head_graphdef, r.state["trainable"], results
 
