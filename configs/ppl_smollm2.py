@@ -13,7 +13,15 @@ Dynamic evaluation (a gradient step on each segment after scoring it) and Transf
   python -m camels_jax.perplexity --config configs/ppl_smollm2.py --config.method=dynamic \
       --config.dynamic.context=xl --config.dynamic.params=lora --config.dynamic.lr=1e-4
 
-`python -m bench.fwl_vs_dynamic` compares every variant (and FWL) on held-out WikiText-2 articles.
+Dynamic evaluation at settings selected on validation articles (SGD, Adam and Krause et al.'s RMS update with
+decay, each over a grid of learning rates), then scored on the test articles only (whole articles: the last
+10% test, the 10% before them validation; camels_jax/methods/dynamic_sweep.py):
+
+  python -m camels_jax.perplexity --config configs/ppl_smollm2.py --config.method=dynamic \
+      --config.sweep.enabled=true --config.text_file=../shared/data/wikitext2_raw_test.txt \
+      --config.dynamic.window=512 --config.dynamic.stride=256 --config.max_tokens=16384
+
+`python -m bench.fwl_vs_dynamic` compares every variant (and FWL) on the test articles at those selections.
 """
 
 import ml_collections

@@ -32,7 +32,9 @@ Two ways of giving a segment its context (`context`):
     positions 0..s-1, so for Llama XL with sinks equals one long forward pass in which token i attends to
     tokens 0..s-1 and to the memory + chunk before it (the tests check this past max_len). A sink token is
     masked out of the memory slots while it is still there, so no token is seen twice. GPT-2 chunks take
-    positions from min(start, s + memory), the same approximation as above.
+    positions from min(start, s + memory), the same approximation as above. Measured on SmolLM2 (static,
+    the first 12,288 tokens of WikiText-2's last 7 articles, chunk 256 + memory 256): perplexity 43.36
+    without sinks, 22.68 with 4 sinks, 22.80 with 16; overlapping 512/256 windows 22.03.
 
 Updates: every segment's loss is the mean NLL of the tokens it scores. With `update_every` = k the
 gradients of k consecutive segments (each taken at the same, not yet updated, parameters) are averaged
@@ -437,9 +439,11 @@ def score(graphdef: nnx.GraphDef, params, cfg: ModelConfig, ids: Sequence[int], 
       nll_L, cache = step(params, cache, batch)
     pending.append((seg, nll_L))
     count += 1
+  scored_T = np.zeros(n - 1, bool)  # coverage, apart from the values: a diverged run's NLLs are NaN or inf
   for seg, nll_L in pending:
     nll_T[seg.start + seg.first:seg.start + seg.length] = np.asarray(nll_L)[seg.first:seg.length]
-  assert not np.isnan(nll_T).any(), "a token was left unscored"
+    scored_T[seg.start + seg.first:seg.start + seg.length] = True
+  assert scored_T.all(), "a token was left unscored"
   return Scored(nll_T, count // c.update_every if dynamic else 0, trainable)
 
 

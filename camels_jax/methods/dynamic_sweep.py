@@ -13,6 +13,7 @@ or whose decay is the largest of the grid (the grid did not bracket the best), i
 import dataclasses
 
 import ml_collections
+from absl import logging
 import numpy as np
 import tqdm
 
@@ -105,6 +106,7 @@ def select(graphdef, params, cfg, c: ml_collections.ConfigDict, s: ml_collection
     # A diverged candidate's NLL is stored as null: results files are strict JSON.
     rows.append(dataclasses.asdict(cand) | {"val_nll": stats.finite_or_none(r["nll"]),
                                             "val_ppl": stats.finite_or_none(r["ppl"]), "time_s": r["time_s"]})
+    logging.info("sweep: %s lr %g decay %g: validation ppl %.4f", cand.optimizer, cand.lr, cand.decay, r["ppl"])
     if np.isfinite(r["nll"]) and r["nll"] < best_nll:
       best, best_nll = cand, r["nll"]
   if best is None:

@@ -317,6 +317,9 @@ def test_rms_with_lr_0_and_decay_0_equals_static():
                     rms=rms).nll_T
   assert np.abs(moved - static.nll_T).max() > 1e-2
   assert np.abs(pulled - static.nll_T).mean() < np.abs(moved - static.nll_T).mean()
+  # A step that diverges is a result (NaN or inf NLLs), not an error.
+  diverged = de.score(graphdef, params, LLAMA, IDS, _c(**{**c, "lr": 1e30}), dynamic=True, rms=rms).nll_T
+  assert not np.isfinite(diverged).all()
   with pytest.raises(ValueError, match="needs the gradient RMS"):
     de.score(graphdef, params, LLAMA, IDS, c, dynamic=True)
 
