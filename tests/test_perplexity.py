@@ -70,16 +70,16 @@ def test_the_sweep_never_reads_the_test_articles(tmp_path):
 
 def test_an_edge_pick_is_flagged_and_a_fixed_setting_is_not():
   s = dynamic_sweep.sweep_config()
-  assert dynamic_sweep.edges(dynamic_sweep.Candidate("adam", 1e-4), s) == [
-      "adam lr 0.0001 is the largest of [3e-06, 1e-05, 3e-05, 0.0001]"]
-  assert dynamic_sweep.edges(dynamic_sweep.Candidate("sgd", 1e-3), s)[0].startswith("sgd lr 0.001 is the smallest")
-  assert dynamic_sweep.edges(dynamic_sweep.Candidate("adam", 1e-5), s) == []
-  assert dynamic_sweep.edges(dynamic_sweep.Candidate("rms", 1e-5, 3e-2), s) == [
-      "rms decay 0.03 is the largest of [0.0, 0.003, 0.03]"]
-  assert dynamic_sweep.edges(dynamic_sweep.Candidate("rms", 1e-5, 0.0), s) == []
-  s.update(adam_lrs=(1e-4,))
+  assert dynamic_sweep.edges(dynamic_sweep.Candidate("adam", 1e-3), s) == [
+      "adam lr 0.001 is the largest of [3e-05, 0.0001, 0.0003, 0.001]"]
+  assert dynamic_sweep.edges(dynamic_sweep.Candidate("sgd", 3e-3), s)[0].startswith("sgd lr 0.003 is the smallest")
   assert dynamic_sweep.edges(dynamic_sweep.Candidate("adam", 1e-4), s) == []
-  assert len(dynamic_sweep.candidates(dynamic_sweep.sweep_config())) == 4 + 4 + 9
+  assert dynamic_sweep.edges(dynamic_sweep.Candidate("rms", 1e-4, 1e-2), s) == [
+      "rms decay 0.01 is the largest of [0.0, 0.01]"]
+  assert dynamic_sweep.edges(dynamic_sweep.Candidate("rms", 1e-4, 0.0), s) == []
+  s.update(adam_lrs=(1e-3,))
+  assert dynamic_sweep.edges(dynamic_sweep.Candidate("adam", 1e-3), s) == []
+  assert len(dynamic_sweep.candidates(dynamic_sweep.sweep_config())) == 3 + 4 + 3 * 2
 
 
 def test_sweep_settings_that_cannot_work_are_one_clear_error():

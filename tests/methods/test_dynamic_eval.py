@@ -326,7 +326,7 @@ def test_rms_with_lr_0_and_decay_0_equals_static():
 
 def test_rms_update_is_krauses_formula_with_the_pull_capped_at_1():
   rms = {"a": jnp.array([1.0, 3.0]), "b": jnp.array([0.0, 4.0])}  # mean rms 2
-  opt = de.rms_decay(lr=0.1, decay=0.8, rms=rms, eps=1e-8)
+  opt = de.rms_decay(lr=0.1, decay=0.8, rms=rms, eps=0.5)  # eps * mean(rms) = 1
   theta0 = {"a": jnp.array([1.0, 1.0]), "b": jnp.array([2.0, 2.0])}
   state = opt.init(theta0)
   theta = {"a": jnp.array([0.0, 3.0]), "b": jnp.array([2.5, 0.0])}
@@ -334,7 +334,7 @@ def test_rms_update_is_krauses_formula_with_the_pull_capped_at_1():
   updates, _ = opt.update(g, state, theta)
   pull = {"a": [0.4, 1.0], "b": [0.0, 1.0]}  # 0.8 * rms / 2, capped at 1
   for k in ("a", "b"):
-    want = [-0.1 * gi / (ri + 1e-8) + p * (t0 - t)
+    want = [-0.1 * gi / (ri + 1.0) + p * (t0 - t)
             for gi, ri, p, t0, t in zip(g[k], rms[k], pull[k], theta0[k], theta[k])]
     np.testing.assert_allclose(updates[k], want, rtol=1e-6)
 
