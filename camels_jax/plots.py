@@ -352,15 +352,24 @@ def plot_bank_size(path: str, rows: Sequence[dict], title: str = "MAC against it
     f1 = [r["test"].get("ci", {}).get("f1", {}) for r in mine]
     _errorbar(f1_ax, xs, [_point_and_error(r["test"]["f1"], c.get("lo"), c.get("hi")) for r, c in zip(mine, f1)],
               capsize=3, elinewidth=1.0, label=method, **style)
-  for ax, label in ((nll_ax, "answer NLL (nats per token)"), (f1_ax, "F1")):
-    ax.set_xscale("log")
-    ax.set_xlabel("documents in the bank (the stream's, then distractors)")
-    ax.set_ylabel(label)
+  _log_x_panels(((nll_ax, "answer NLL (nats per token)", title), (f1_ax, "F1", "F1 on the stream's questions")),
+                "documents in the bank (the stream's, then distractors)")
+  _save_with_footnote(fig, path, "bars: 95% bootstrap interval over questions")
+
+
+def _log_x_panels(panels, xlabel: str, base: int = 10) -> None:
+  """(axes, y label, title) panels sharing a log-scale x axis, each with a grid and a legend."""
+  for ax, ylabel, title in panels:
+    ax.set_xscale("log", base=base)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  nll_ax.set_title(title)
-  f1_ax.set_title("F1 on the stream's questions")
-  fig.text(0.01, 0.01, "bars: 95% bootstrap interval over questions", fontsize=7, color="0.35")
+
+
+def _save_with_footnote(fig, path: str, footnote: str) -> None:
+  fig.text(0.01, 0.01, footnote, fontsize=7, color="0.35")
   fig.tight_layout(rect=(0, 0.03, 1, 1))
   _save_png(fig, path)
 
@@ -389,15 +398,8 @@ def plot_context_length(path: str, rows: Sequence[dict], title: str = "Memory in
     _errorbar(ppl_ax, xs, [_point_and_error(p["ppl"], p.get("ppl_lo"), p.get("ppl_hi")) for p in points],
               capsize=3, elinewidth=1.0, **style)
     time_ax.plot(xs, [p["seconds"] for p in points], **style)
-  for ax, label in ((ppl_ax, "perplexity on the test articles"), (time_ax, "wall seconds (compiled)")):
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context (tokens per window; windows overlap by half)")
-    ax.set_ylabel(label)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  ppl_ax.set_title(title)
-  time_ax.set_title("time to score the test tokens")
-  fig.text(0.01, 0.01, "bars: 95% bootstrap interval over tokens of the paired NLL difference, as perplexity",
-           fontsize=7, color="0.35")
-  fig.tight_layout(rect=(0, 0.03, 1, 1))
-  _save_png(fig, path)
+  _log_x_panels(((ppl_ax, "perplexity on the test articles", title),
+                 (time_ax, "wall seconds (compiled)", "time to score the test tokens")),
+                "context (tokens per window; windows overlap by half)", base=2)
+  _save_with_footnote(fig, path, "bars: 95% bootstrap interval over tokens of the paired NLL difference, as "
+                      "perplexity")

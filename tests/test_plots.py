@@ -90,3 +90,12 @@ def test_context_length_plot_with_and_without_intervals(tmp_path):
   path = tmp_path / "context_length.png"
   plots.plot_context_length(str(path), rows)
   _read(path)
+
+
+def test_bank_size_plot(tmp_path):
+  rows = [{"method": m, "bank_docs": n, "test": {"nll": 2.6 + 0.01 * k, "f1": 0.1,
+                                                  "ci": {"f1": {"lo": 0.05, "hi": 0.15}} if k else {}}}
+          for m in ("mac", "retrieval") for k, n in enumerate((3, 103, 303))]
+  path = tmp_path / "bank.png"
+  plots.plot_bank_size(str(path), rows)
+  _read(path)
