@@ -6,6 +6,7 @@ same folder, then a rename), so a reader never sees half an image.
 """
 
 import html
+import math
 import os
 import tempfile
 import warnings
@@ -403,3 +404,41 @@ def plot_context_length(path: str, rows: Sequence[dict], title: str = "Memory in
                 "context (tokens per window; windows overlap by half)", base=2)
   _save_with_footnote(fig, path, "bars: 95% bootstrap interval over tokens of the paired NLL difference, as "
                       "perplexity")
+
+
+def plot_fwl_training(path: str, history: Sequence[dict], title: str = "FWL training") -> None:
+  """Validation perplexity of the FWL model and of the static model (left) and the six learned step sizes
+  (right, log scale) against the training step, as a PNG; the best step is marked.
+
+  Args:
+    path: the .png to write.
+    history: `fwl.fit`'s validation records: {"step", "val_ppl", "val_static_ppl", "eta/<group>", "is_best"}.
+    title: the left panel's title.
+  """
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(11.5, 4.4), dpi=120)
+  FigureCanvasAgg(fig)
+  ppl_ax, eta_ax = fig.subplots(1, 2)
+  steps = [h["step"] for h in history]
+  ppl_ax.plot(steps, [h["val_ppl"] for h in history], marker="o", markersize=4, label="FWL")
+  ppl_ax.plot(steps, [h["val_static_ppl"] for h in history], linestyle="--", color="0.4", label="static (head off)")
+  best = [h for h in history if h.get("is_best")]
+  if best:
+    b = min(best, key=lambda h: h["val_ppl"])
+    ppl_ax.axvline(b["step"], color="C3", alpha=0.5, linewidth=1, label=f"best (step {b['step']})")
+  groups = sorted({k.removeprefix("eta/") for h in history for k in h if k.startswith("eta/")})
+  for k, g in enumerate(groups):
+    eta_ax.plot(steps, [h.get(f"eta/{g}", math.nan) for h in history], marker=_MARKERS[k % len(_MARKERS)],
+                markersize=4, label=g)
+  eta_ax.set_yscale("log")
+  for ax, ylabel, t in ((ppl_ax, "perplexity on the validation articles", title),
+                        (eta_ax, "step size (per token, summed losses)", "learned step sizes")):
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(t)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  _save_with_footnote(fig, path, "validation: the articles before the test articles; the test articles are "
+                      "never read in training")

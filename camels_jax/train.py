@@ -19,6 +19,7 @@ from camels_jax.methods import camels, fwl, mac
 from camels_jax.models import loading
 
 UPTAKE_PLOT = "camels_uptake_vs_step.png"  # <workdir>/: meta-val uptake against the inner step, per weighting
+FWL_PLOT = "fwl_training.png"  # <workdir>/: validation perplexity and learned step sizes against steps
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
@@ -52,6 +53,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
     results["fwl"] = _fit_fwl(config, model, workdir, writer, progress, say)
   writer.close()
   if jax.process_index() == 0:
+    if "fwl" in results:
+      plots.plot_fwl_training(os.path.join(workdir, FWL_PLOT), results["fwl"]["history"])
     if "compare_by_step" in results.get("camels", {}):
       plots.plot_uptake_vs_step(os.path.join(workdir, UPTAKE_PLOT), results["camels"]["compare_by_step"],
                                 "Uptake on meta-val against the inner step")
@@ -82,7 +85,7 @@ def _fit_fwl(config: ml_collections.ConfigDict, model: loading.Loaded, workdir: 
       f"{c.batch_size} x {c.seq_len} tokens, text: {config.text.text_file or 'generated documents'}")
   _, _, result = fwl.fit(config, model, workdir, writer, progress)
   b, first = result["best"], result["history"][0]
-  say(f"fwl: held-out perplexity {b['val_ppl']:.3f} at step {b['step']} (static {b['val_static_ppl']:.3f}; "
+  say(f"fwl: validation perplexity {b['val_ppl']:.3f} at step {b['step']} (static {b['val_static_ppl']:.3f}; "
       f"initial head {first['val_ppl']:.3f})")
   return result
 

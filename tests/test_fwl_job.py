@@ -2,6 +2,7 @@
 
 import os
 
+import matplotlib.image
 import pytest
 
 from camels_jax import cli, io_utils, perplexity, train
@@ -26,10 +27,12 @@ def trained(tmp_path_factory):
 
 
 def test_training_lowers_the_held_out_loss_and_validates_on_schedule(trained):
-  _, _, results = trained
+  _, workdir, results = trained
   history = results["fwl"]["history"]
   assert [h["step"] for h in history] == [0, 2, 4]
   assert history[-1]["val_nll"] < history[0]["val_nll"] - 0.1
+  image = matplotlib.image.imread(os.path.join(workdir, train.FWL_PLOT))
+  assert image.shape[0] > 100 and image[..., :3].std() > 0.01
   f = results["fwl"]
   assert f["heldout_articles"] == f["val_articles"] == 3 and f["train_articles"] == 18 and f["train_windows"] >= 2
 
