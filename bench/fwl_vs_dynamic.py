@@ -83,7 +83,7 @@ def read_sweep(workdir: str) -> tuple[dict, ml_collections.ConfigDict]:
   return result, io_utils.workdir_config(workdir, "a perplexity job's workdir")
 
 
-def print_selection(name: str, result: dict) -> None:
+def print_selection(name: str, result: dict, grid: ml_collections.ConfigDict) -> None:
   sw = result["sweep"]
   print(f"\n{name} sweep: {len(sw['candidates'])} candidates on {result['split']['val_articles']} validation "
         f"articles ({sw['val_tokens']} tokens; static ppl {sw['static_val_ppl']:.3f}):\n")
@@ -93,6 +93,9 @@ def print_selection(name: str, result: dict) -> None:
     ppl = "diverged" if r["val_ppl"] is None else f"{mark}{r['val_ppl']:.3f}{mark}"
     print(f"| {r['optimizer']} | {r['lr']:g} | {r['decay']:g} | {ppl} |")
   print(f"selected: {sw['selected']}" + (f"; EDGE: {'; '.join(sw['edge'])}" if sw["edge"] else "; inside the grid"))
+  for b in dynamic_sweep.optimizer_bests(sw["candidates"], grid):
+    if b["edge"]:
+      print(f"  {b['optimizer']}'s own best is on its grid's edge: {'; '.join(b['edge'])}")
 
 
 def fwl_config(args, text_file: str) -> ml_collections.ConfigDict:
@@ -159,8 +162,8 @@ def main():
 
   sweeps = {name: read_sweep(w) for name, w in (("overlap", args.overlap_sweep), ("xl", args.xl_sweep))}
   job = sweeps["overlap"][1]
-  for name, (result, _) in sweeps.items():
-    print_selection(name, result)
+  for name, (result, config) in sweeps.items():
+    print_selection(name, result, config.sweep)
   model = loading.load(loading.model_config("smollm2"))
   train, val, test = text_lib.split_three(perplexity.load_articles(job), job.sweep.val_fraction,
                                           job.sweep.heldout_fraction)

@@ -61,6 +61,7 @@ def test_the_sweep_never_reads_the_test_articles(tmp_path):
   assert [r["val_nll"] for r in a["sweep"]["candidates"]] == [r["val_nll"] for r in b["sweep"]["candidates"]]
   assert a["sweep"]["selected"] == b["sweep"]["selected"]
   assert len(a["sweep"]["candidates"]) == 4
+  assert [b["optimizer"] for b in a["sweep"]["optimizer_bests"]] == ["sgd", "rms"]
   assert a["static"]["ppl"] != pytest.approx(b["static"]["ppl"], rel=1e-3)  # the test text did change
   d = a["dynamic_minus_static_nll"]
   assert d["lo"] <= d["mean"] <= d["hi"] and d["n"] == a["tokens"] == a["split"]["test_tokens"] - 1
@@ -80,6 +81,13 @@ def test_an_edge_pick_is_flagged_and_a_fixed_setting_is_not():
   s.update(adam_lrs=(1e-3,))
   assert dynamic_sweep.edges(dynamic_sweep.Candidate("adam", 1e-3), s) == []
   assert len(dynamic_sweep.candidates(dynamic_sweep.sweep_config())) == 3 + 4 + 3 * 2
+  rows = [{"optimizer": "sgd", "lr": lr, "decay": 0.0, "val_nll": nll, "val_ppl": 1.0}
+          for lr, nll in ((3e-3, 3.0), (1e-2, 2.0), (3e-2, None))]
+  rows += [{"optimizer": "adam", "lr": lr, "decay": 0.0, "val_nll": 2.5 + lr, "val_ppl": 1.0} for lr in (3e-5, 1e-4)]
+  s.update(optimizers="sgd,adam,rms", adam_lrs=(3e-5, 1e-4))
+  bests = dynamic_sweep.optimizer_bests(rows[:3] + rows[3:5], s)
+  assert [(b["optimizer"], b.get("lr"), b["edge"] == []) for b in bests] == [
+      ("sgd", 1e-2, True), ("adam", 3e-5, False), ("rms", None, False)]
 
 
 def test_sweep_settings_that_cannot_work_are_one_clear_error():

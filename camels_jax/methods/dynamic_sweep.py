@@ -6,7 +6,9 @@ articles, which only optimizer "rms" reads (its gradient statistics, `dynamic_ev
 candidate of the grid (each optimizer with each of its learning rates, and "rms" with each decay) runs
 dynamic evaluation over the first `val_tokens` validation tokens, segmented as the job's `dynamic` section
 says; the lowest mean NLL wins. A winner whose learning rate is the first or last of its optimizer's grid,
-or whose decay is the largest of the grid (the grid did not bracket the best), is flagged in `edge`.
+or whose decay is the largest of the grid (the grid did not bracket the best), is flagged in `edge`; each
+optimizer's own best is reported with its own flags (`optimizer_bests`), so a loser that was not bracketed
+shows.
 `select` is given the training and validation tokens only, so the test articles cannot sway it.
 """
 
@@ -91,6 +93,21 @@ def edges(best: Candidate, s: ml_collections.ConfigDict) -> list[str]:
   return found
 
 
+def optimizer_bests(rows: list[dict], s: ml_collections.ConfigDict) -> list[dict]:
+  """Each swept optimizer's best candidate (by validation NLL) with its own edge flags: a loser whose best
+  sits on its grid's edge was not given its best chance."""
+  out = []
+  for opt in s.optimizers.split(","):
+    mine = [r for r in rows if r["optimizer"] == opt and r["val_nll"] is not None]
+    if not mine:
+      out.append({"optimizer": opt, "val_ppl": None, "edge": ["every candidate diverged"]})
+      continue
+    b = min(mine, key=lambda r: r["val_nll"])
+    out.append({"optimizer": opt, "lr": b["lr"], "decay": b["decay"], "val_ppl": b["val_ppl"],
+                "edge": edges(Candidate(opt, b["lr"], b["decay"]), s)})
+  return out
+
+
 def select(graphdef, params, cfg, c: ml_collections.ConfigDict, s: ml_collections.ConfigDict,
            train_ids, val_ids, progress: bool = True) -> tuple[dict, object]:
   """(report, rms): every candidate's validation score, the winner and its edge flags; and optimizer rms's
@@ -114,5 +131,6 @@ def select(graphdef, params, cfg, c: ml_collections.ConfigDict, s: ml_collection
   if best is None:
     raise checks.UserError("sweep: every candidate's validation NLL is NaN or infinite; try smaller lrs")
   report = {"static_val_nll": static["nll"], "static_val_ppl": static["ppl"], "val_tokens": len(val_ids),
-            "candidates": rows, "selected": dataclasses.asdict(best), "edge": edges(best, s)}
+            "candidates": rows, "selected": dataclasses.asdict(best), "edge": edges(best, s),
+            "optimizer_bests": optimizer_bests(rows, s)}
   return report, rms
