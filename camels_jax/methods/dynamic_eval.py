@@ -28,13 +28,19 @@ Two ways of giving a segment its context (`context`):
     of their own before the memory, so every chunk attends to them however far it is from the start (Xiao et
     al. 2023, StreamingLLM). Without them, SmolLM2 scores 3.07 against 2.63 nats on tokens 512-639 once the
     sequence's first tokens leave a 256-token memory (static, WikiText-2, chunk 256): it was trained with
-    the first tokens always in view and dumps attention on them. The sinks' keys are rotated at their own
-    positions 0..s-1, so for Llama XL with sinks equals one long forward pass in which token i attends to
-    tokens 0..s-1 and to the memory + chunk before it (the tests check this past max_len). A sink token is
-    masked out of the memory slots while it is still there, so no token is seen twice. GPT-2 chunks take
-    positions from min(start, s + memory), the same approximation as above. Measured on SmolLM2 (static,
-    the first 12,288 tokens of WikiText-2's last 7 articles, chunk 256 + memory 256): perplexity 43.36
-    without sinks, 22.68 with 4 sinks, 22.80 with 16; overlapping 512/256 windows 22.03.
+    the first tokens always in view and dumps attention on them. A sink token is masked out of the memory
+    slots while it is still there, so no token is seen twice. Llama, `sink_positions`:
+      - "absolute": the sinks' keys stay rotated at their own positions 0..s-1, so XL with sinks equals one
+        long forward pass in which token i attends to tokens 0..s-1 and to the memory + chunk before it
+        (the tests check this past max_len). But a chunk's distance to the sinks grows with the text, past
+        the distances the model was trained on.
+      - "adjacent" (default; StreamingLLM's choice): the stored sink keys are rotated, for each chunk, to
+        the positions just before the oldest memory token, so no distance exceeds s + memory + chunk.
+    Measured on SmolLM2 (static, chunk 256 + memory 256, WikiText-2's last 7 articles): on their first
+    12,288 tokens 43.36 without sinks, 22.68 with 4 absolute sinks (22.80 with 16), overlapping 512/256
+    windows 22.03; on their first 16,384, absolute sinks 34.59 against overlap 19.47: past ~12k tokens the
+    sinks are farther than SmolLM2's 8,192-token context and stop working. GPT-2 chunks take positions from
+    min(start, s + memory), the same approximation as above.
 
 Updates: every segment's loss is the mean NLL of the tokens it scores. With `update_every` = k the
 gradients of k consecutive segments (each taken at the same, not yet updated, parameters) are averaged
@@ -96,6 +102,10 @@ def dynamic_config() -> ml_collections.ConfigDict:
       chunk=256,  # xl: tokens per chunk, >= 1; chunk + memory <= the model's max_len
       memory=256,  # xl: earlier tokens whose cached keys/values each chunk attends to, >= 0 (0 = none)
       sinks=0,  # xl: the sequence's first tokens, kept in the cache for every chunk, in [0, chunk]
+      # xl sinks, Llama: "adjacent" rotates the sinks' keys to the positions just before the memory (StreamingLLM;
+      # no distance exceeds sinks + memory + chunk); "absolute" keeps their own positions 0..sinks-1 (exactly a long
+      # forward pass with a sink + sliding-window mask, but distances grow past the model's trained context).
+      sink_positions="adjacent",
       update_every=1,  # segments (windows or chunks) per optimizer step, >= 1 (their gradients averaged)
       params="full",  # what is trained: "full" (every parameter) or "lora" (adapters only)
       lora_rank=8,  # lora: adapter rank, >= 1 and <= the narrowest targeted projection's width
@@ -118,6 +128,7 @@ RULES = {
     "chunk": checks.count,
     "memory": checks.count_or_zero,
     "sinks": checks.count_or_zero,
+    "sink_positions": checks.one_of("adjacent", "absolute"),
     "update_every": checks.count,
     "params": checks.one_of(*PARAMS),
     "lora_rank": checks.count,
@@ -233,15 +244,27 @@ def _batch(ids: np.ndarray, seg: Segment, c, model_cfg: ModelConfig) -> dict[str
 # Pure step functions.
 
 
-def _forward(graphdef, params, batch, cache, *, context: str, chunk: int, memory: int, sinks: int = 0):
-  """Per-position NLL of the segment's labels (nll_L) and the cache for the next chunk ("xl")."""
+def _forward(graphdef, params, batch, cache, *, context: str, chunk: int, memory: int, sinks: int = 0,
+             sink_theta: float | None = None):
+  """Per-position NLL of the segment's labels (nll_L) and the cache for the next chunk ("xl"). `sink_theta`: the
+  RoPE base with which the sinks' keys are moved to sit just before the memory ("adjacent"), None to leave them."""
   tokens_1xL, mask_1xL = batch["tokens"][None], batch["mask"][None]
   if context == "overlap":
     logits_1xLxV = transformer.apply(graphdef, params, tokens_1xL, mask_1xL)
     new_cache = None
   else:
+    if sink_theta is not None:
+      # Stored at their own positions 0..sinks-1; rotating by `shift` moves them to shift..shift+sinks-1, the
+      # positions just before the oldest memory token (RoPE: R(a) R(b) = R(a + b)). Restored after the step.
+      stored = cache.k_NxBxSxKxE[:, :, :sinks]
+      shift = jnp.maximum(batch["start"] - memory - sinks, 0)
+      n, b, s, k, e = stored.shape
+      moved = transformer.rope(stored.reshape(n * b, s, k, e), jnp.full((n * b, s), shift), sink_theta)
+      cache = cache._replace(k_NxBxSxKxE=cache.k_NxBxSxKxE.at[:, :, :sinks].set(moved.reshape(stored.shape)))
     logits_1xLxV, cache = transformer.decode_step(graphdef, params, tokens_1xL, batch["pos"][None], mask_1xL,
                                                   cache)
+    if sink_theta is not None:
+      cache = cache._replace(k_NxBxSxKxE=cache.k_NxBxSxKxE.at[:, :, :sinks].set(stored))
     new_cache = _slide(cache, batch["start"], chunk=chunk, memory=memory, sinks=sinks)
   logp_LxV = jax.nn.log_softmax(transformer.upcast(logits_1xLxV[0]), axis=-1)
   nll_L = -jnp.take_along_axis(logp_LxV, batch["labels"][:, None], axis=-1)[:, 0]
@@ -392,8 +415,10 @@ def _empty_cache(cfg: ModelConfig, c) -> transformer.KVCache | None:
   return transformer.empty_cache(cfg, 1, size)._replace(index=jnp.asarray(c.sinks + c.memory, jnp.int32))
 
 
-def _segment_forward(c):
-  return functools.partial(_forward, context=c.context, chunk=c.chunk, memory=c.memory, sinks=c.sinks)
+def _segment_forward(c, cfg: ModelConfig):
+  adjacent = c.context == "xl" and c.sinks and c.sink_positions == "adjacent" and cfg.arch == "llama"
+  return functools.partial(_forward, context=c.context, chunk=c.chunk, memory=c.memory, sinks=c.sinks,
+                           sink_theta=cfg.rope_theta if adjacent else None)
 
 
 def gradient_rms(graphdef: nnx.GraphDef, params, cfg: ModelConfig, ids: Sequence[int], c: ml_collections.ConfigDict,
@@ -402,7 +427,7 @@ def gradient_rms(graphdef: nnx.GraphDef, params, cfg: ModelConfig, ids: Sequence
   segments of `ids` (training text), at `params`, segmented as `c` says: optimizer "rms"'s statistics."""
   ids = _checked(ids, c, cfg)
   frozen, trainable, build = _trainable(params, c)
-  step = jax.jit(functools.partial(_square_step, graphdef=graphdef, forward=_segment_forward(c), build=build),
+  step = jax.jit(functools.partial(_square_step, graphdef=graphdef, forward=_segment_forward(c, cfg), build=build),
                  donate_argnums=(0, 1))
   sum_sq = jax.tree.map(jnp.zeros_like, trainable)
   cache, count = _empty_cache(cfg, c), 0
@@ -419,7 +444,7 @@ def score(graphdef: nnx.GraphDef, params, cfg: ModelConfig, ids: Sequence[int], 
   `rms`: optimizer "rms"'s statistics (`gradient_rms` on training text)."""
   ids = _checked(ids, c, cfg)
   n = len(ids)
-  forward = _segment_forward(c)
+  forward = _segment_forward(c, cfg)
   cache = _empty_cache(cfg, c)
 
   if dynamic:

@@ -88,33 +88,48 @@ def test_xl_memory_truncates_and_rope_positions_stay_consistent_past_max_len():
   assert np.abs(short - xl).max() > 1e-3
 
 
-def _sliding_reference_nll(graphdef, params, cfg, ids, *, chunk, memory, sinks) -> np.ndarray:
+def _sliding_reference_nll(graphdef, params, cfg, ids, *, chunk, memory, sinks, adjacent=False) -> np.ndarray:
   """NLL of ids[1:] from one long pass in which token t attends to tokens 0..sinks-1 and to the `memory`
   tokens before its chunk and its chunk up to itself, at its absolute position: fed one token at a time, each
-  with its own row of that mask over a cache of the whole sequence."""
+  with its own row of that mask over a cache of the whole sequence. `adjacent`: for the query, the sinks' keys
+  sit just before the oldest token its chunk remembers (rotated there from their own positions)."""
   n = len(ids)
-  step = jax.jit(lambda params, token, t, row, cache: transformer.decode_step(
-      graphdef, params, token, t[None, None], jnp.ones((1, 1), jnp.int32), cache._replace(mask_BxS=row, index=t)))
+
+  def one(params, token, t, row, cache, shift):
+    k = cache.k_NxBxSxKxE
+    stored = k[:, :, :sinks]
+    moved = jax.vmap(lambda x: transformer.rope(x, jnp.full(x.shape[:2], shift), cfg.rope_theta))(stored)
+    cache = cache._replace(k_NxBxSxKxE=k.at[:, :, :sinks].set(moved), mask_BxS=row, index=t)
+    logits, cache = transformer.decode_step(graphdef, params, token, t[None, None], jnp.ones((1, 1), jnp.int32),
+                                            cache)
+    return logits, cache._replace(k_NxBxSxKxE=cache.k_NxBxSxKxE.at[:, :, :sinks].set(
+        jnp.where(t < sinks, cache.k_NxBxSxKxE[:, :, :sinks], stored)))
+
+  step = jax.jit(one)
   cache = transformer.empty_cache(cfg, 1, n)
   nll = []
   for t in range(n - 1):
     j = np.arange(n)
-    row = ((j < sinks) | (j >= (t // chunk) * chunk - memory)) & (j < t)
+    start = (t // chunk) * chunk
+    row = ((j < sinks) | (j >= start - memory)) & (j < t)
+    shift = max(start - memory - sinks, 0) if adjacent else 0
     logits, cache = step(params, jnp.asarray([[ids[t]]], jnp.int32), jnp.asarray(t, jnp.int32),
-                         jnp.asarray(row[None], jnp.int32), cache)
+                         jnp.asarray(row[None], jnp.int32), cache, jnp.asarray(shift, jnp.int32))
     nll.append(-jax.nn.log_softmax(logits[0, 0])[ids[t + 1]])
   return np.asarray(nll)
 
 
+@pytest.mark.parametrize("positions", ["absolute", "adjacent"])
 @pytest.mark.parametrize("chunk,memory,sinks", [(4, 8, 2), (4, 8, 4), (1, 5, 1), (6, 3, 5), (5, 0, 3)])
-def test_xl_with_sinks_equals_one_long_forward_with_sinks_and_a_sliding_window(chunk, memory, sinks):
+def test_xl_with_sinks_equals_one_long_forward_with_sinks_and_a_sliding_window(chunk, memory, sinks, positions):
   # Three layers and a sequence 3x max_len: keys and values of the memory were computed with their own
   # (shorter) context, which the one-token-at-a-time reference reproduces exactly.
   cfg = LLAMA.replace(n_layers=3, max_len=24)
   graphdef, params = _model(cfg)
   ids = list(np.random.default_rng(3).integers(0, 64, size=73))
-  want = _sliding_reference_nll(graphdef, params, cfg, ids, chunk=chunk, memory=memory, sinks=sinks)
-  c = _c(context="xl", chunk=chunk, memory=memory, sinks=sinks, lr=0.0)
+  want = _sliding_reference_nll(graphdef, params, cfg, ids, chunk=chunk, memory=memory, sinks=sinks,
+                                adjacent=positions == "adjacent")
+  c = _c(context="xl", chunk=chunk, memory=memory, sinks=sinks, sink_positions=positions, lr=0.0)
   for dynamic in (False, True):
     got = de.score(graphdef, params, cfg, ids, c, dynamic=dynamic).nll_T
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -124,6 +139,18 @@ def test_xl_with_sinks_equals_one_long_forward_with_sinks_and_a_sliding_window(c
   first_without = max(1, ((memory + 1 + chunk - 1) // chunk) * chunk)  # the first chunk whose memory lost token 0
   np.testing.assert_allclose(got[:first_without - 1], plain[:first_without - 1], rtol=1e-5, atol=1e-5)
   assert np.abs(got - plain).max() > 1e-3
+
+
+def test_adjacent_sinks_differ_from_absolute_ones_only_once_the_memory_slides():
+  cfg = LLAMA.replace(n_layers=2, max_len=24)
+  graphdef, params = _model(cfg)
+  ids = list(np.random.default_rng(4).integers(0, 64, size=60))
+  got = {p: de.score(graphdef, params, cfg, ids, _c(context="xl", chunk=4, memory=8, sinks=2, sink_positions=p,
+                                                       lr=0.0), dynamic=False).nll_T
+         for p in ("absolute", "adjacent")}
+  # Chunks starting at <= memory + sinks = 10 (tokens 0..11) see the sinks where they are.
+  np.testing.assert_allclose(got["adjacent"][:11], got["absolute"][:11], rtol=1e-6, atol=1e-6)
+  assert np.abs(got["adjacent"][12:] - got["absolute"][12:]).max() > 1e-4
 
 
 def test_sinks_within_a_full_memory_change_nothing():
