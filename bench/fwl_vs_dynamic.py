@@ -90,7 +90,7 @@ def print_selection(name: str, result: dict, grid: ml_collections.ConfigDict) ->
   print("| optimizer | lr | decay | val ppl |\n|---|---|---|---|")
   for r in sw["candidates"]:
     mark = "**" if all(r[k] == sw["selected"][k] for k in ("optimizer", "lr", "decay")) else ""
-    ppl = "diverged" if r["val_ppl"] is None else f"{mark}{r['val_ppl']:.3f}{mark}"
+    ppl = "diverged" if r["val_ppl"] is None else f"{mark}{r['val_ppl']:.{'3f' if r['val_ppl'] < 1e4 else '2g'}}{mark}"
     print(f"| {r['optimizer']} | {r['lr']:g} | {r['decay']:g} | {ppl} |")
   print(f"selected: {sw['selected']}" + (f"; EDGE: {'; '.join(sw['edge'])}" if sw["edge"] else "; inside the grid"))
   for b in dynamic_sweep.optimizer_bests(sw["candidates"], grid):
