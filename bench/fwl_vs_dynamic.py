@@ -16,6 +16,11 @@ and warm wall time (each variant is compiled on a prefix first) against static o
 trained on the training articles: `--fwl_workdir` names a finished fwl train job's workdir; without one the
 bench trains a head for `--fwl_steps` steps first (into a temporary workdir) and also reports FWL's training
 throughput against a plain fine-tune step. Nothing is asserted; the targets are printed met or missed.
+
+Measured (2 quiet CPU cores, 16,384 test tokens, `--no_fwl --contexts ""`, 15 min; README has the table):
+static overlap 19.47; XL 256+256 with 4 sinks 19.78 (+1.6%) at 0.61x its time, without sinks 37.58; dynamic
+overlap at Adam 1e-4 (selected) 15.22 at 3.39x; dynamic XL + sinks at Adam 3e-4 16.78 (+10.2% against dynamic
+overlap) at 0.91x dynamic overlap's time.
 """
 
 import argparse

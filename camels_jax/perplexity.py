@@ -1,7 +1,7 @@
 """Perplexity of a language model on a text: static, with dynamic evaluation, or with a Fast Weight Layer head.
 
   python -m camels_jax.perplexity --config configs/ppl_smollm2.py [--config.text_file=PATH]
-      [--config.method=static|dynamic|fwl] [--config.dynamic.context=overlap|xl] [--config.dynamic.lr=1e-5]
+      [--config.method=static|dynamic|fwl] [--config.dynamic.context=overlap|xl] [--config.dynamic.lr=1e-4]
       [--config.method=dynamic --config.sweep.enabled=true]
 
 Every token but the first is scored. `dynamic` (camels_jax/methods/dynamic_eval.py) says how the text is

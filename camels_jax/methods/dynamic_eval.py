@@ -113,7 +113,9 @@ def dynamic_config() -> ml_collections.ConfigDict:
       lora_targets="q,k,v,o",  # lora: comma-separated projections: q,k,v,o + gate,up,down (llama) or fc,proj (gpt2)
       lora_seed=0,  # lora: seed of the random A matrices, >= 0
       optimizer="adam",  # "sgd", "adam" (optax defaults) or "rms" (Krause et al.: RMS-normalised, with decay)
-      lr=1e-5,  # learning rate, >= 0 (0: no change, equals static evaluation)
+      # learning rate, >= 0 (0: no change, equals static evaluation); Adam 1e-4 is what the perplexity job's sweep
+      # selected for SmolLM2 on WikiText-2 validation articles (overlap 512/256; README)
+      lr=1e-4,
       decay=0.0,  # rms: pull towards the original weights per step (scaled by each weight's RMS), >= 0
       rms_eps=1.0,  # rms: rms_eps * mean(rms) is added to each weight's gradient RMS before dividing by it, > 0
       stat_segments=16,  # rms: segments of training text whose gradients give each weight's RMS, >= 1
