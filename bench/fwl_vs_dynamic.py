@@ -50,25 +50,29 @@ OVERLAP = dict(context="overlap", window=512, stride=256)
 XL = dict(context="xl", chunk=256, memory=256)
 SINKS = 4
 
+STATIC_OVERLAP, STATIC_WINDOWS = "static, overlap 512/256", "static, windows 512 (no overlap)"
+STATIC_XL_SINKS = f"static, xl 256 + memory 256 + {SINKS} sinks"
+DYNAMIC_OVERLAP, DYNAMIC_WINDOWS = "dynamic, overlap 512/256", "dynamic, windows 512 (no overlap)"
+DYNAMIC_XL_SINKS = f"dynamic, xl 256 + memory 256 + {SINKS} sinks"
+FWL_WINDOWS = "FWL, windows 512 (no overlap)"
+
 VARIANTS = [
-    Variant("static, overlap 512/256", False, OVERLAP),
-    Variant("static, windows 512 (no overlap)", False, dict(context="overlap", window=512, stride=512)),
+    Variant(STATIC_OVERLAP, False, OVERLAP),
+    Variant(STATIC_WINDOWS, False, dict(context="overlap", window=512, stride=512)),
     Variant("static, xl 256 + memory 256", False, XL),
-    Variant(f"static, xl 256 + memory 256 + {SINKS} sinks", False, XL | dict(sinks=SINKS)),
-    Variant("dynamic, overlap 512/256", True, OVERLAP, sweep="overlap"),
+    Variant(STATIC_XL_SINKS, False, XL | dict(sinks=SINKS)),
+    Variant(DYNAMIC_OVERLAP, True, OVERLAP, sweep="overlap"),
     # FWL's windows: the comparison the FWL paper makes (at the overlap sweep's selection).
-    Variant("dynamic, windows 512 (no overlap)", True, dict(context="overlap", window=512, stride=512),
-            sweep="overlap"),
-    Variant(f"dynamic, xl 256 + memory 256 + {SINKS} sinks", True, XL | dict(sinks=SINKS), sweep="xl"),
+    Variant(DYNAMIC_WINDOWS, True, dict(context="overlap", window=512, stride=512), sweep="overlap"),
+    Variant(DYNAMIC_XL_SINKS, True, XL | dict(sinks=SINKS), sweep="xl"),
 ]
 
 
 def section(overrides: dict, selected: dict | None = None) -> ml_collections.ConfigDict:
+  """A `dynamic` section with `overrides`, at a sweep's selected optimizer, lr and decay when given."""
   c = dynamic_eval.dynamic_config()
   c.update(overrides)
-  if selected:
-    c.update(optimizer=selected["optimizer"], lr=selected["lr"], decay=selected["decay"])
-  return c
+  return dynamic_sweep.Candidate(**selected).section(c) if selected else c
 
 
 def timed_score(model, ids, c, dynamic: bool, rms) -> tuple[np.ndarray, float]:
@@ -256,7 +260,7 @@ def score_fwl(args, text_file: str, model, ids, rows: list) -> dict | None:
   start = time.perf_counter()
   m = fwl.score_windows(model.graphdef, model.params, head_graphdef, trainable["head"], tokens_NxL, mask_NxL, 4,
                         config.fwl.chunk, progress=True)
-  rows.append({"variant": "FWL, windows 512 (no overlap)", "settings": None, "ppl": m["ppl"],
+  rows.append({"variant": FWL_WINDOWS, "settings": None, "ppl": m["ppl"],
                "seconds": time.perf_counter() - start})
   if args.fwl_workdir:
     return None
@@ -265,7 +269,7 @@ def score_fwl(args, text_file: str, model, ids, rows: list) -> dict | None:
 
 
 def report(args, ids, test, rows: list, nll: dict, throughput: dict | None) -> None:
-  ref = VARIANTS[0].name
+  ref = STATIC_OVERLAP
   by = {r["variant"]: r for r in rows}
   print(f"\n{len(ids)} test tokens; times exclude compilation; relative to static overlap 512/256; "
         f"NLL − static overlap paired over tokens, 95% bootstrap interval:\n")
@@ -292,13 +296,13 @@ def report(args, ids, test, rows: list, nll: dict, throughput: dict | None) -> N
           f"{t:.2f}x the time (target <= 0.6x): {met}")
 
   print()
-  target(VARIANTS[3].name, ref, "static XL with sinks against static overlap")
-  target(VARIANTS[6].name, VARIANTS[4].name, "dynamic XL with sinks against dynamic overlap")
-  window, dynamic_window = by[VARIANTS[1].name], by[VARIANTS[5].name]
+  target(STATIC_XL_SINKS, ref, "static XL with sinks against static overlap")
+  target(DYNAMIC_XL_SINKS, DYNAMIC_OVERLAP, "dynamic XL with sinks against dynamic overlap")
+  window, dynamic_window = by[STATIC_WINDOWS], by[DYNAMIC_WINDOWS]
   print(f"dynamic against static on the same 512-token windows: ppl {dynamic_window['ppl']:.3f} vs "
         f"{window['ppl']:.3f} ({(dynamic_window['ppl'] / window['ppl'] - 1) * 100:+.1f}%), time "
         f"{dynamic_window['seconds'] / window['seconds']:.2f}x")
-  fwl_row = by.get("FWL, windows 512 (no overlap)")
+  fwl_row = by.get(FWL_WINDOWS)
   if fwl_row:
     print(f"FWL against static on the same 512-token windows: ppl {fwl_row['ppl']:.3f} vs {window['ppl']:.3f} "
           f"({(fwl_row['ppl'] / window['ppl'] - 1) * 100:+.1f}%), time {fwl_row['seconds'] / window['seconds']:.2f}x")

@@ -125,33 +125,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) 
   """Loads the model, measures perplexity and writes `perplexity.json` and TensorBoard scalars (on process 0)."""
   first = jax.process_index() == 0
   progress = progress and first
-  text = load_text(config)  # before the model: a bad file fails in a second
+  # The text before the model: a bad file (or too few articles to split) fails in a second.
+  split = None
+  if config.sweep.enabled:
+    split = text_lib.split_three(load_articles(config), config.sweep.val_fraction, config.sweep.heldout_fraction)
+  else:
+    text = load_text(config)
   # Replicated on all devices: with several processes, every step is one program over all of them, and a
   # trained FWL head (whatever mesh it was trained on) is restored onto this mesh.
   model = loading.load(config.model, sharding.job_mesh(config))
-  ids = model.tokenizer.encode(text, add_bos=config.add_bos)
-  if config.max_tokens:
-    ids = ids[:config.max_tokens]
-  if len(ids) < 2:
-    raise DataError(f"{config.text_file or 'generated text'}: {len(ids)} token(s); at least 2 are needed")
   c = config.dynamic
-  if config.method == "fwl":
-    job = fwl_job_config(config)
-    head_graphdef, trainable = fwl.load_trained(job, model, config.fwl_workdir)
-    window = min(c.window, model.cfg.max_len)
-    tokens_NxL, mask_NxL = text_lib.windows(ids, window, model.tokenizer.pad_id)
-    start = time.perf_counter()
-    m = fwl.score_windows(model.graphdef, trainable.get("body", model.params), head_graphdef, trainable["head"],
-                          tokens_NxL, mask_NxL, config.batch_size, job.fwl.chunk, progress)
-    result = {"nll": m["nll"], "ppl": m["ppl"], "tokens": m["tokens"], "time_s": time.perf_counter() - start,
-              "updates": 0, "static_same_windows": {"nll": m["static_nll"], "ppl": m["static_ppl"]}}
-  elif config.sweep.enabled:
+  if split is not None:
     dynamic_eval.check_model(c, model.cfg)
-    result = run_sweep(config, model, progress)
+    result = run_sweep(config, model, *split, progress=progress)
   else:
-    dynamic_eval.check_model(c, model.cfg)
-    result = dynamic_eval.evaluate(model.graphdef, model.params, model.cfg, ids, c,
-                                   dynamic=config.method == "dynamic", progress=progress)
+    ids = model.tokenizer.encode(text, add_bos=config.add_bos)
+    if config.max_tokens:
+      ids = ids[:config.max_tokens]
+    if len(ids) < 2:
+      raise DataError(f"{config.text_file or 'generated text'}: {len(ids)} token(s); at least 2 are needed")
+    if config.method == "fwl":
+      result = _score_fwl(config, model, ids, progress)
+    else:
+      dynamic_eval.check_model(c, model.cfg)
+      result = dynamic_eval.evaluate(model.graphdef, model.params, model.cfg, ids, c,
+                                     dynamic=config.method == "dynamic", progress=progress)
   result |= {"method": config.method, "source": config.model.source, "text": config.text_file or "generated",
              "manifest": cli.manifest_path(workdir)}
   writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=first)
@@ -162,11 +160,27 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) 
   return result
 
 
-def run_sweep(config: ml_collections.ConfigDict, model, progress: bool = True) -> dict:
-  """Selects dynamic evaluation's settings on the validation articles, then scores the test articles static
-  and dynamic at the selection (module docstring)."""
+def _score_fwl(config: ml_collections.ConfigDict, model, ids, progress: bool) -> dict:
+  """Non-overlapping windows scored with the trained FWL head, and without it."""
+  job = fwl_job_config(config)
+  head_graphdef, trainable = fwl.load_trained(job, model, config.fwl_workdir)
+  window = min(config.dynamic.window, model.cfg.max_len)
+  tokens_NxL, mask_NxL = text_lib.windows(ids, window, model.tokenizer.pad_id)
+  start = time.perf_counter()
+  m = fwl.score_windows(model.graphdef, trainable.get("body", model.params), head_graphdef, trainable["head"],
+                        tokens_NxL, mask_NxL, config.batch_size, job.fwl.chunk, progress)
+  return {"nll": m["nll"], "ppl": m["ppl"], "tokens": m["tokens"], "time_s": time.perf_counter() - start,
+          "updates": 0, "static_same_windows": {"nll": m["static_nll"], "ppl": m["static_ppl"]}}
+
+
+def _first_line(article: str) -> str:
+  return article.strip().split("\n")[0][:80]
+
+
+def run_sweep(config: ml_collections.ConfigDict, model, train, val, test, progress: bool = True) -> dict:
+  """Selects dynamic evaluation's settings on the validation articles (`train` feeds optimizer rms's statistics),
+  then scores the test articles static and dynamic at the selection (module docstring)."""
   s = config.sweep
-  train, val, test = text_lib.split_three(load_articles(config), s.val_fraction, s.heldout_fraction)
   tok = model.tokenizer
   train_ids, val_ids = (text_lib.token_stream(tok, a, config.add_bos) for a in (train, val))
   test_ids = text_lib.token_stream(tok, test, config.add_bos)[:config.max_tokens or None]
@@ -182,15 +196,15 @@ def run_sweep(config: ml_collections.ConfigDict, model, progress: bool = True) -
                                progress=progress, rms=rms)
   seconds = time.perf_counter() - start
   nll, static_nll = float(dynamic.nll_T.mean()), float(static.nll_T.mean())
-  first_line = lambda a: a.strip().split("\n")[0][:80]
   return {"nll": nll, "ppl": dynamic_eval.perplexity(nll), "tokens": int(dynamic.nll_T.size), "time_s": seconds,
-          "updates": dynamic.updates, "static": {"nll": static_nll, "ppl": dynamic_eval.perplexity(static_nll), "time_s": static_s},
+          "updates": dynamic.updates,
+          "static": {"nll": static_nll, "ppl": dynamic_eval.perplexity(static_nll), "time_s": static_s},
           "dynamic_minus_static_nll": stats.paired_bootstrap_ci(dynamic.nll_T, static.nll_T),
           "sweep": report,
           "split": {"train_articles": len(train), "val_articles": len(val), "test_articles": len(test),
                     "train_tokens": len(train_ids), "val_tokens": len(val_ids), "test_tokens": len(test_ids),
-                    "val_first_lines": [first_line(a) for a in val],
-                    "test_first_lines": [first_line(a) for a in test]}}
+                    "val_first_lines": [_first_line(a) for a in val],
+                    "test_first_lines": [_first_line(a) for a in test]}}
 
 
 def main(argv):

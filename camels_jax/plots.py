@@ -353,15 +353,16 @@ def plot_bank_size(path: str, rows: Sequence[dict], title: str = "MAC against it
     f1 = [r["test"].get("ci", {}).get("f1", {}) for r in mine]
     _errorbar(f1_ax, xs, [_point_and_error(r["test"]["f1"], c.get("lo"), c.get("hi")) for r, c in zip(mine, f1)],
               capsize=3, elinewidth=1.0, label=method, **style)
-  _log_x_panels(((nll_ax, "answer NLL (nats per token)", title), (f1_ax, "F1", "F1 on the stream's questions")),
-                "documents in the bank (the stream's, then distractors)")
+  _panels(((nll_ax, "answer NLL (nats per token)", title), (f1_ax, "F1", "F1 on the stream's questions")),
+          "documents in the bank (the stream's, then distractors)", log_base=10)
   _save_with_footnote(fig, path, "bars: 95% bootstrap interval over questions")
 
 
-def _log_x_panels(panels, xlabel: str, base: int = 10) -> None:
-  """(axes, y label, title) panels sharing a log-scale x axis, each with a grid and a legend."""
+def _panels(panels, xlabel: str, log_base: int | None = None) -> None:
+  """(axes, y label, title) panels sharing an x axis (log-scale with `log_base`), each with a grid and a legend."""
   for ax, ylabel, title in panels:
-    ax.set_xscale("log", base=base)
+    if log_base:
+      ax.set_xscale("log", base=log_base)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -399,9 +400,9 @@ def plot_context_length(path: str, rows: Sequence[dict], title: str = "Memory in
     _errorbar(ppl_ax, xs, [_point_and_error(p["ppl"], p.get("ppl_lo"), p.get("ppl_hi")) for p in points],
               capsize=3, elinewidth=1.0, **style)
     time_ax.plot(xs, [p["seconds"] for p in points], **style)
-  _log_x_panels(((ppl_ax, "perplexity on the test articles", title),
-                 (time_ax, "wall seconds (compiled)", "time to score the test tokens")),
-                "context (tokens per window; windows overlap by half)", base=2)
+  _panels(((ppl_ax, "perplexity on the test articles", title),
+           (time_ax, "wall seconds (compiled)", "time to score the test tokens")),
+          "context (tokens per window; windows overlap by half)", log_base=2)
   _save_with_footnote(fig, path, "bars: 95% bootstrap interval over tokens of the paired NLL difference, as "
                       "perplexity")
 
@@ -433,12 +434,7 @@ def plot_fwl_training(path: str, history: Sequence[dict], title: str = "FWL trai
     eta_ax.plot(steps, [h.get(f"eta/{g}", math.nan) for h in history], marker=_MARKERS[k % len(_MARKERS)],
                 markersize=4, label=g)
   eta_ax.set_yscale("log")
-  for ax, ylabel, t in ((ppl_ax, "perplexity on the validation articles", title),
-                        (eta_ax, "step size (per token, summed losses)", "learned step sizes")):
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(t)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+  _panels(((ppl_ax, "perplexity on the validation articles", title),
+           (eta_ax, "step size (per token, summed losses)", "learned step sizes")), "training step")
   _save_with_footnote(fig, path, "validation: the articles before the test articles; the test articles are "
                       "never read in training")

@@ -34,7 +34,7 @@ def test_training_lowers_the_held_out_loss_and_validates_on_schedule(trained):
   image = matplotlib.image.imread(os.path.join(workdir, train.FWL_PLOT))
   assert image.shape[0] > 100 and image[..., :3].std() > 0.01
   f = results["fwl"]
-  assert f["heldout_articles"] == f["val_articles"] == 3 and f["train_articles"] == 18 and f["train_windows"] >= 2
+  assert f["test_articles"] == f["val_articles"] == 3 and f["train_articles"] == 18 and f["train_windows"] >= 2
 
 
 def test_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):

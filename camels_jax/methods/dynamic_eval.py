@@ -480,8 +480,8 @@ def score(graphdef: nnx.GraphDef, params, cfg: ModelConfig, ids: Sequence[int], 
 
 
 def perplexity(nll: float) -> float:
-  """exp(nll), inf for a diverged run (and nan for nan) rather than an OverflowError."""
-  return math.exp(nll) if nll < 700 else (math.inf if nll == nll else math.nan)
+  """exp(nll); inf for a diverged run (exp overflows past 709) rather than an OverflowError, nan for nan."""
+  return math.inf if nll > 709 else math.exp(nll)
 
 
 def evaluate(graphdef: nnx.GraphDef, params, cfg: ModelConfig, ids: Sequence[int], c: ml_collections.ConfigDict,

@@ -463,7 +463,7 @@ def _windows(config: ml_collections.ConfigDict, base, seq_len: int):
                            f"fwl.batch_size={c.batch_size}; give more text or a smaller batch")
   return train_NxL, train_mask_NxL, val_NxL, val_mask_NxL, {"train_articles": len(train_articles),
                                                             "val_articles": len(val_articles),
-                                                            "heldout_articles": len(test_articles)}
+                                                            "test_articles": len(test_articles)}
 
 
 def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress: bool = True):
@@ -512,8 +512,7 @@ def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress:
                validate, workdir=workdir, writer=writer, rng=jax.random.key(c.seed), stop_fn=plateaued,
                progress=progress, desc="fwl train")
   results = {"history": r.history, "best": r.best, "best_step": r.best_step, "steps_run": r.steps_run,
-             "seq_len": seq_len,
-             "train_windows": len(train_NxL), "val_windows": len(val_NxL)} | articles
+             "seq_len": seq_len, "train_windows": len(train_NxL), "val_windows": len(val_NxL)} | articles
   return t.head_graphdef, r.state["trainable"], results
 
 
