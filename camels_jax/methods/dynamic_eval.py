@@ -39,7 +39,9 @@ Two ways of giving a segment its context (`context`):
     Measured on SmolLM2 (static, chunk 256 + memory 256, WikiText-2's last 7 articles): on their first
     12,288 tokens 43.36 without sinks, 22.68 with 4 absolute sinks (22.80 with 16), overlapping 512/256
     windows 22.03; on their first 16,384, absolute sinks 34.59 against overlap 19.47: past ~12k tokens the
-    sinks are farther than SmolLM2's 8,192-token context and stop working. GPT-2 chunks take positions from
+    sinks are farther than SmolLM2's 8,192-token context and stop working. On all 14,163 tokens of the 7
+    validation articles before them: overlap 23.72, no sinks 47.31, 4 absolute 28.41 (34.27 past token 8,192),
+    4 adjacent 24.27, 16 adjacent 24.28. GPT-2 chunks take positions from
     min(start, s + memory), the same approximation as above.
 
 Updates: every segment's loss is the mean NLL of the tokens it scores. With `update_every` = k the
