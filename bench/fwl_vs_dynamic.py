@@ -193,12 +193,15 @@ def main():
     rows.append({"variant": v.name, "settings": selected, "ppl": float(np.exp(nll_T.mean())), "seconds": secs})
     print(f"{v.name}: ppl {rows[-1]['ppl']:.3f} in {secs:.1f} s", flush=True)
 
-  throughput = None if args.no_fwl else score_fwl(args, job.text_file, model, ids, rows)
+  throughput = None if args.no_fwl else score_fwl(args, job.text_file, model, ids, rows, nll)
   report(args, ids, test, rows, nll, throughput)
   if args.contexts:
     val_ids = text_lib.token_stream(model.tokenizer, val)
     contexts = [int(x) for x in args.contexts.split(",")]
-    ctx = context_rows(model, sweeps["overlap"], train_ids, val_ids, ids, contexts)
+    # Overlap 512/256 is the overlap sweep's own setting: its selection and the main table's scores stand.
+    known = {OVERLAP["window"]: (nll[STATIC_OVERLAP], by_name(rows, STATIC_OVERLAP)["seconds"],
+                                 nll[DYNAMIC_OVERLAP], by_name(rows, DYNAMIC_OVERLAP)["seconds"])}
+    ctx = context_rows(model, sweeps["overlap"], train_ids, val_ids, ids, contexts, known)
     plots.plot_context_length(args.plot, ctx)
     print(f"plot: {args.plot}")
     if args.json:
@@ -206,10 +209,15 @@ def main():
                                       "contexts": ctx})
 
 
-def context_rows(model, overlap_sweep, train_ids, val_ids, ids, contexts) -> list[dict]:
+def by_name(rows: list, name: str) -> dict:
+  return next(r for r in rows if r["variant"] == name)
+
+
+def context_rows(model, overlap_sweep, train_ids, val_ids, ids, contexts, known: dict) -> list[dict]:
   """Static and dynamic evaluation with overlapping windows of each context length (moved by half a window).
   Dynamic evaluation's lr is selected again on the validation articles for every length, over the overlap
-  sweep's grid of the optimizer (and decay) that sweep selected."""
+  sweep's grid of the optimizer (and decay) that sweep selected. `known`: {length: (static nll_T, seconds,
+  dynamic nll_T, seconds)} already scored at the overlap sweep's own setting and selection."""
   result, job = overlap_sweep
   won = result["sweep"]["selected"]
   grid = ml_collections.ConfigDict(job.sweep.to_dict())
@@ -221,11 +229,15 @@ def context_rows(model, overlap_sweep, train_ids, val_ids, ids, contexts) -> lis
   print("|---|---|---|---|---|---|---|")
   for n in contexts:
     c = section(dict(context="overlap", window=n, stride=max(1, n // 2)))
-    report, rms = dynamic_sweep.select(model.graphdef, model.params, model.cfg, c, grid, train_ids, val_ids,
-                                       progress=False)
-    chosen = dynamic_sweep.Candidate(**report["selected"]).section(c)
-    static_T, static_s = timed_score(model, ids, c, False, None)
-    dynamic_T, dynamic_s = timed_score(model, ids, chosen, True, rms)
+    if n in known and n // 2 == OVERLAP["stride"]:
+      report = result["sweep"]
+      static_T, static_s, dynamic_T, dynamic_s = known[n]
+    else:
+      report, rms = dynamic_sweep.select(model.graphdef, model.params, model.cfg, c, grid, train_ids, val_ids,
+                                         progress=False)
+      chosen = dynamic_sweep.Candidate(**report["selected"]).section(c)
+      static_T, static_s = timed_score(model, ids, c, False, None)
+      dynamic_T, dynamic_s = timed_score(model, ids, chosen, True, rms)
     d = stats.paired_bootstrap_ci(dynamic_T, static_T)
     base = float(static_T.mean())
     rows.append({"context": n, "selected": report["selected"], "edge": report["edge"],
@@ -240,9 +252,9 @@ def context_rows(model, overlap_sweep, train_ids, val_ids, ids, contexts) -> lis
   return rows
 
 
-def score_fwl(args, text_file: str, model, ids, rows: list) -> dict | None:
-  """Appends FWL's row (non-overlapping 512-token windows), training a head first without `--fwl_workdir`; FWL's
-  training throughput when the bench trained it."""
+def score_fwl(args, text_file: str, model, ids, rows: list, nll: dict) -> dict | None:
+  """Appends FWL's row and per-token NLLs (on the tokens and contexts of the non-overlapping 512-token windows),
+  training a head first without `--fwl_workdir`; FWL's training throughput when the bench trained it."""
   fwl_workdir = args.fwl_workdir
   if fwl_workdir:
     config = io_utils.workdir_config(fwl_workdir, "a finished fwl train job")
@@ -254,14 +266,24 @@ def score_fwl(args, text_file: str, model, ids, rows: list) -> dict | None:
     print(f"FWL head trained for {config.fwl.steps} steps in {time.perf_counter() - start:.0f} s: validation "
           f"ppl {res['best']['val_ppl']:.3f} (static {res['best']['val_static_ppl']:.3f})")
   head_graphdef, trainable = fwl.load_trained(config, model, fwl_workdir)
-  tokens_NxL, mask_NxL = text_lib.windows(ids, 512, model.tokenizer.pad_id)
-  fwl.score_windows(model.graphdef, model.params, head_graphdef, trainable["head"], tokens_NxL[:4], mask_NxL[:4],
-                    4, config.fwl.chunk)  # compile
+  body = trainable.get("body", model.params)
+
+  # The static windows' tokens and contexts, so they pair up; one window at a time, as dynamic_eval scores them.
+  def scores(token_ids, progress=False, with_static=False):
+    return fwl.token_scores(model.graphdef, body, head_graphdef, trainable["head"], token_ids, 512, 1,
+                            config.fwl.chunk, progress, with_static)
+
+  scores(ids[:2 * 512 + 1])  # compile
   start = time.perf_counter()
-  m = fwl.score_windows(model.graphdef, model.params, head_graphdef, trainable["head"], tokens_NxL, mask_NxL, 4,
-                        config.fwl.chunk, progress=True)
-  rows.append({"variant": FWL_WINDOWS, "settings": None, "ppl": m["ppl"],
-               "seconds": time.perf_counter() - start})
+  fast_T, _ = scores(ids, progress=True)  # timed: FWL alone
+  secs = time.perf_counter() - start
+  _, static_T = scores(ids[:4 * 512 + 1], with_static=True)  # a check of the pairing
+  gap = float(np.abs(static_T - nll[STATIC_WINDOWS][:len(static_T)]).max())
+  print(f"FWL: ppl {np.exp(fast_T.mean()):.3f} in {secs:.1f} s (on its first windows its static NLLs differ from "
+        f"the static windows' by at most {gap:.1e} per token)", flush=True)
+  nll[FWL_WINDOWS] = fast_T
+  rows.append({"variant": FWL_WINDOWS, "settings": None, "ppl": float(np.exp(fast_T.mean())), "seconds": secs,
+               "fwl_workdir": fwl_workdir})
   if args.fwl_workdir:
     return None
   train_windows, train_masks = text_lib.windows(ids, config.fwl.seq_len, model.tokenizer.pad_id)
@@ -298,14 +320,23 @@ def report(args, ids, test, rows: list, nll: dict, throughput: dict | None) -> N
   print()
   target(STATIC_XL_SINKS, ref, "static XL with sinks against static overlap")
   target(DYNAMIC_XL_SINKS, DYNAMIC_OVERLAP, "dynamic XL with sinks against dynamic overlap")
-  window, dynamic_window = by[STATIC_WINDOWS], by[DYNAMIC_WINDOWS]
-  print(f"dynamic against static on the same 512-token windows: ppl {dynamic_window['ppl']:.3f} vs "
-        f"{window['ppl']:.3f} ({(dynamic_window['ppl'] / window['ppl'] - 1) * 100:+.1f}%), time "
-        f"{dynamic_window['seconds'] / window['seconds']:.2f}x")
-  fwl_row = by.get(FWL_WINDOWS)
-  if fwl_row:
-    print(f"FWL against static on the same 512-token windows: ppl {fwl_row['ppl']:.3f} vs {window['ppl']:.3f} "
-          f"({(fwl_row['ppl'] / window['ppl'] - 1) * 100:+.1f}%), time {fwl_row['seconds'] / window['seconds']:.2f}x")
+  window = by[STATIC_WINDOWS]
+  gains = {}
+  for name in (DYNAMIC_WINDOWS, FWL_WINDOWS):
+    if name in by:
+      d = gains[name] = stats.paired_bootstrap_ci(nll[name], nll[STATIC_WINDOWS])
+      print(f"{name} against static on the same windows: ppl {by[name]['ppl']:.3f} vs {window['ppl']:.3f} "
+            f"({(by[name]['ppl'] / window['ppl'] - 1) * 100:+.1f}%; NLL {d['mean']:+.4f} [{d['lo']:+.4f}, "
+            f"{d['hi']:+.4f}]), time {by[name]['seconds'] / window['seconds']:.2f}x")
+  if FWL_WINDOWS in gains:
+    f, dyn = gains[FWL_WINDOWS], gains[DYNAMIC_WINDOWS]
+    d = stats.paired_bootstrap_ci(nll[FWL_WINDOWS], nll[DYNAMIC_WINDOWS])
+    t = by[FWL_WINDOWS]["seconds"] / window["seconds"]
+    met = "met" if f["mean"] <= dyn["mean"] and t <= 1.5 else "missed"
+    print(f"FWL's gain against tuned dynamic evaluation's on those windows: NLL {f['mean']:+.4f} vs {dyn['mean']:+.4f} "
+          f"(FWL − dynamic {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]; target <= 0) at {t:.2f}x static's "
+          f"time (target <= 1.5x): {met}")
+    by[FWL_WINDOWS]["nll_minus_dynamic_windows"] = d
   if throughput:
     print(f"training throughput: FWL step {throughput['fwl']:.0f} tokens/s, plain fine-tune step "
           f"{throughput['plain fine-tune']:.0f} tokens/s ({throughput['fwl'] / throughput['plain fine-tune']:.2f}x)")

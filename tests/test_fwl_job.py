@@ -5,7 +5,8 @@ import os
 import matplotlib.image
 import pytest
 
-from camels_jax import cli, io_utils, perplexity, train
+from camels_jax import checks, cli, io_utils, perplexity, train
+from camels_jax.methods import fwl
 from tests.tiny_config import Killed, kill_job_at, load_config
 
 
@@ -99,3 +100,39 @@ def test_training_stops_when_the_validation_loss_plateaus(tmp_path):
   assert results["steps_run"] < 40 and len(nll) == results["steps_run"] + 1
   assert min(nll[:-2]) < min(nll[-2:])  # the last 2 validations both failed to beat an earlier one
   assert results["best"]["val_nll"] == min(nll)
+
+
+def test_the_baseline_trains_the_body_without_the_head(trained, tmp_path):
+  """fast_weights=False (the from-scratch comparison): the body learns from its own static loss, the head gets
+  no gradient (its step sizes stay where they started), and validation and perplexity score the model without
+  its head."""
+  config, _, results = trained
+  baseline = tiny_fwl()
+  baseline.fwl.fast_weights = False
+  workdir = str(tmp_path / "baseline")
+  r = train.run(baseline, workdir, progress=False)["fwl"]
+  io_utils.write_json(os.path.join(workdir, cli.CONFIG_FILE), cli.config_dict(baseline))
+  history = r["history"]
+  assert r["fast_weights"] is False and [h["step"] for h in history] == [0, 2, 4]
+  for h in history:
+    assert h["val_ppl"] == pytest.approx(h["val_static_ppl"], rel=1e-9)
+    assert all(h[f"eta/{g}"] == pytest.approx(baseline.fwl.step_init, rel=1e-5) for g in fwl.STEP_GROUPS)
+  assert history[-1]["val_nll"] < history[0]["val_nll"] - 0.1
+  # Same init and data as the FWL run: only the training loss differs, so their first validations agree on the
+  # static model and their trained bodies do not.
+  fwl_history = results["fwl"]["history"]
+  assert history[0]["val_static_ppl"] == pytest.approx(fwl_history[0]["val_static_ppl"], rel=1e-6)
+  assert history[-1]["val_static_ppl"] != pytest.approx(fwl_history[-1]["val_static_ppl"], rel=1e-4)
+  ppl = load_config("ppl_smollm2")
+  ppl.model = config.model
+  ppl.update(method="fwl", fwl_workdir=workdir, generated_docs=2)
+  ppl.dynamic.window = 64
+  result = perplexity.run(ppl, str(tmp_path / "ppl"), progress=False)
+  assert result["ppl"] == result["static_same_windows"]["ppl"]
+
+
+def test_a_baseline_with_a_frozen_body_is_a_config_error():
+  c = tiny_fwl()
+  c.fwl.update(fast_weights=False, train_body=False)
+  found = checks.violations(c.fwl, fwl.RULES, fwl.CROSS)
+  assert len(found) == 1 and "train_body" in found[0], found

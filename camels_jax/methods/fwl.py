@@ -91,6 +91,9 @@ def fwl_config() -> ml_collections.ConfigDict:
       step_init=1e-3,  # initial step size of each of the 6 parameter groups, > 0 (per token, summed losses)
       chunk=256,  # tokens per chunk of the causal linear attention, >= 1; any length works (paper: 4096 / 16)
       train_body=False,  # also train the base model (else only the head is trained)
+      # False: the same body trained and scored without the head (its static logits), for the FWL paper's
+      # from-scratch comparison: a model trained without FWL for the same steps. Needs train_body.
+      fast_weights=True,
       lr=1e-3,  # Adam lr of the head (its step sizes included), > 0
       body_lr=1e-5,  # Adam lr of the base model when train_body, > 0
       grad_clip=1.0,  # global-norm clip of the gradient, > 0
@@ -110,6 +113,7 @@ RULES = {
     "step_init": checks.positive,
     "chunk": checks.count,
     "train_body": checks.boolean,
+    "fast_weights": checks.boolean,
     "lr": checks.positive,
     "body_lr": checks.positive,
     "grad_clip": checks.positive,
@@ -121,7 +125,16 @@ RULES = {
     "patience": checks.count_or_zero,
     "seed": checks.seed,
 }
-CROSS = []  # no constraints between fields
+
+
+def _baseline_trains_body(c, at=""):
+  if not c.fast_weights and not c.train_body:
+    return [f"{at}fast_weights=False trains the model without the head, so it needs {at}train_body=True "
+            f"(with a frozen body there is nothing to train)"]
+  return []
+
+
+CROSS = [_baseline_trains_body]
 
 
 class FWLHead(nnx.Module):
@@ -370,16 +383,29 @@ def reference_logits(head_graphdef: nnx.GraphDef, head_params: transformer.Param
 # Scoring and training (the `fwl` job of camels_jax.train, the `fwl` method of camels_jax.perplexity).
 
 
-@functools.partial(jax.jit, static_argnames=("base_graphdef", "head_graphdef", "chunk"))
-def nll_sums(base_graphdef, base_params, head_graphdef, head_params, tokens_BxL, mask_BxL, *, chunk: int):
-  """(summed next-token NLL over real targets, their count, the same sum for the plain base model)."""
+def _token_nlls(base_graphdef, base_params, head_graphdef, head_params, tokens_BxL, mask_BxL, chunk: int,
+                with_static: bool = True):
+  """(fast nll_BxL, static nll_BxL, lw_BxL): per-position NLLs (position t scores token t+1, `loss.token_nll`)
+  of the FWL model and of the plain base model, and the real-target mask. `with_static=False` leaves the
+  static NLLs zero and their unembedding uncomputed (for timing FWL alone)."""
   h_BxLxD = transformer.hidden(base_graphdef, base_params, tokens_BxL, mask_BxL)
   unembed = base_unembed(base_graphdef, base_params)
   lw_BxL = loss.target_mask(mask_BxL)
   fast = loss.token_nll(head_logits(head_graphdef, head_params, h_BxLxD, tokens_BxL, mask_BxL, unembed, chunk),
                         tokens_BxL)
-  static = loss.token_nll(unembed(h_BxLxD), tokens_BxL)
-  return (fast * lw_BxL).sum(), lw_BxL.sum(), (static * lw_BxL).sum()
+  static = loss.token_nll(unembed(h_BxLxD), tokens_BxL) * lw_BxL if with_static else jnp.zeros_like(fast)
+  return fast * lw_BxL, static, lw_BxL
+
+
+@functools.partial(jax.jit, static_argnames=("base_graphdef", "head_graphdef", "chunk"))
+def nll_sums(base_graphdef, base_params, head_graphdef, head_params, tokens_BxL, mask_BxL, *, chunk: int):
+  """(summed next-token NLL over real targets, their count, the same sum for the plain base model)."""
+  fast, static, lw = _token_nlls(base_graphdef, base_params, head_graphdef, head_params, tokens_BxL, mask_BxL,
+                                 chunk)
+  return fast.sum(), lw.sum(), static.sum()
+
+
+token_nlls = jax.jit(_token_nlls, static_argnames=("base_graphdef", "head_graphdef", "chunk", "with_static"))
 
 
 def score_windows(base_graphdef, base_params, head_graphdef, head_params, tokens_NxL, mask_NxL, batch_size: int,
@@ -397,6 +423,35 @@ def score_windows(base_graphdef, base_params, head_graphdef, head_params, tokens
           "tokens": int(count)}
 
 
+def token_scores(base_graphdef, base_params, head_graphdef, head_params, ids: np.ndarray, targets: int,
+                 batch_size: int, chunk: int, progress: bool = False,
+                 with_static: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """(fast nll_T, static nll_T): the NLL of every token of `ids` but the first, with the FWL model and with the
+  plain base model, in windows of `targets` predictions (targets + 1 tokens, each window's last token the next
+  one's first). Token j's context is then the tokens of its window before it: the same tokens and contexts as
+  `dynamic_eval`'s non-overlapping windows of `targets` (window = stride = targets), so the two pair up.
+  `with_static=False`: the static NLLs are zeros, not computed (`_token_nlls`)."""
+  ids = np.asarray(ids, np.int32)
+  n_targets = len(ids) - 1
+  n = max(1, math.ceil(n_targets / targets))
+  tokens_NxL = np.zeros((n, targets + 1), np.int32)
+  mask_NxL = np.zeros((n, targets + 1), np.int32)
+  for i in range(n):
+    w = ids[i * targets:i * targets + targets + 1]
+    tokens_NxL[i, :len(w)], mask_NxL[i, :len(w)] = w, 1
+  fast, static = [], []
+  for i in tqdm.trange(0, n, batch_size, desc="fwl", disable=not progress, leave=False):
+    t, m = tokens_NxL[i:i + batch_size], mask_NxL[i:i + batch_size]
+    if len(t) < batch_size:  # one shape: one compilation
+      t, m = np.pad(t, ((0, batch_size - len(t)), (0, 0))), np.pad(m, ((0, batch_size - len(m)), (0, 0)))
+    f, s, _ = token_nlls(base_graphdef, base_params, head_graphdef, head_params, t, m, chunk=chunk,
+                         with_static=with_static)
+    fast.append(np.asarray(f, np.float64)[:, :targets])
+    static.append(np.asarray(s, np.float64)[:, :targets])
+  # Row i, position t scores token i * targets + t + 1: row-major order is token order.
+  return (np.concatenate(fast).reshape(-1)[:n_targets], np.concatenate(static).reshape(-1)[:n_targets])
+
+
 @functools.lru_cache
 def make_optimizer(lr: float, body_lr: float, grad_clip: float, train_body: bool) -> optax.GradientTransformation:
   """Clipped Adam on {"head": ..., "body": ...} (the body at its own lr); equal settings, the same object."""
@@ -405,14 +460,26 @@ def make_optimizer(lr: float, body_lr: float, grad_clip: float, train_body: bool
                      optax.multi_transform(adams, {k: k for k in adams}))
 
 
-@functools.partial(jax.jit, static_argnames=("base_graphdef", "head_graphdef", "chunk", "optimizer"),
+def static_lm_loss(base_graphdef: nnx.GraphDef, base_params: transformer.Params, tokens_BxL: jax.Array,
+                   mask_BxL: jax.Array) -> jax.Array:
+  """Mean next-token NLL of the plain base model (no head), pooled over the batch's real targets."""
+  h_BxLxD = transformer.hidden(base_graphdef, base_params, tokens_BxL, mask_BxL)
+  lw_BxL = loss.target_mask(mask_BxL)
+  nll_BxL = loss.token_nll(base_unembed(base_graphdef, base_params)(h_BxLxD), tokens_BxL)
+  return (nll_BxL * lw_BxL).sum() / jnp.maximum(lw_BxL.sum(), 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("base_graphdef", "head_graphdef", "chunk", "optimizer", "fast"),
                    donate_argnums=(1, 2))
 def train_step(base_graphdef, trainable, opt_state, frozen_body, tokens_BxL, mask_BxL, *, head_graphdef,
-               chunk: int, optimizer: optax.GradientTransformation):
-  """One Adam step on the FWL model's LM loss: through the fast weights, the step sizes included."""
+               chunk: int, optimizer: optax.GradientTransformation, fast: bool = True):
+  """One Adam step on the FWL model's LM loss: through the fast weights, the step sizes included. `fast=False`:
+  on the plain model's loss (the head gets no gradient; `fwl.fast_weights`)."""
 
   def loss_fn(tr):
     body = tr.get("body", frozen_body)
+    if not fast:
+      return static_lm_loss(base_graphdef, body, tokens_BxL, mask_BxL)
     return lm_loss(base_graphdef, body, head_graphdef, tr["head"], tokens_BxL, mask_BxL, chunk)
 
   value, grads = jax.value_and_grad(loss_fn)(trainable)
@@ -491,6 +558,8 @@ def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress:
     trainable = state["trainable"]
     m = score_windows(base.graphdef, trainable.get("body", frozen), t.head_graphdef, trainable["head"], val_NxL,
                       val_mask_NxL, c.batch_size, c.chunk)
+    if not c.fast_weights:  # the baseline is the model without its head
+      m |= {"nll": m["static_nll"], "ppl": m["static_ppl"]}
     return {"val_nll": m["nll"], "val_ppl": m["ppl"], "val_static_ppl": m["static_ppl"], "val_tokens": m["tokens"]
             } | {f"eta/{g}": float(v) for g, v in step_sizes(trainable["head"]).items()}
 
@@ -502,7 +571,7 @@ def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress:
     idx = _order(len(train_NxL), c.seed, epoch)[k * c.batch_size:(k + 1) * c.batch_size]
     trainable, opt_state, value = train_step(base.graphdef, state["trainable"], state["opt"], frozen,
                                              train_NxL[idx], train_mask_NxL[idx], head_graphdef=t.head_graphdef,
-                                             chunk=c.chunk, optimizer=t.optimizer)
+                                             chunk=c.chunk, optimizer=t.optimizer, fast=bool(c.fast_weights))
     return {"trainable": trainable, "opt": opt_state}, carry, {"loss": value}
 
   def plateaued(history) -> bool:
@@ -512,7 +581,7 @@ def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress:
                validate, workdir=workdir, writer=writer, rng=jax.random.key(c.seed), stop_fn=plateaued,
                progress=progress, desc="fwl train")
   results = {"history": r.history, "best": r.best, "best_step": r.best_step, "steps_run": r.steps_run,
-             "seq_len": seq_len, "train_windows": len(train_NxL), "val_windows": len(val_NxL)} | articles
+             "fast_weights": bool(c.fast_weights), "seq_len": seq_len, "train_windows": len(train_NxL), "val_windows": len(val_NxL)} | articles
   return t.head_graphdef, r.state["trainable"], results
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from camels_jax import checks
 from camels_jax.adapt import loss
-from camels_jax.methods import fwl
+from camels_jax.methods import dynamic_eval, fwl
 from camels_jax.models import transformer
 from camels_jax.models.config import ModelConfig
 
@@ -200,6 +200,40 @@ def test_fast_weights_learn_repeated_text():
       fwl.with_step_sizes(params, 0.0)) - 0.05  # measured: 3.29 vs 3.42
 
 
+def test_token_nlls_are_the_summed_nlls_per_position():
+  """`token_nlls` (what the bench pairs over tokens) sums to `nll_sums`, padding included, and its static row
+  is the plain model's NLL."""
+  base_graphdef, base_params = _base("float32")
+  graphdef, params = _head(dtype="float32")
+  tokens, mask, _ = _data()
+  fast, static, lw = fwl.token_nlls(base_graphdef, base_params, graphdef, params, tokens, mask, chunk=4)
+  f, n, s = fwl.nll_sums(base_graphdef, base_params, graphdef, params, tokens, mask, chunk=4)
+  np.testing.assert_allclose([fast.sum(), lw.sum(), static.sum()], [f, n, s], rtol=1e-6)
+  assert float(jnp.abs(fast * (1 - lw)).sum()) == 0.0
+  plain = fwl.static_lm_loss(base_graphdef, base_params, tokens, mask)
+  np.testing.assert_allclose(float(plain), float(static.sum() / lw.sum()), rtol=1e-6)
+
+
+def test_token_scores_pair_with_dynamic_evaluations_windows():
+  """`token_scores`' static NLLs are, token for token, static `dynamic_eval.score` on non-overlapping windows of
+  the same length (the bench pairs FWL with it); its fast NLLs are `token_nlls` of the same windows."""
+  cfg = ModelConfig(arch="llama", vocab_size=V, d_model=D, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16,
+                    max_len=32, tie_embeddings=False, dtype="float32", param_dtype="float32")
+  base_graphdef, base_params = transformer.init(cfg, 0)
+  graphdef, params = _head(dtype="float32")
+  ids = np.random.default_rng(3).integers(0, V, 30)  # 29 targets: 3 windows of 8 and one of 5
+  fast_T, static_T = fwl.token_scores(base_graphdef, base_params, graphdef, params, ids, 8, 3, 4)
+  c = dynamic_eval.dynamic_config()
+  c.update(window=8, stride=8)
+  expected = dynamic_eval.score(base_graphdef, base_params, cfg, ids, c, dynamic=False).nll_T
+  assert fast_T.shape == static_T.shape == (29,)
+  np.testing.assert_allclose(static_T, expected, rtol=1e-5, atol=1e-6)
+  window = jnp.asarray(ids[8:17][None])
+  f, _, _ = fwl.token_nlls(base_graphdef, base_params, graphdef, params, window, jnp.ones_like(window), chunk=4)
+  np.testing.assert_allclose(fast_T[8:16], np.asarray(f)[0, :8], rtol=1e-5)
+  assert np.abs(fast_T - static_T).max() > 1e-3  # the head does change the scores
+
+
 def test_step_size_helpers():
   cfg = fwl.fwl_config()
   _, params = fwl.init_head(cfg, D, 0)
@@ -221,7 +255,7 @@ def test_default_config_passes_its_rules():
 @pytest.mark.parametrize("key,value", [("chunk", 0), ("chunk", -4), ("chunk", 2.5), ("hidden_mult", 0),
                                        ("step_init", 0.0), ("step_init", -1e-3), ("lr", 0.0), ("body_lr", -1.0),
                                        ("grad_clip", 0.0), ("steps", -1), ("seed", -1), ("residual", 1),
-                                       ("train_body", "yes")])
+                                       ("train_body", "yes"), ("fast_weights", "no")])
 def test_rules_reject_out_of_range(key, value):
   c = ml_collections.ConfigDict({**fwl.fwl_config().to_dict(), key: value})  # a wrong type, too
   found = checks.violations(c, fwl.RULES, fwl.CROSS)
