@@ -17,10 +17,16 @@ trained on the training articles: `--fwl_workdir` names a finished fwl train job
 bench trains a head for `--fwl_steps` steps first (into a temporary workdir) and also reports FWL's training
 throughput against a plain fine-tune step. Nothing is asserted; the targets are printed met or missed.
 
-Measured (2 quiet CPU cores, 16,384 test tokens, `--no_fwl --contexts ""`, 15 min; README has the table):
-static overlap 19.47; XL 256+256 with 4 sinks 19.78 (+1.6%) at 0.61x its time, without sinks 37.58; dynamic
-overlap at Adam 1e-4 (selected) 15.22 at 3.39x; dynamic XL + sinks at Adam 3e-4 16.78 (+10.2% against dynamic
-overlap) at 0.91x dynamic overlap's time.
+FWL is scored on the static windows' own tokens and contexts (`fwl.token_scores`), so it pairs with them and
+with dynamic evaluation on those windows; its time is the FWL model's scoring (body and head, without also computing
+the static NLLs), one window at a time as static's.
+
+Measured (2 CPU cores, 16,384 test tokens, `--fwl_workdir` the head of configs/fwl_smollm2.py's docstring,
+82 min; README has the tables): static overlap 19.47; XL 256+256 with 4 sinks 19.78 (+1.6%) at 0.51x its time
+(0.61x in the run before), without sinks 37.58; dynamic overlap at Adam 1e-4 (selected) 15.22; dynamic XL + sinks
+at Adam 3e-4 16.78 (+10.2% against dynamic overlap); on 512-token windows static 24.95, FWL 19.02 (0.94x static's
+time), dynamic 18.28 (FWL − dynamic +0.040 nats [+0.025, +0.055]). Context 64 / 128 / 256 / 512 / 1024: static
+39.19 / 28.36 / 22.70 / 19.47 / 17.38, dynamic 18.75 / 16.92 / 15.88 / 15.22 / 14.73.
 """
 
 import argparse
