@@ -19,7 +19,7 @@ import argparse
 
 import numpy as np
 
-from camels_jax import io_utils, stats
+from camels_jax import checks, io_utils, stats
 from camels_jax.data import text as text_lib
 from camels_jax.methods import fwl
 from camels_jax.models import loading
@@ -28,15 +28,8 @@ from camels_jax.models import loading
 _MAY_DIFFER = {"workdir", "fwl.fast_weights"}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-  return out
-
-
 def check_pair(fwl_config, baseline_config) -> None:
-  a, b = _flat(fwl_config.to_dict()), _flat(baseline_config.to_dict())
+  a, b = checks.leaves(fwl_config), checks.leaves(baseline_config)
   a.setdefault("fwl.fast_weights", True)  # a workdir from before the field
   if a["fwl.fast_weights"] is not True or b.get("fwl.fast_weights") is not False:
     raise SystemExit("--fwl must be a run with fwl.fast_weights=True and --baseline one with fwl.fast_weights=False")

@@ -11,7 +11,12 @@ A 4-block, 256-wide Llama-style decoder with SmolLM2's tokenizer, randomly initi
 FWL head end to end (`fwl.train_body`); `fwl.fast_weights=false` trains the same body from the same init on the
 same windows without the head. Each run validates (and keeps its best checkpoint) on the validation articles;
 the bench scores both on the test articles, which neither run reads. Without `text_file` the text is the
-generated documents. MEASURED is filled in below from the runs of this stop.
+generated documents.
+
+Measured so far (2026-12-05, 2 CPU cores, WikiText-2 raw test, both runs with --config.fwl.steps=200): an FWL step
+takes ~15 s alone, a baseline step ~5-7 s. Validation perplexity at step 100: 1,080.7 with FWL (1,099.1 with its
+head off), 1,086.3 without FWL; the baseline reached 862.96 at step 200. The FWL run stopped at its step-100
+checkpoint (session time); its first command with --config.fwl.steps=200 resumes it.
 """
 
 import ml_collections

@@ -1,10 +1,14 @@
 """The fwl train job (checkpoints, resume) and FWL scoring in the perplexity job, on a tiny random model."""
 
+import json
 import os
+import sys
+from unittest import mock
 
 import matplotlib.image
 import pytest
 
+from bench import fwl_from_scratch
 from camels_jax import checks, cli, io_utils, perplexity, train
 from camels_jax.methods import fwl
 from tests.tiny_config import Killed, kill_job_at, load_config
@@ -129,6 +133,15 @@ def test_the_baseline_trains_the_body_without_the_head(trained, tmp_path):
   ppl.dynamic.window = 64
   result = perplexity.run(ppl, str(tmp_path / "ppl"), progress=False)
   assert result["ppl"] == result["static_same_windows"]["ppl"]
+  # The from-scratch bench pairs the two runs on the test articles.
+  out = tmp_path / "scratch.json"
+  with mock.patch.object(sys, "argv", ["fwl_from_scratch", "--fwl", trained[1], "--baseline", workdir,
+                                       "--json", str(out)]):
+    fwl_from_scratch.main()
+  rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+  assert rows["trained without FWL"]["nll_minus_baseline"] is None
+  for name in ("FWL (trained with the head)", "its body without the head"):
+    assert rows[name]["nll_minus_baseline"]["n"] > 100 and 1.0 < rows[name]["ppl"] < 1e6
 
 
 def test_a_baseline_with_a_frozen_body_is_a_config_error():

@@ -581,7 +581,8 @@ def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress:
                validate, workdir=workdir, writer=writer, rng=jax.random.key(c.seed), stop_fn=plateaued,
                progress=progress, desc="fwl train")
   results = {"history": r.history, "best": r.best, "best_step": r.best_step, "steps_run": r.steps_run,
-             "fast_weights": bool(c.fast_weights), "seq_len": seq_len, "train_windows": len(train_NxL), "val_windows": len(val_NxL)} | articles
+             "fast_weights": bool(c.fast_weights), "seq_len": seq_len, "train_windows": len(train_NxL),
+             "val_windows": len(val_NxL)} | articles
   return t.head_graphdef, r.state["trainable"], results
 
 
