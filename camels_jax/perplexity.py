@@ -168,9 +168,8 @@ def _score_fwl(config: ml_collections.ConfigDict, model, ids, progress: bool) ->
   tokens_NxL, mask_NxL = text_lib.windows(ids, window, model.tokenizer.pad_id)
   start = time.perf_counter()
   m = fwl.score_windows(model.graphdef, trainable.get("body", model.params), head_graphdef, trainable["head"],
-                        tokens_NxL, mask_NxL, config.batch_size, job.fwl.chunk, progress)
-  if not job.fwl.get("fast_weights", True):  # a baseline trained without the head is scored without it
-    m |= {"nll": m["static_nll"], "ppl": m["static_ppl"]}
+                        tokens_NxL, mask_NxL, config.batch_size, job.fwl.chunk, progress,
+                        fast_weights=job.fwl.get("fast_weights", True))  # absent: a workdir from before the field
   return {"nll": m["nll"], "ppl": m["ppl"], "tokens": m["tokens"], "time_s": time.perf_counter() - start,
           "updates": 0, "static_same_windows": {"nll": m["static_nll"], "ppl": m["static_ppl"]}}
 

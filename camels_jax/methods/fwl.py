@@ -408,17 +408,26 @@ def nll_sums(base_graphdef, base_params, head_graphdef, head_params, tokens_BxL,
 token_nlls = jax.jit(_token_nlls, static_argnames=("base_graphdef", "head_graphdef", "chunk", "with_static"))
 
 
-def score_windows(base_graphdef, base_params, head_graphdef, head_params, tokens_NxL, mask_NxL, batch_size: int,
-                  chunk: int, progress: bool = False, desc: str = "fwl") -> dict[str, float]:
-  """{"nll", "ppl", "static_nll", "static_ppl", "tokens"} of the FWL model and the base model on windows."""
-  fast = static = count = 0.0
+def _padded_batches(tokens_NxL: np.ndarray, mask_NxL: np.ndarray, batch_size: int, progress: bool, desc: str):
+  """The windows `batch_size` at a time, the last batch zero-padded: one shape, one compilation."""
   for i in tqdm.trange(0, len(tokens_NxL), batch_size, desc=desc, disable=not progress, leave=False):
     t, m = tokens_NxL[i:i + batch_size], mask_NxL[i:i + batch_size]
-    if len(t) < batch_size:  # one shape: one compilation
+    if len(t) < batch_size:
       t, m = np.pad(t, ((0, batch_size - len(t)), (0, 0))), np.pad(m, ((0, batch_size - len(m)), (0, 0)))
+    yield t, m
+
+
+def score_windows(base_graphdef, base_params, head_graphdef, head_params, tokens_NxL, mask_NxL, batch_size: int,
+                  chunk: int, progress: bool = False, desc: str = "fwl",
+                  fast_weights: bool = True) -> dict[str, float]:
+  """{"nll", "ppl", "static_nll", "static_ppl", "tokens"} of the model on windows, and of the base model without
+  the head. `fast_weights=False` (a model trained without its head, `fwl.fast_weights`): "nll" and "ppl" are the
+  static ones."""
+  fast = static = count = 0.0
+  for t, m in _padded_batches(tokens_NxL, mask_NxL, batch_size, progress, desc):
     f, c, s = nll_sums(base_graphdef, base_params, head_graphdef, head_params, t, m, chunk=chunk)
     fast, count, static = fast + float(f), count + float(c), static + float(s)
-  nll, static_nll = fast / max(count, 1.0), static / max(count, 1.0)
+  nll, static_nll = (fast if fast_weights else static) / max(count, 1.0), static / max(count, 1.0)
   return {"nll": nll, "ppl": math.exp(nll), "static_nll": static_nll, "static_ppl": math.exp(static_nll),
           "tokens": int(count)}
 
@@ -440,10 +449,7 @@ def token_scores(base_graphdef, base_params, head_graphdef, head_params, ids: np
     w = ids[i * targets:i * targets + targets + 1]
     tokens_NxL[i, :len(w)], mask_NxL[i, :len(w)] = w, 1
   fast, static = [], []
-  for i in tqdm.trange(0, n, batch_size, desc="fwl", disable=not progress, leave=False):
-    t, m = tokens_NxL[i:i + batch_size], mask_NxL[i:i + batch_size]
-    if len(t) < batch_size:  # one shape: one compilation
-      t, m = np.pad(t, ((0, batch_size - len(t)), (0, 0))), np.pad(m, ((0, batch_size - len(m)), (0, 0)))
+  for t, m in _padded_batches(tokens_NxL, mask_NxL, batch_size, progress, "fwl"):
     f, s, _ = token_nlls(base_graphdef, base_params, head_graphdef, head_params, t, m, chunk=chunk,
                          with_static=with_static)
     fast.append(np.asarray(f, np.float64)[:, :targets])
@@ -557,9 +563,7 @@ def fit(config: ml_collections.ConfigDict, base, workdir: str, writer, progress:
   def validate(state):
     trainable = state["trainable"]
     m = score_windows(base.graphdef, trainable.get("body", frozen), t.head_graphdef, trainable["head"], val_NxL,
-                      val_mask_NxL, c.batch_size, c.chunk)
-    if not c.fast_weights:  # the baseline is the model without its head
-      m |= {"nll": m["static_nll"], "ppl": m["static_ppl"]}
+                      val_mask_NxL, c.batch_size, c.chunk, fast_weights=bool(c.fast_weights))
     return {"val_nll": m["nll"], "val_ppl": m["ppl"], "val_static_ppl": m["static_ppl"], "val_tokens": m["tokens"]
             } | {f"eta/{g}": float(v) for g, v in step_sizes(trainable["head"]).items()}
 
