@@ -1,5 +1,6 @@
 """What every benchmark measures against: this machine's own f32 matmul rate, timed in the same run."""
 
+import statistics
 import time
 
 import jax
@@ -58,3 +59,29 @@ def rerun_with_hugepages() -> bool:
   env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGEPAGES) if t))
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
   return True  # not reached
+
+
+def interleaved_seconds(fns: dict, rounds: int) -> dict:
+  """{name: [seconds of each round]} of calling every fn once per round, each round starting one name further on.
+
+  Wall times on a shared machine drift by up to half between runs, so a ratio read off two numbers timed minutes
+  apart can land either side of a target. Timing every variant in every round, in rotated order, exposes each
+  ratio to the same drift; the spread over rounds says how far to trust it. Every fn must be compiled already.
+  """
+  names = list(fns)
+  out = {n: [] for n in names}
+  for r in range(rounds):
+    for n in names[r % len(names):] + names[:r % len(names)]:
+      t0 = time.perf_counter()
+      jax.block_until_ready(fns[n]())
+      out[n].append(time.perf_counter() - t0)
+  return out
+
+
+def round_ratios(seconds: dict, ref: str) -> dict:
+  """{name: {"ratios": each round's seconds / ref's seconds in that round, "median", "lo", "hi"}}."""
+  out = {}
+  for n, s in seconds.items():
+    r = [a / b for a, b in zip(s, seconds[ref])]
+    out[n] = {"ratios": r, "median": statistics.median(r), "lo": min(r), "hi": max(r)}
+  return out

@@ -31,6 +31,9 @@ time), dynamic 18.28 (FWL − dynamic +0.040 nats [+0.025, +0.055]). Context 64 
 
 import argparse
 import dataclasses
+import functools
+import os
+import statistics
 import tempfile
 import time
 
@@ -38,6 +41,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from bench import common
 from camels_jax import io_utils, perplexity, plots, stats
 from camels_jax.adapt import inner, online
 from camels_jax.data import text as text_lib
@@ -161,7 +165,7 @@ def train_throughput(model, config, head_graphdef, trainable, windows_NxL, masks
   return out
 
 
-def main():
+def parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--overlap_sweep", required=True, help="workdir of the overlap 512/256 perplexity sweep")
   parser.add_argument("--xl_sweep", required=True, help="workdir of the xl 256+256+sinks perplexity sweep")
@@ -170,10 +174,21 @@ def main():
   parser.add_argument("--fwl_steps", type=int, default=60)
   parser.add_argument("--contexts", default="64,128,256,512,1024",
                       help="context lengths of the static-vs-dynamic table (overlap windows moved by half); '' = none")
+  parser.add_argument("--context_selected", default="",
+                      help="a previous run's --json: take each context length's selected lr from it instead of "
+                           "selecting again (the selection is deterministic; it saves ~7 min a length)")
   parser.add_argument("--plot", default="runs/bench/context_length.png", help="where the context-length plot goes")
   parser.add_argument("--no_fwl", action="store_true", help="leave FWL out (no head to train or load)")
   parser.add_argument("--json", default="", help="also write the rows here (strict JSON)")
-  args = parser.parse_args()
+  parser.add_argument("--nll_out", default="", help="also write every variant's per-token NLLs here (.npz)")
+  parser.add_argument("--time_rounds", type=int, default=3,
+                      help="rounds of interleaved timing of every variant (0 = only the one timed full pass)")
+  parser.add_argument("--time_tokens", type=int, default=4096, help="tokens each variant scores per round")
+  return parser.parse_args()
+
+
+def main():
+  args = parse_args()
 
   sweeps = {name: read_sweep(w) for name, w in (("overlap", args.overlap_sweep), ("xl", args.xl_sweep))}
   job = sweeps["overlap"][1]
@@ -187,7 +202,7 @@ def main():
   print(f"\ntest text: {len(test)} WikiText-2 test articles (validation {len(val)}, training {len(train)}), "
         f"first {len(ids)} tokens")
 
-  rows, nll = [], {}
+  rows, nll, runners = [], {}, {}
   for v in VARIANTS:
     selected = sweeps[v.sweep][0]["sweep"]["selected"] if v.sweep else None
     c = section(v.overrides, selected)
@@ -195,40 +210,85 @@ def main():
     if v.dynamic and c.optimizer == "rms":
       rms = dynamic_eval.gradient_rms(model.graphdef, model.params, model.cfg, train_ids, c)
     nll_T, secs = timed_score(model, ids, c, v.dynamic, rms)
+    runners[v.name] = functools.partial(score_with, model, c, v.dynamic, rms)
     nll[v.name] = nll_T
     rows.append({"variant": v.name, "settings": selected, "ppl": float(np.exp(nll_T.mean())), "seconds": secs})
     print(f"{v.name}: ppl {rows[-1]['ppl']:.3f} in {secs:.1f} s", flush=True)
 
-  throughput = None if args.no_fwl else score_fwl(args, job.text_file, model, ids, rows, nll)
-  report(args, ids, test, rows, nll, throughput)
+  throughput = None if args.no_fwl else score_fwl(args, job.text_file, model, ids, rows, nll, runners)
+  ratios = None
+  if args.time_rounds:
+    prefix = ids[:args.time_tokens]
+    print(f"\ntiming every variant again on the first {len(prefix)} tokens, {args.time_rounds} interleaved rounds",
+          flush=True)
+    ratios = common.round_ratios(common.interleaved_seconds(
+        {n: functools.partial(f, prefix) for n, f in runners.items()}, args.time_rounds), STATIC_OVERLAP)
+  report(args, ids, test, rows, nll, throughput, ratios)
   if args.contexts:
     val_ids = text_lib.token_stream(model.tokenizer, val)
     contexts = [int(x) for x in args.contexts.split(",")]
     # Overlap 512/256 is the overlap sweep's own setting: its selection and the main table's scores stand.
     known = {OVERLAP["window"]: (nll[STATIC_OVERLAP], by_name(rows, STATIC_OVERLAP)["seconds"],
                                  nll[DYNAMIC_OVERLAP], by_name(rows, DYNAMIC_OVERLAP)["seconds"])}
-    ctx = context_rows(model, sweeps["overlap"], train_ids, val_ids, ids, contexts, known)
+    previous = read_context_selection(args.context_selected, contexts) if args.context_selected else {}
+    ctx, ctx_nll = context_rows(model, sweeps["overlap"], train_ids, val_ids, ids, contexts, known, previous)
+    cross = cross_length_rows(ctx_nll)
+    print_cross_length(cross)
     plots.plot_context_length(args.plot, ctx)
     print(f"plot: {args.plot}")
+    nll |= {f"{kind}, overlap {n}/{max(1, n // 2)}": t for n, pair in ctx_nll.items()
+            for kind, t in zip(("static", "dynamic"), pair)}
     if args.json:
       io_utils.write_json(args.json, {"tokens": len(ids), "test_articles": len(test), "rows": rows,
-                                      "contexts": ctx})
+                                      "time_rounds": ratios, "contexts": ctx, "cross_length": cross})
+  if args.nll_out:
+    write_nll(args.nll_out, nll)
+
+
+def score_with(model, c, dynamic: bool, rms, token_ids):
+  return dynamic_eval.score(model.graphdef, model.params, model.cfg, token_ids, c, dynamic=dynamic, rms=rms).nll_T
+
+
+def write_nll(path: str, nll: dict) -> None:
+  """Every variant's per-token NLLs, all on the same tokens: `names` and `nll_VxT` (row v is names[v]'s), written
+  whole or not at all."""
+  lengths = {n: len(t) for n, t in nll.items()}
+  if len(set(lengths.values())) != 1:
+    raise SystemExit(f"--nll_out: the variants scored different numbers of tokens: {lengths}")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, names=np.array(list(nll)), nll_VxT=np.stack([np.asarray(t, np.float32) for t in nll.values()]))
+  os.replace(tmp, path)
+  print(f"per-token NLLs: {path}")
 
 
 def by_name(rows: list, name: str) -> dict:
   return next(r for r in rows if r["variant"] == name)
 
 
-def context_rows(model, overlap_sweep, train_ids, val_ids, ids, contexts, known: dict) -> list[dict]:
+def read_context_selection(path: str, contexts: list[int]) -> dict:
+  """{length: {"selected", "edge"}} of a previous run's --json, for every length in `contexts` but overlap's."""
+  rows = {r["context"]: r for r in io_utils.read_workdir_json(os.path.dirname(path) or ".", os.path.basename(path),
+                                                        "a previous bench run (its --json)").get("contexts", [])}
+  missing = [n for n in contexts if n not in rows and n != OVERLAP["window"]]
+  if missing:
+    raise SystemExit(f"{path}: no context rows for lengths {missing} (it has {sorted(rows)})")
+  return {n: {"selected": rows[n]["selected"], "edge": rows[n]["edge"]} for n in contexts if n in rows}
+
+
+def context_rows(model, overlap_sweep, train_ids, val_ids, ids, contexts, known: dict,
+                 previous: dict) -> tuple[list[dict], dict]:
   """Static and dynamic evaluation with overlapping windows of each context length (moved by half a window).
   Dynamic evaluation's lr is selected again on the validation articles for every length, over the overlap
   sweep's grid of the optimizer (and decay) that sweep selected. `known`: {length: (static nll_T, seconds,
-  dynamic nll_T, seconds)} already scored at the overlap sweep's own setting and selection."""
+  dynamic nll_T, seconds)} already scored at the overlap sweep's own setting and selection; `previous`:
+  {length: {"selected", "edge"}} selections taken from an earlier run instead of selecting again. Returns the
+  rows and {length: (static nll_T, dynamic nll_T)}."""
   result, job = overlap_sweep
   won = result["sweep"]["selected"]
   grid = ml_collections.ConfigDict(job.sweep.to_dict())
   grid.update(optimizers=won["optimizer"], rms_decays=(won["decay"],))
-  rows = []
+  rows, ctx_nll = [], {}
   print(f"\ncontext lengths {contexts}: {won['optimizer']} lrs {list(grid[won['optimizer'] + '_lrs'])} selected "
         f"again on validation for each\n")
   print("| context | static ppl | static s | selected lr | dynamic ppl | dynamic − static NLL | dynamic s |")
@@ -239,11 +299,17 @@ def context_rows(model, overlap_sweep, train_ids, val_ids, ids, contexts, known:
       report = result["sweep"]
       static_T, static_s, dynamic_T, dynamic_s = known[n]
     else:
-      report, rms = dynamic_sweep.select(model.graphdef, model.params, model.cfg, c, grid, train_ids, val_ids,
-                                         progress=False)
+      if n in previous:
+        report, rms = previous[n], None
+        if report["selected"]["optimizer"] == "rms":
+          rms = dynamic_eval.gradient_rms(model.graphdef, model.params, model.cfg, train_ids, c)
+      else:
+        report, rms = dynamic_sweep.select(model.graphdef, model.params, model.cfg, c, grid, train_ids, val_ids,
+                                           progress=False)
       chosen = dynamic_sweep.Candidate(**report["selected"]).section(c)
       static_T, static_s = timed_score(model, ids, c, False, None)
       dynamic_T, dynamic_s = timed_score(model, ids, chosen, True, rms)
+    ctx_nll[n] = (static_T, dynamic_T)
     d = stats.paired_bootstrap_ci(dynamic_T, static_T)
     base = float(static_T.mean())
     rows.append({"context": n, "selected": report["selected"], "edge": report["edge"],
@@ -255,10 +321,36 @@ def context_rows(model, overlap_sweep, train_ids, val_ids, ids, contexts, known:
     print(f"| {n} | {rows[-1]['static']['ppl']:.3f} | {static_s:.1f} | {report['selected']['lr']:g}{edge} | "
           f"{rows[-1]['dynamic']['ppl']:.3f} | {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] | "
           f"{dynamic_s:.1f} |", flush=True)
-  return rows
+  return rows, ctx_nll
 
 
-def score_fwl(args, text_file: str, model, ids, rows: list, nll: dict) -> dict | None:
+def cross_length_rows(ctx_nll: dict) -> list[dict]:
+  """Dynamic evaluation at each context length against static evaluation at every longer one, paired over
+  the same tokens: does online learning let a shorter context stand in for a longer one?"""
+  out = []
+  for n, (_, dynamic_T) in sorted(ctx_nll.items()):
+    for m, (static_T, _) in sorted(ctx_nll.items()):
+      if m > n:
+        d = stats.paired_bootstrap_ci(dynamic_T, static_T)
+        out.append({"dynamic_context": n, "static_context": m, "dynamic_ppl": float(np.exp(dynamic_T.mean())),
+                    "static_ppl": float(np.exp(static_T.mean())), "nll_dynamic_minus_static": d})
+  return out
+
+
+def print_cross_length(cross: list[dict]) -> None:
+  if not cross:
+    return
+  print("\ndynamic at a shorter context against static at a longer one, NLL paired over tokens (95% bootstrap):\n")
+  print("| dynamic context | static context | dynamic ppl | static ppl | NLL dynamic − static | shorter better |")
+  print("|---|---|---|---|---|---|")
+  for r in cross:
+    d = r["nll_dynamic_minus_static"]
+    verdict = "yes" if d["hi"] < 0 else ("no" if d["lo"] > 0 else "tie")
+    print(f"| {r['dynamic_context']} | {r['static_context']} | {r['dynamic_ppl']:.3f} | {r['static_ppl']:.3f} | "
+          f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] | {verdict} |")
+
+
+def score_fwl(args, text_file: str, model, ids, rows: list, nll: dict, runners: dict) -> dict | None:
   """Appends FWL's row and per-token NLLs (on the tokens and contexts of the non-overlapping 512-token windows),
   training a head first without `--fwl_workdir`; FWL's training throughput when the bench trained it."""
   fwl_workdir = args.fwl_workdir
@@ -288,6 +380,7 @@ def score_fwl(args, text_file: str, model, ids, rows: list, nll: dict) -> dict |
   print(f"FWL: ppl {np.exp(fast_T.mean()):.3f} in {secs:.1f} s (on its first windows its static NLLs differ from "
         f"the static windows' by at most {gap:.1e} per token)", flush=True)
   nll[FWL_WINDOWS] = fast_T
+  runners[FWL_WINDOWS] = lambda token_ids: scores(token_ids)[0]
   rows.append({"variant": FWL_WINDOWS, "settings": None, "ppl": float(np.exp(fast_T.mean())), "seconds": secs,
                "fwl_workdir": fwl_workdir})
   if args.fwl_workdir:
@@ -296,13 +389,14 @@ def score_fwl(args, text_file: str, model, ids, rows: list, nll: dict) -> dict |
   return train_throughput(model, config, head_graphdef, trainable, train_windows, train_masks)
 
 
-def report(args, ids, test, rows: list, nll: dict, throughput: dict | None) -> None:
+def report(args, ids, test, rows: list, nll: dict, throughput: dict | None, ratios: dict | None) -> None:
   ref = STATIC_OVERLAP
   by = {r["variant"]: r for r in rows}
   print(f"\n{len(ids)} test tokens; times exclude compilation; relative to static overlap 512/256; "
         f"NLL − static overlap paired over tokens, 95% bootstrap interval:\n")
-  print("| variant | selected on validation | perplexity | NLL − static overlap | wall s | time vs static |")
-  print("|---|---|---|---|---|---|")
+  head = "" if not ratios else f" | time vs static, {len(ratios[ref]['ratios'])} rounds: median [min, max]"
+  print(f"| variant | selected on validation | perplexity | NLL − static overlap | wall s | time vs static{head} |")
+  print("|---|---|---|---|---|---|" + ("---|" if ratios else ""))
   for r in rows:
     if r["variant"] in nll and r["variant"] != ref:
       d = stats.paired_bootstrap_ci(nll[r["variant"]], nll[ref])
@@ -313,15 +407,26 @@ def report(args, ids, test, rows: list, nll: dict, throughput: dict | None) -> N
     sel = r["settings"]
     sel = "-" if not sel else f"{sel['optimizer']} lr {sel['lr']:g}" + (
         f" decay {sel['decay']:g}" if sel["optimizer"] == "rms" else "")
+    rounds = ""
+    if ratios:
+      q = r["time_rounds"] = ratios[r["variant"]]
+      rounds = f" {q['median']:.2f}x [{q['lo']:.2f}, {q['hi']:.2f}] |"
     print(f"| {r['variant']} | {sel} | {r['ppl']:.3f} | {diff} | {r['seconds']:.1f} | "
-          f"{r['seconds'] / by[ref]['seconds']:.2f}x |")
+          f"{r['seconds'] / by[ref]['seconds']:.2f}x |{rounds}")
+
+  def time_ratio(name, other):
+    """The median over the interleaved rounds when there were any, else the one full pass's ratio."""
+    if not ratios:
+      return by[name]["seconds"] / by[other]["seconds"], ""
+    t = statistics.median(a / b for a, b in zip(ratios[name]["ratios"], ratios[other]["ratios"]))
+    return t, f" (median of {len(ratios[name]['ratios'])} interleaved rounds)"
 
   def target(name, other, what):
     a, b = by[name], by[other]
-    ratio, t = a["ppl"] / b["ppl"], a["seconds"] / b["seconds"]
+    ratio, (t, how) = a["ppl"] / b["ppl"], time_ratio(name, other)
     met = "met" if ratio <= 1.03 and t <= 0.6 else "missed"
     print(f"{what}: ppl {a['ppl']:.3f} vs {b['ppl']:.3f} ({(ratio - 1) * 100:+.1f}%, target within +3%) at "
-          f"{t:.2f}x the time (target <= 0.6x): {met}")
+          f"{t:.2f}x the time{how} (target <= 0.6x): {met}")
 
   print()
   target(STATIC_XL_SINKS, ref, "static XL with sinks against static overlap")
@@ -333,21 +438,22 @@ def report(args, ids, test, rows: list, nll: dict, throughput: dict | None) -> N
       d = gains[name] = stats.paired_bootstrap_ci(nll[name], nll[STATIC_WINDOWS])
       print(f"{name} against static on the same windows: ppl {by[name]['ppl']:.3f} vs {window['ppl']:.3f} "
             f"({(by[name]['ppl'] / window['ppl'] - 1) * 100:+.1f}%; NLL {d['mean']:+.4f} [{d['lo']:+.4f}, "
-            f"{d['hi']:+.4f}]), time {by[name]['seconds'] / window['seconds']:.2f}x")
+            f"{d['hi']:+.4f}]), time {'{:.2f}x{}'.format(*time_ratio(name, STATIC_WINDOWS))}")
   if FWL_WINDOWS in gains:
     f, dyn = gains[FWL_WINDOWS], gains[DYNAMIC_WINDOWS]
     d = stats.paired_bootstrap_ci(nll[FWL_WINDOWS], nll[DYNAMIC_WINDOWS])
-    t = by[FWL_WINDOWS]["seconds"] / window["seconds"]
+    t, how = time_ratio(FWL_WINDOWS, STATIC_WINDOWS)
     met = "met" if f["mean"] <= dyn["mean"] and t <= 1.5 else "missed"
     print(f"FWL's gain against tuned dynamic evaluation's on those windows: NLL {f['mean']:+.4f} vs {dyn['mean']:+.4f} "
           f"(FWL − dynamic {d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]; target <= 0) at {t:.2f}x static's "
-          f"time (target <= 1.5x): {met}")
+          f"time{how} (target <= 1.5x): {met}")
     by[FWL_WINDOWS]["nll_minus_dynamic_windows"] = d
   if throughput:
     print(f"training throughput: FWL step {throughput['fwl']:.0f} tokens/s, plain fine-tune step "
           f"{throughput['plain fine-tune']:.0f} tokens/s ({throughput['fwl'] / throughput['plain fine-tune']:.2f}x)")
   if args.json:
-    io_utils.write_json(args.json, {"tokens": len(ids), "test_articles": len(test), "rows": rows})
+    io_utils.write_json(args.json, {"tokens": len(ids), "test_articles": len(test), "rows": rows,
+                                    "time_rounds": ratios})
 
 
 class _NullWriter:
