@@ -102,6 +102,49 @@ def read_sweep(workdir: str) -> tuple[dict, ml_collections.ConfigDict]:
   return result, io_utils.workdir_config(workdir, "a perplexity job's workdir")
 
 
+SELECTED_FIELDS = ("optimizer", "lr", "decay")
+
+
+def merge_sweeps(base: tuple, extras: dict) -> tuple[dict, ml_collections.ConfigDict]:
+  """One sweep from `base` and sweeps that extend its grid (more lrs or optimizers) on the same validation tokens
+  and segmentation ({workdir: (result, config)}): candidates pooled, the grids' values united, the winner and
+  its edges taken again."""
+  result, config = base
+  result = dict(result, sweep=dict(result["sweep"]))
+  grid = ml_collections.ConfigDict(config.sweep.to_dict())
+  candidates = list(result["sweep"]["candidates"])
+
+  def setting(r, c):
+    # A field added since a run (absent from its config) counts at its default; sink placement without sinks
+    # is no setting at all.
+    d = dynamic_eval.dynamic_config().to_dict() | c.dynamic.to_dict()
+    ignored = SELECTED_FIELDS + (("sink_positions",) if not d["sinks"] else ())
+    return {k: v for k, v in d.items() if k not in ignored}, c.text_file, r["split"], r["sweep"]["val_tokens"]
+
+  for workdir, (r, c) in extras.items():
+    if setting(r, c) != setting(result, config):
+      raise SystemExit(f"--overlap_extra {workdir}: its segmentation, text, split or validation tokens differ from "
+                       "the overlap sweep's; only sweeps of the same setting can be pooled")
+    for opt in c.sweep.optimizers.split(","):
+      if opt not in grid.optimizers.split(","):
+        grid.optimizers += f",{opt}"
+      for field in ([f"{opt}_lrs"] + (["rms_decays"] if opt == "rms" else [])):
+        grid[field] = tuple(sorted(set(grid[field]) | set(c.sweep[field])))
+    candidates += r["sweep"]["candidates"]
+  # One row per candidate (a value both grids hold was scored twice, identically), in the pooled grid's order.
+  scored = {tuple(r[k] for k in SELECTED_FIELDS): r for r in reversed(candidates)}
+  candidates = [scored[(c.optimizer, c.lr, c.decay)] for c in dynamic_sweep.candidates(grid)
+                if (c.optimizer, c.lr, c.decay) in scored]
+  best = min((r for r in candidates if r["val_nll"] is not None), key=lambda r: r["val_nll"])
+  winner = dynamic_sweep.Candidate(**{k: best[k] for k in SELECTED_FIELDS})
+  result["sweep"].update(candidates=candidates, selected=dataclasses.asdict(winner),
+                         edge=dynamic_sweep.edges(winner, grid),
+                         optimizer_bests=dynamic_sweep.optimizer_bests(candidates, grid))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.sweep = grid
+  return result, config
+
+
 def print_selection(name: str, result: dict, grid: ml_collections.ConfigDict) -> None:
   sw = result["sweep"]
   print(f"\n{name} sweep: {len(sw['candidates'])} candidates on {result['split']['val_articles']} validation "
@@ -168,6 +211,8 @@ def train_throughput(model, config, head_graphdef, trainable, windows_NxL, masks
 def parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--overlap_sweep", required=True, help="workdir of the overlap 512/256 perplexity sweep")
+  parser.add_argument("--overlap_extra", default="",
+                      help="comma-separated workdirs of sweeps that extend the overlap sweep's grid (same setting)")
   parser.add_argument("--xl_sweep", required=True, help="workdir of the xl 256+256+sinks perplexity sweep")
   parser.add_argument("--tokens", type=int, default=16384)
   parser.add_argument("--fwl_workdir", default="")
@@ -191,6 +236,8 @@ def main():
   args = parse_args()
 
   sweeps = {name: read_sweep(w) for name, w in (("overlap", args.overlap_sweep), ("xl", args.xl_sweep))}
+  if args.overlap_extra:
+    sweeps["overlap"] = merge_sweeps(sweeps["overlap"], {w: read_sweep(w) for w in args.overlap_extra.split(",")})
   job = sweeps["overlap"][1]
   for name, (result, config) in sweeps.items():
     print_selection(name, result, config.sweep)
