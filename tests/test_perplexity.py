@@ -80,7 +80,7 @@ def test_an_edge_pick_is_flagged_and_a_fixed_setting_is_not():
   assert dynamic_sweep.edges(dynamic_sweep.Candidate("rms", 1e-4, 0.0), s) == []
   s.update(adam_lrs=(1e-3,))
   assert dynamic_sweep.edges(dynamic_sweep.Candidate("adam", 1e-3), s) == []
-  assert len(dynamic_sweep.candidates(dynamic_sweep.sweep_config())) == 3 + 4 + 3 * 2
+  assert len(dynamic_sweep.candidates(dynamic_sweep.sweep_config())) == 3 + 4 + 4 * 2
   rows = [{"optimizer": "sgd", "lr": lr, "decay": 0.0, "val_nll": nll, "val_ppl": 1.0}
           for lr, nll in ((3e-3, 3.0), (1e-2, 2.0), (3e-2, None))]
   rows += [{"optimizer": "adam", "lr": lr, "decay": 0.0, "val_nll": 2.5 + lr, "val_ppl": 1.0} for lr in (3e-5, 1e-4)]
