@@ -4,29 +4,36 @@ Fast Weight Layers on held-out WikiText-2 test articles with SmolLM2-135M-Instru
   python -m camels_jax.perplexity --config configs/ppl_smollm2.py --workdir runs/ppl_sweep_overlap \
       --config.method=dynamic --config.sweep.enabled=true --config.text_file=../shared/data/wikitext2_raw_test.txt
   python -m camels_jax.perplexity ... --workdir runs/ppl_sweep_xl --config.dynamic.context=xl \
-      --config.dynamic.chunk=256 --config.dynamic.memory=256 --config.dynamic.sinks=4   (the same sweep for XL)
+      --config.dynamic.chunk=256 --config.dynamic.memory=256 --config.dynamic.sinks=4 \
+      --config.sweep.optimizers=adam --config.sweep.val_tokens=0   (XL: Adam on all validation tokens)
   python -m bench.fwl_vs_dynamic --overlap_sweep runs/ppl_sweep_overlap --xl_sweep runs/ppl_sweep_xl \
-      [--tokens 16384] [--fwl_workdir runs/fwl_smollm2_wikitext] [--fwl_steps 60]
+      [--overlap_extra runs/ppl_sweep_more] [--tokens 16384] [--fwl_workdir runs/fwl_smollm2_wikitext] \
+      [--json F] [--nll_out F.npz]
 
 The two perplexity jobs select dynamic evaluation's optimizer, learning rate and decay on validation articles
-(camels_jax/methods/dynamic_sweep.py); this bench reads their selections, splits the text the same way and
-scores the first `--tokens` tokens of the test articles with every variant, each at the settings its sweep
-selected. Per variant: perplexity, NLL minus static overlap's paired over tokens with a bootstrap interval,
-and warm wall time (each variant is compiled on a prefix first) against static overlap's. FWL needs a head
-trained on the training articles: `--fwl_workdir` names a finished fwl train job's workdir; without one the
-bench trains a head for `--fwl_steps` steps first (into a temporary workdir) and also reports FWL's training
-throughput against a plain fine-tune step. Nothing is asserted; the targets are printed met or missed.
+(camels_jax/methods/dynamic_sweep.py); `--overlap_extra` pools more sweeps of the overlap setting (a wider
+grid) with the first. This bench reads their selections, splits the text the same way and scores the first
+`--tokens` tokens of the test articles with every variant, each at the settings its sweep selected. Per
+variant: perplexity, NLL minus static overlap's paired over tokens with a bootstrap interval, and warm wall time
+(each variant is compiled on a prefix first) against static overlap's. Wall times on a shared machine drift
+by up to half between runs, so every variant is timed again in `--time_rounds` interleaved rounds on the first
+`--time_tokens` tokens, and the time targets are read from the median of the per-round ratios. FWL needs a
+head trained on the training articles: `--fwl_workdir` names a finished fwl train job's workdir; without one
+the bench trains a head for `--fwl_steps` steps first (into a temporary workdir) and also reports FWL's
+training throughput against a plain fine-tune step. The context table (static and tuned dynamic evaluation
+at context 64..1024) also pairs dynamic evaluation at each length with static at every longer one. Nothing is
+asserted; the targets are printed met or missed.
 
 FWL is scored on the static windows' own tokens and contexts (`fwl.token_scores`), so it pairs with them and
 with dynamic evaluation on those windows; its time is the FWL model's scoring (body and head, without also computing
 the static NLLs), one window at a time as static's.
 
 Measured (2 CPU cores, 16,384 test tokens, `--fwl_workdir` the head of configs/fwl_smollm2.py's docstring,
-82 min; README has the tables): static overlap 19.47; XL 256+256 with 4 sinks 19.78 (+1.6%) at 0.51x its time
-(0.61x in the run before), without sinks 37.58; dynamic overlap at Adam 1e-4 (selected) 15.22; dynamic XL + sinks
-at Adam 3e-4 16.78 (+10.2% against dynamic overlap); on 512-token windows static 24.95, FWL 19.02 (0.94x static's
-time), dynamic 18.28 (FWL − dynamic +0.040 nats [+0.025, +0.055]). Context 64 / 128 / 256 / 512 / 1024: static
-39.19 / 28.36 / 22.70 / 19.47 / 17.38, dynamic 18.75 / 16.92 / 15.88 / 15.22 / 14.73.
+2026-12-05; README has the tables): static overlap 19.47; XL 256+256 with 4 sinks 19.78 (+1.6%) at 0.59x its
+time (median of 3 rounds), without sinks 37.58; dynamic overlap at Adam 1e-4 (selected) 15.22; dynamic XL + sinks
+at Adam 1e-4 (selected) 15.34 (+0.8%) at 0.41x dynamic overlap's time; on 512-token windows static 24.95, FWL
+19.02 (0.85x static's time), dynamic 18.28 (FWL − dynamic +0.040 nats [+0.025, +0.055]). Context 64 / 128 / 256 /
+512 / 1024: static 39.19 / 28.36 / 22.70 / 19.47 / 17.38, dynamic 18.75 / 16.92 / 15.88 / 15.22 / 14.73.
 """
 
 import argparse
