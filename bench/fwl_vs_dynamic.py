@@ -95,10 +95,10 @@ def section(overrides: dict, selected: dict | None = None) -> ml_collections.Con
 def timed_score(model, ids, c, dynamic: bool, rms) -> tuple[np.ndarray, float]:
   """Per-token NLLs and the wall seconds of scoring `ids`, compiled first on a prefix."""
   warm = ids[:min(len(ids), 2 * max(c.window, c.sinks + c.chunk + c.memory) + 1)]
-  dynamic_eval.score(model.graphdef, model.params, model.cfg, warm, c, dynamic=dynamic, rms=rms)
+  score_with(model, c, dynamic, rms, warm)
   start = time.perf_counter()
-  s = dynamic_eval.score(model.graphdef, model.params, model.cfg, ids, c, dynamic=dynamic, progress=True, rms=rms)
-  return s.nll_T, time.perf_counter() - start
+  nll_T = score_with(model, c, dynamic, rms, ids, progress=True)
+  return nll_T, time.perf_counter() - start
 
 
 def read_sweep(workdir: str) -> tuple[dict, ml_collections.ConfigDict]:
@@ -299,8 +299,9 @@ def main():
     write_nll(args.nll_out, nll)
 
 
-def score_with(model, c, dynamic: bool, rms, token_ids):
-  return dynamic_eval.score(model.graphdef, model.params, model.cfg, token_ids, c, dynamic=dynamic, rms=rms).nll_T
+def score_with(model, c, dynamic: bool, rms, token_ids, progress: bool = False):
+  return dynamic_eval.score(model.graphdef, model.params, model.cfg, token_ids, c, dynamic=dynamic, rms=rms,
+                            progress=progress).nll_T
 
 
 def write_nll(path: str, nll: dict) -> None:
