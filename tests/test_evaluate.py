@@ -715,3 +715,36 @@ def test_open_book_puts_the_document_before_each_question_and_keeps_the_answer()
   (short,), short_spec, cut = pipeline.open_book([doc], spec, [99], max_len=7)
   np.testing.assert_array_equal(short.qas[0].tokens, [1, 10, 99, 20, 21, 30, 2])
   assert short.qas[0].prompt_len == 5 and short_spec.qa_len == 7 and cut == 1
+
+
+def test_a_method_that_no_adaptation_won_answers_with_the_no_adaptation_scores(monkeypatch):
+  from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+  from camels_jax.evaluation import method as method_lib, methods  # pylint: disable=g-import-not-at-top
+  scored = []  # (params, decoding, documents) of every real scoring
+
+  def evaluate_qa(graphdef, params, cfg, tok, batches, questions, decoding, **kw):
+    scored.append((params, decoding, tuple(questions)))
+    return {"nll": float(len(scored)), "per_question": {"nll": [1.0]}}
+  monkeypatch.setattr(method_lib.qa, "evaluate_qa", evaluate_qa)
+  monkeypatch.setattr(method_lib.pipeline, "qa_eval_batches", lambda docs, *a: [])
+  monkeypatch.setattr(method_lib.pipeline, "questions", lambda docs: [d.doc.id for d in docs])
+  ec = eval_config.eval_config()
+  qa_tuned, adapted = {"w": np.zeros(2)}, {"w": np.ones(2)}
+  ctx = evaluation.Context(SimpleNamespace(eval=ec), SimpleNamespace(graphdef=None, cfg=None, tokenizer=None),
+                           qa_tuned, SimpleNamespace(spec=None, pad_id=0), "", progress=False)
+  docs = [SimpleNamespace(doc=SimpleNamespace(id=f"d{i}")) for i in range(3)]
+  no_adapt = evaluation.score(ctx, ctx.params, docs, "greedy", "no adaptation")
+  seen = []
+  state = methods.adapt(ctx, docs, None, 0.0, on_doc=lambda i, p: seen.append(p))  # no weights at lr 0
+  assert state is ctx.params and all(p is ctx.params for p in seen) and len(seen) == 3
+  again = evaluation.score(ctx, state, docs, "greedy", "lr 0 test")
+  assert again == no_adapt and len(scored) == 1  # no second scoring of the same params and questions
+  again["nll"] = -1.0  # a caller's change does not reach the next method's scores
+  assert evaluation.score(ctx, state, docs, "greedy", "x")["nll"] == no_adapt["nll"]
+  # Anything else is scored: other questions, another decoding, other params, a prefix.
+  evaluation.score(ctx, state, docs[:2], "greedy", "first documents")
+  evaluation.score(ctx, state, docs, "beam", "beam")
+  evaluation.score(ctx, adapted, docs, "greedy", "adapted")
+  evaluation.score(ctx, state, docs, "greedy", "prefixed", prefix_fn=lambda b: None)
+  assert [(p is qa_tuned, d, len(q)) for p, d, q in scored] == [
+      (True, "greedy", 3), (True, "greedy", 2), (True, "beam", 3), (False, "greedy", 3), (True, "greedy", 3)]

@@ -35,6 +35,9 @@ class Context:
   workdir: str
   progress: bool = True  # progress bars
   say: Callable[[str], None] = logging.info  # phase lines (an entry point passes one that also prints)
+  # `score`s of `params` themselves by (decoding, documents): every method that no adaptation won (lr 0)
+  # answers with the QA-tuned params, so its test stream reuses the no-adaptation scores.
+  unadapted: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   @property
   def ec(self) -> ml_collections.ConfigDict:
@@ -54,12 +57,21 @@ def score(ctx: Context, params, docs, decoding: str, desc: str, prefix_fn=None, 
   `docs` (batched by `spec`, default the data's), with the per-question scores and answers.
 
   `qa.evaluate_qa`'s result with `return_predictions`: the aggregates plus "per_question" and
-  "predictions" (see `summary` for the aggregates alone).
+  "predictions" (see `summary` for the aggregates alone). The QA-tuned params themselves (`ctx.params`, no
+  prefix, the data's batching) are scored once per decoding and documents (`Context.unadapted`).
   """
+  key = None
+  if params is ctx.params and prefix_fn is None and spec is None:
+    key = (decoding, tuple(d.doc.id for d in docs))
+    if key in ctx.unadapted:
+      return dict(ctx.unadapted[key])
   batches = list(pipeline.qa_eval_batches(docs, spec or ctx.data.spec, ctx.data.pad_id, ctx.ec.batch_size))
-  return qa.evaluate_qa(ctx.model.graphdef, params, ctx.model.cfg, ctx.model.tokenizer, batches,
-                        pipeline.questions(docs), decoding, progress=ctx.progress, desc=desc,
-                        return_predictions=True, prefix_fn=prefix_fn, **generate_kwargs(ctx.ec, decoding))
+  scores = qa.evaluate_qa(ctx.model.graphdef, params, ctx.model.cfg, ctx.model.tokenizer, batches,
+                          pipeline.questions(docs), decoding, progress=ctx.progress, desc=desc,
+                          return_predictions=True, prefix_fn=prefix_fn, **generate_kwargs(ctx.ec, decoding))
+  if key is not None:
+    ctx.unadapted[key] = scores
+  return dict(scores)
 
 
 def pad(x, length: int) -> np.ndarray:

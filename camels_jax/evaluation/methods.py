@@ -73,14 +73,14 @@ def adapt(ctx: Context, docs, weights: WeightFn, lr: float, on_doc: OnDoc | None
   `online.adapt_stream`'s opt_state, start and on_state, with ctx.params the params after `start` documents).
 
   At lr 0 (the "no adaptation" candidate chosen) the updates are skipped: clipped Adam and SGD scale their
-  whole step by the lr, so every document would leave the parameters exactly as they are.
+  whole step by the lr, so every document would leave the parameters exactly as they are. The state is then
+  `ctx.params` itself, whose answers `score` has already computed for no adaptation.
   """
   if lr == 0:
-    params = jax.tree.map(lambda x: x.copy(), ctx.params)  # the caller may light-tune it in place
     for i in range(len(docs)):
       if on_doc is not None:
-        on_doc(i, params)
-    return params
+        on_doc(i, ctx.params)
+    return ctx.params
   oc = ctx.ec.online.copy_and_resolve_references()
   oc.lr = lr
   icfg = online.inner_config(oc, ctx.data.spec.doc_buckets)
