@@ -48,7 +48,8 @@ SAFE_ON_RESUME = ("camels.steps", "camels.val_every", "camels.val_batches", "cam
                   "model.remat_policy", "eval.*", "fwl.steps", "fwl.val_every", "fwl.patience", "mac.steps", "mac.val_every")
 # Fields added after workdirs were trained, with the value that behaves as the code before them: a workdir
 # whose config.json lacks one resumes (and evaluates) when the config keeps that value.
-INTRODUCED = {"camels.precond_docs": 0, "camels.precond_eps": 1e-8, "mac.train_docs": 0, "fwl.fast_weights": True}
+INTRODUCED = {"camels.precond_docs": 0, "camels.precond_eps": 1e-8, "mac.train_docs": 0, "fwl.fast_weights": True,
+              "mac.contrast": 0.0, "mac.contrast_margin": 0.5}
 
 
 def jobs_of(config: ml_collections.ConfigDict) -> list[str]:

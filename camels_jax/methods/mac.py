@@ -81,6 +81,12 @@ def mac_config() -> ml_collections.ConfigDict:
       train_docs=0,
       questions=16,  # questions per training step, sampled from the bank's documents' questions
       backprop_fraction=0.5,  # fraction of a bank's documents amortized under the gradient, in (0, 1]
+      # Weight of a contrastive term (not in the paper; 0 = its loss alone): per question, a hinge on how much
+      # lower its answer NLL (per token) is with its own document in the bank than with that document taken
+      # out, at least `contrast_margin` nats. The paper's loss alone can be met by a prior over answers that
+      # never reads the bank (configs/mac_default.py: own bank - other bank 0.000 on the test stream).
+      contrast=0.0,
+      contrast_margin=0.5,  # nats per answer token the own document should be worth, > 0
       lr=1e-4,  # Adam lr, > 0
       grad_clip=1.0,  # global-norm clip, > 0
       steps=200,  # training steps, >= 0 (0 = only validate the initial networks)
@@ -104,6 +110,8 @@ RULES = {
     "questions": checks.count,
     "backprop_fraction": checks.Rule(lambda x: checks._is_number(x) and 0 < x <= 1, "a number in (0, 1]",
                                      bad_example=0),
+    "contrast": checks.non_negative,
+    "contrast_margin": checks.positive,
     "lr": checks.positive,
     "grad_clip": checks.positive,
     "steps": checks.count_or_zero,
@@ -317,10 +325,13 @@ class StepConfig(NamedTuple):
   window: int
   questions: int  # question rows sampled per step
   backprop_docs: int  # bank documents amortized under the gradient
+  contrast: float = 0.0  # weight of `bank_hinge` (0: the paper's loss alone)
+  contrast_margin: float = 0.5
 
 
 def step_config(c: ml_collections.ConfigDict) -> StepConfig:
-  return StepConfig(c.window, c.questions, max(1, math.ceil(c.backprop_fraction * c.bank_docs)))
+  return StepConfig(c.window, c.questions, max(1, math.ceil(c.backprop_fraction * c.bank_docs)),
+                    float(c.contrast), float(c.contrast_margin))
 
 
 def _bank_of(graphdef, params, batch, rng, backprop_docs: int):
@@ -332,37 +343,78 @@ def _bank_of(graphdef, params, batch, rng, backprop_docs: int):
   # Constant params, not a stop_gradient on the output: no tangent enters, so no residual is stored.
   frozen_RxTxD = amortize(graphdef, jax.lax.stop_gradient(params), tokens_KxL[n:], mask_KxL[n:])
   bank_KxTxD = jnp.concatenate([with_grad_NxTxD, frozen_RxTxD], axis=0)  # the aggregation is order-free
-  return bank_KxTxD, batch["doc_valid_B"][order_K]
+  # Where each of the batch's documents sits in the bank.
+  position_B = jnp.argsort(order_K)
+  return bank_KxTxD, batch["doc_valid_B"][order_K], position_B
 
 
 def _sampled_questions(batch, rng, n: int):
-  """n question rows drawn without replacement from the batch's valid (document, slot) rows."""
+  """n question rows drawn without replacement from the batch's valid (document, slot) rows: their tokens,
+  mask, answer mask, and the batch index of each one's document."""
   tokens_BQxS = batch["qa_tokens_BxQxS"].reshape(-1, batch["qa_tokens_BxQxS"].shape[-1])
   flat = lambda k: batch[k].reshape(tokens_BQxS.shape[0], -1)
   valid_BQ = batch["qa_valid_BxQ"].reshape(-1)
   # Valid rows first, in random order; padding rows only where there are fewer than n valid ones.
   idx_N = jnp.argsort(jax.random.uniform(rng, valid_BQ.shape) - 2.0 * valid_BQ)[:n]
   return (tokens_BQxS[idx_N], flat("qa_mask_BxQxS")[idx_N],
-          flat("qa_loss_mask_BxQxS")[idx_N] & valid_BQ[idx_N, None])
+          flat("qa_loss_mask_BxQxS")[idx_N] & valid_BQ[idx_N, None], idx_N // batch["qa_tokens_BxQxS"].shape[1])
+
+
+def answer_nll_rows(graphdef, params, base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS,
+                    bank_MxTxD, valid_M, window: int):
+  """`answer_nll` per row: (summed answer NLL of each row, its answer tokens)."""
+  pfx = prefix(graphdef, params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, bank_MxTxD, valid_M, window)
+  logits_BxSxV = transformer.apply(base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS, pfx)
+  return loss.answer_nll_rows(logits_BxSxV, qa_tokens_BxS, qa_loss_mask_BxS)
+
+
+def bank_hinge(graphdef, params, base_graphdef, base_params, tokens_NxS, mask_NxS, loss_mask_NxS, bank_KxTxD,
+               valid_K, own_N, window: int, margin: float, own_rows=None):
+  """(mean over the question rows with an answer of relu(margin - gap), mean gap), where a row's gap is its
+  answer NLL per token with the bank minus its own document (bank row own_N) less that with the whole bank:
+  what its own document is worth to it. `own_rows`: `answer_nll_rows` with the whole bank, when the caller
+  has it (else computed)."""
+  k, n = bank_KxTxD.shape[0], tokens_NxS.shape[0]
+  valid_K = jnp.asarray(valid_K, bool)
+  if own_rows is None:
+    own_rows = answer_nll_rows(graphdef, params, base_graphdef, base_params, tokens_NxS, mask_NxS, loss_mask_NxS,
+                               bank_KxTxD, valid_K, window)
+  with_R, count_R = own_rows
+  without_own_NxK = valid_K[None, :] & (jnp.arange(k)[None, :] != own_N[:, None])
+  pfx = prefix_rows(graphdef, params, tokens_NxS, mask_NxS, loss_mask_NxS,
+                    jnp.broadcast_to(bank_KxTxD[None], (n,) + bank_KxTxD.shape), without_own_NxK, window)
+  without_R, _ = loss.answer_nll_rows(transformer.apply(base_graphdef, base_params, tokens_NxS, mask_NxS, pfx),
+                                      tokens_NxS, loss_mask_NxS)
+  answered_R = count_R > 0
+  gap_R = (without_R - with_R) / jnp.maximum(count_R, 1.0)
+  mean = lambda x_R: jnp.where(answered_R, x_R, 0.0).sum() / jnp.maximum(answered_R.sum(), 1)
+  return mean(jax.nn.relu(margin - gap_R)), mean(gap_R)
 
 
 def train_loss(params, base_params, batch, rng, *, graphdef, base_graphdef, scfg: StepConfig):
-  """Mean answer NLL of sampled questions given the prefix aggregated over the batch's bank."""
+  """(loss, metrics): the mean answer NLL of sampled questions given the prefix aggregated over the batch's
+  bank, plus `scfg.contrast` times `bank_hinge`."""
   bank_rng, q_rng = jax.random.split(rng)
-  bank_KxTxD, valid_K = _bank_of(graphdef, params, batch, bank_rng, scfg.backprop_docs)
-  tokens, mask, loss_mask = _sampled_questions(batch, q_rng, scfg.questions)
-  total, count = answer_nll(graphdef, params, base_graphdef, base_params, tokens, mask, loss_mask, bank_KxTxD,
-                            valid_K, scfg.window)
-  return total / jnp.maximum(count, 1.0)
+  bank_KxTxD, valid_K, position_B = _bank_of(graphdef, params, batch, bank_rng, scfg.backprop_docs)
+  tokens, mask, loss_mask, doc_N = _sampled_questions(batch, q_rng, scfg.questions)
+  args = (graphdef, params, base_graphdef, base_params, tokens, mask, loss_mask, bank_KxTxD, valid_K, scfg.window)
+  if not scfg.contrast:
+    total, count = answer_nll(*args)
+    nll = total / jnp.maximum(count, 1.0)
+    return nll, {"nll": nll}
+  own_rows = answer_nll_rows(*args)  # the whole bank's pass serves the NLL and the hinge
+  nll = own_rows[0].sum() / jnp.maximum(own_rows[1].sum(), 1.0)
+  hinge, gap = bank_hinge(*args[:-1], position_B[doc_N], scfg.window, scfg.contrast_margin, own_rows=own_rows)
+  return nll + scfg.contrast * hinge, {"nll": nll, "hinge": hinge, "bank_gap": gap}
 
 
 def train_step(params, opt_state, base_params, batch, rng, *, graphdef, base_graphdef, scfg: StepConfig,
                optimizer: optax.GradientTransformation):
   """One Adam step on MAC's parameters; the base model is an input only, never differentiated."""
-  value, grads = jax.value_and_grad(train_loss)(params, base_params, batch, rng, graphdef=graphdef,
-                                                base_graphdef=base_graphdef, scfg=scfg)
+  (value, metrics), grads = jax.value_and_grad(train_loss, has_aux=True)(
+      params, base_params, batch, rng, graphdef=graphdef, base_graphdef=base_graphdef, scfg=scfg)
   updates, opt_state = optimizer.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, {"loss": value, "grad_norm": optax.tree.norm(grads)}
+  return optax.apply_updates(params, updates), opt_state, {"loss": value, "grad_norm": optax.tree.norm(grads)} | metrics
 
 
 def eval_rows(params, base_params, batch, bank_KxTxD, other_bank_KxTxD, other_valid_K, *, graphdef, base_graphdef,

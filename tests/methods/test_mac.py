@@ -213,7 +213,8 @@ def test_the_base_model_is_never_differentiated_nor_updated():
   c = _config(encoder="random", random=dict(d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=24))
   graphdef, params = mac.build(c, base)
   scfg = mac.step_config(c)
-  grad_fn = jax.grad(functools.partial(mac.train_loss, graphdef=graphdef, base_graphdef=base.graphdef, scfg=scfg))
+  grad_fn = jax.grad(functools.partial(mac.train_loss, graphdef=graphdef, base_graphdef=base.graphdef, scfg=scfg),
+                     has_aux=True)
   jaxpr = jax.make_jaxpr(grad_fn)(params, base.params, _batch(), jax.random.key(0))
   # The base model's MLP weight matrices (D x F, F x D per layer, stacked 2 x ...) never appear as a result:
   # no weight gradient is formed, only the activations' cotangents that reach the prefix. (MAC has no
@@ -224,10 +225,11 @@ def test_the_base_model_is_never_differentiated_nor_updated():
   assert not base_only & _all_shapes(jaxpr.jaxpr)
   # ... while the same check on the gradient with respect to the base params does see them.
   base_grad = jax.make_jaxpr(jax.grad(functools.partial(mac.train_loss, graphdef=graphdef,
-                                                        base_graphdef=base.graphdef, scfg=scfg), argnums=1))
+                                                        base_graphdef=base.graphdef, scfg=scfg), argnums=1,
+                                      has_aux=True))
   assert base_only & _all_shapes(base_grad(params, base.params, _batch(), jax.random.key(0)).jaxpr)
   # The gradient does reach every MAC parameter (once the zero-initialised value projection has moved).
-  grads = grad_fn(_randomized(params), base.params, _batch(), jax.random.key(0))
+  grads, _ = grad_fn(_randomized(params), base.params, _batch(), jax.random.key(0))
   zero = [jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_leaves_with_path(grads) if not jnp.any(g != 0)]
   assert zero == [], zero
   # Steps leave the base params bit-identical.
@@ -318,3 +320,41 @@ def test_a_bank_per_question_row_equals_mac_over_a_bank_of_only_those_documents(
   # Not the prefix of the whole bank: the restriction is what it changes.
   whole = _prefix(graphdef, params, qa, bank_MxTxD, jnp.ones(5, bool))
   assert float(jnp.abs(whole.v_NxBxPxKxE - rows.v_NxBxPxKxE).max()) > 1e-4
+
+
+def test_the_contrastive_term_is_a_hinge_on_what_each_questions_own_document_is_worth():
+  base = _base()
+  c = _config(window=4, backprop_fraction=0.5)  # a bank of 4 documents in one window: order-free
+  graphdef, params = mac.build(c, base)
+  params, batch, rng = _randomized(params), _batch(), jax.random.key(3)
+  loss_of = lambda contrast: mac.train_loss(params, base.params, batch, rng, graphdef=graphdef,
+                                            base_graphdef=base.graphdef,
+                                            scfg=mac.step_config(_config(window=4, contrast=contrast)))
+  plain, plain_m = loss_of(0.0)
+  value, m = loss_of(2.0)
+  # By hand, with the sampled rows' own documents found by their batch index (not the bank's shuffled order):
+  # each row's answer NLL per token with the batch's 4 documents, and with its own document taken out.
+  _, q_rng = jax.random.split(rng)
+  tokens, mask, loss_mask, doc_N = mac._sampled_questions(batch, q_rng, c.questions)
+  docs = (batch["doc_tokens_BxL"], batch["doc_mask_BxL"])
+  per_token = lambda bank, r: (lambda s, n: float(s[0] / n[0]))(*mac.loss.answer_nll_rows(transformer.apply(
+      base.graphdef, base.params, tokens[r:r + 1], mask[r:r + 1],
+      _prefix(graphdef, params, (tokens[r:r + 1], mask[r:r + 1], loss_mask[r:r + 1]), bank,
+              jnp.ones(bank.shape[0], bool), window=4)), tokens[r:r + 1], loss_mask[r:r + 1]))
+  full = mac.amortize(graphdef, params, *docs)
+  gaps = []
+  for r, d in enumerate(np.asarray(doc_N)):
+    others = np.array([k for k in range(4) if k != d])
+    gaps.append(per_token(mac.amortize(graphdef, params, docs[0][others], docs[1][others]), r) - per_token(full, r))
+  gaps = np.array(gaps)
+  hinge = np.maximum(c.contrast_margin - gaps, 0.0).mean()
+  assert float(m["bank_gap"]) == pytest.approx(gaps.mean(), rel=1e-4, abs=1e-5)
+  assert float(m["hinge"]) == pytest.approx(hinge, rel=1e-4, abs=1e-5) and hinge > 0
+  assert float(m["nll"]) == pytest.approx(float(plain)) and set(plain_m) == {"nll"}
+  assert float(value) == pytest.approx(float(plain) + 2.0 * hinge, rel=1e-5)
+  # Its gradient makes the own document worth more: a step on the hinge alone widens the gap.
+  hinge_of = lambda p: mac.bank_hinge(graphdef, p, base.graphdef, base.params, tokens, mask, loss_mask,
+                                      full, jnp.ones(4, bool), doc_N, 4, 10.0)
+  g = jax.grad(lambda p: hinge_of(p)[0])(params)
+  stepped = jax.tree.map(lambda p, x: p - 1e-3 * x, params, g)
+  assert float(hinge_of(stepped)[1]) > float(hinge_of(params)[1])
