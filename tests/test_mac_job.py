@@ -83,3 +83,15 @@ def test_a_run_killed_mid_way_resumes_to_the_uninterrupted_result(trained, tmp_p
       if k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-6), (a["step"], k)
   assert resumed["best_step"] == want["best_step"]
+
+
+def test_the_contrastive_term_enters_the_jobs_loss(trained, tmp_path):
+  _, results = trained
+  c = tiny_mac(steps=2)
+  c.mac.contrast = 1.0
+  got = train.run(c, str(tmp_path), progress=False)["mac"]["history"]
+  want = results["mac"]["history"]
+  assert got[0]["val_nll"] == pytest.approx(want[0]["val_nll"], abs=1e-6)  # the same untrained networks
+  # Untrained, the prefix ignores the bank (zero values): every own document is worth 0 nats, so the first
+  # step's hinge is the whole margin, 0.5, and the loss over the first steps is about that much higher.
+  assert 0.3 < got[1]["train_loss"] - want[1]["train_loss"] < 0.7

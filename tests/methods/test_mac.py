@@ -358,3 +358,36 @@ def test_the_contrastive_term_is_a_hinge_on_what_each_questions_own_document_is_
   g = jax.grad(lambda p: hinge_of(p)[0])(params)
   stepped = jax.tree.map(lambda p, x: p - 1e-3 * x, params, g)
   assert float(hinge_of(stepped)[1]) > float(hinge_of(params)[1])
+
+
+def test_the_retrieval_term_picks_each_questions_own_document_by_the_first_blocks_logits():
+  base = _base()
+  c = _config(window=4)
+  graphdef, params = mac.build(c, base)
+  params = _randomized(params)
+  tokens, mask, loss_mask = _qa(6, seed=2)
+  loss_mask = loss_mask.at[5].set(False)  # a padding row: counts for nothing
+  bank = mac.amortize(graphdef, params, *_docs(4, seed=4))
+  valid, own = jnp.array([True, True, False, True]), jnp.array([0, 1, 3, 3, 0, 2])
+  got_nll, got_acc = mac.bank_retrieval(graphdef, params, tokens, mask, loss_mask, bank, valid, own)
+  # By hand: each document's logits on its own, logsumexp over its tokens, mean over heads and question tokens.
+  model = nnx.merge(graphdef, params)
+  q = model.amortize(tokens, mac.question_mask(mask, loss_mask).astype(jnp.int32))
+  score_NxK = np.stack([np.asarray(jax.nn.logsumexp(model.aggregator[0].scores(q, bank[k][None])[0], -1).mean((1, 2)))
+                        for k in range(4)], 1)
+  score_NxK[:, 2] = -np.inf  # not a document of the bank
+  log_p = score_NxK - np.log(np.exp(score_NxK - score_NxK.max(1, keepdims=True)).sum(1, keepdims=True)) \
+      - score_NxK.max(1, keepdims=True)
+  rows = np.arange(5)
+  assert float(got_nll) == pytest.approx(-log_p[rows, own[:5]].mean(), rel=1e-4)
+  assert float(got_acc) == pytest.approx((score_NxK.argmax(1) == np.asarray(own))[:5].mean())
+  # Learnable: Adam steps on it alone make the questions find their documents.
+  loss = jax.jit(lambda p: mac.bank_retrieval(graphdef, p, tokens, mask, loss_mask, bank, valid,
+                                              jnp.array([0, 1, 3, 3, 0, 1]))[0])
+  opt = mac.make_optimizer(c)
+  state, p = opt.init(params), params
+  for _ in range(30):
+    g = jax.grad(loss)(p)
+    updates, state = opt.update(g, state, p)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+  assert float(loss(p)) < 0.5 * float(loss(params))
