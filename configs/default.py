@@ -30,8 +30,8 @@ Evaluate: the meta-objective on the first 12 test documents (72 questions), each
 reset QA-tuned model (uptake at x 1/2, 1, 2; learned - uniform at x 1 +0.337 [+0.204, +0.484], learned - SSM
 +0.175 [+0.072, +0.292]):
 
-  learned +0.180 / +0.307 / +0.100   uniform -0.001 / -0.031 / -0.268   SSM +0.079 / +0.147 / +0.158
-  TF-IDF  +0.048 / +0.084 / +0.040   oracle  +0.157 / +0.279 / +0.385
+  learned +0.168 / +0.289 / +0.120   uniform -0.006 / -0.047 / -0.351   SSM +0.064 / +0.115 / +0.093
+  TF-IDF  +0.036 / +0.059 / -0.018   oracle  +0.141 / +0.250 / +0.345
 
 Test stream of 34 documents and 204 questions, the reference's Adam stream, greedy decoding, each method's lr
 picked by answer NLL on 34 meta-val documents (as many Adam steps as the test stream) among the reference's
