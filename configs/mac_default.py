@@ -21,6 +21,10 @@ Test stream (34 documents, 204 questions), F1 / answer NLL, paired against no ad
   distractors; 0.17 / 0.20 / 0.34 / 0.71 s per question and 270 / 363 / 698 / 1,651 MiB per 16-question batch.
 Targets missed: own - other bank <= -0.10 nats on the test stream (it is 0.000); F1 at least CaMeLS's (one
 question below, -0.005 [-0.025, +0.010]). Met: MAC's answer NLL below CaMeLS's (-0.476, paired).
+Tried on 2026-12-05, neither making MAC read its bank (README, "MAC"): --config.mac.contrast=1 (meta-val own /
+other bank 2.759 / 2.764 at step 150; the own document worth 1e-5 nats per answer token on the training banks)
+and --config.mac.retrieve=1 (InfoNCE at ln 8, chance, after 100 steps at lr 1e-4; at lr 1e-3 the prefix broke
+the base model, 5.47 against 3.11).
 """
 
 from camels_jax import config_files
