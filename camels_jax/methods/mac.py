@@ -324,12 +324,26 @@ def prefix_rows(graphdef, params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, 
   return nnx.merge(graphdef, params).prefix(a_BxTxD)
 
 
+def _conditioned_logits(graphdef, params, base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS,
+                        bank_MxTxD, valid_M, window: int):
+  pfx = prefix(graphdef, params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, bank_MxTxD, valid_M, window)
+  return transformer.apply(base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS, pfx)
+
+
 def answer_nll(graphdef, params, base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS,
                bank_MxTxD, valid_M, window: int):
   """(summed answer NLL, answer tokens) of the frozen base model conditioned on the bank."""
-  pfx = prefix(graphdef, params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, bank_MxTxD, valid_M, window)
-  logits_BxSxV = transformer.apply(base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS, pfx)
+  logits_BxSxV = _conditioned_logits(graphdef, params, base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS,
+                                     qa_loss_mask_BxS, bank_MxTxD, valid_M, window)
   return loss.answer_nll(logits_BxSxV, qa_tokens_BxS, qa_loss_mask_BxS)
+
+
+def answer_nll_rows(graphdef, params, base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS,
+                    bank_MxTxD, valid_M, window: int):
+  """`answer_nll` per row: (summed answer NLL of each row, its answer tokens)."""
+  logits_BxSxV = _conditioned_logits(graphdef, params, base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS,
+                                     qa_loss_mask_BxS, bank_MxTxD, valid_M, window)
+  return loss.answer_nll_rows(logits_BxSxV, qa_tokens_BxS, qa_loss_mask_BxS)
 
 
 class StepConfig(NamedTuple):
@@ -372,14 +386,6 @@ def _sampled_questions(batch, rng, n: int):
   idx_N = jnp.argsort(jax.random.uniform(rng, valid_BQ.shape) - 2.0 * valid_BQ)[:n]
   return (tokens_BQxS[idx_N], flat("qa_mask_BxQxS")[idx_N],
           flat("qa_loss_mask_BxQxS")[idx_N] & valid_BQ[idx_N, None], idx_N // batch["qa_tokens_BxQxS"].shape[1])
-
-
-def answer_nll_rows(graphdef, params, base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS,
-                    bank_MxTxD, valid_M, window: int):
-  """`answer_nll` per row: (summed answer NLL of each row, its answer tokens)."""
-  pfx = prefix(graphdef, params, qa_tokens_BxS, qa_mask_BxS, qa_loss_mask_BxS, bank_MxTxD, valid_M, window)
-  logits_BxSxV = transformer.apply(base_graphdef, base_params, qa_tokens_BxS, qa_mask_BxS, pfx)
-  return loss.answer_nll_rows(logits_BxSxV, qa_tokens_BxS, qa_loss_mask_BxS)
 
 
 def bank_hinge(graphdef, params, base_graphdef, base_params, tokens_NxS, mask_NxS, loss_mask_NxS, bank_KxTxD,
@@ -427,7 +433,7 @@ def bank_retrieval(graphdef, params, tokens_NxS, mask_NxS, loss_mask_NxS, bank_K
 
 def train_loss(params, base_params, batch, rng, *, graphdef, base_graphdef, scfg: StepConfig):
   """(loss, metrics): the mean answer NLL of sampled questions given the prefix aggregated over the batch's
-  bank, plus `scfg.contrast` times `bank_hinge`."""
+  bank, plus `scfg.contrast` times `bank_hinge` and `scfg.retrieve` times `bank_retrieval`."""
   bank_rng, q_rng = jax.random.split(rng)
   bank_KxTxD, valid_K, position_B = _bank_of(graphdef, params, batch, bank_rng, scfg.backprop_docs)
   tokens, mask, loss_mask, doc_N = _sampled_questions(batch, q_rng, scfg.questions)
