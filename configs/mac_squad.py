@@ -20,6 +20,7 @@ def get_config():
   c.jobs = "qa_tune,camels,mac"  # camels_squad_cpu's jobs, then MAC on the same QA-tuned model
   c.mac = mac_config()  # MAC (camels_jax/methods/mac.py)
   c.mac.steps = 150  # CPU budget
-  c.mac.val_every = 25
+  c.mac.val_every = 50
+  c.mac.val_docs = 32  # 4 banks of meta-val paragraphs, ~2.6 min a validation (all 131: 10.7 min)
   c.eval.methods = "uniform,ssm,tfidf,camels,uniform+qa_lt,mac,retrieval,mac+retrieval"
   return c

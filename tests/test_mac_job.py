@@ -55,8 +55,12 @@ def test_validates_on_schedule_against_another_bank_and_the_base_model(trained):
 def test_trains_on_more_generated_documents_than_the_meta_train_split(tmp_path):
   c = tiny_mac(steps=2)
   c.mac.train_docs = 3 * c.data.split_sizes.meta_train
+  c.mac.val_docs = 2  # validates on the first 2 meta-val documents only
   r = train.run(c, str(tmp_path), progress=False)["mac"]
   assert r["train_docs"] == c.mac.train_docs and [h["step"] for h in r["history"]] == [0, 2]
+  first_two = _meta_val(str(tmp_path))[:2]
+  assert len(_meta_val(str(tmp_path))) > 2 and r["val_docs"] == 2
+  assert r["val_by_question"]["questions"] == sum(len(d.qas) for d in first_two)
 
 
 def test_resumed_run_equals_an_uninterrupted_one(trained, tmp_path):
