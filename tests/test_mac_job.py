@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 
 from camels_jax import report, train
@@ -99,3 +100,18 @@ def test_the_contrastive_term_enters_the_jobs_loss(trained, tmp_path):
   # Untrained, the prefix ignores the bank (zero values): every own document is worth 0 nats, so the first
   # step's hinge is the whole margin, 0.5, and the loss over the first steps is about that much higher.
   assert 0.3 < got[1]["train_loss"] - want[1]["train_loss"] < 0.7
+
+
+def test_retrieval_steps_come_first_and_leave_the_base_model_exact(trained, tmp_path):
+  _, results = trained
+  c = tiny_mac(steps=4)
+  c.mac.update(retrieve_steps=2, retrieve_lr=1e-2)
+  history = train.run(c, str(tmp_path), progress=False)["mac"]["history"]
+  assert [h["step"] for h in history] == [0, 2, 4]
+  # Steps 1-2 train the retrieval term alone: its InfoNCE over 8-document banks, and MAC still the base model.
+  assert history[1]["train_loss"] == pytest.approx(np.log(tiny_mac().mac.bank_docs), abs=0.5)
+  assert history[1]["val_nll"] == pytest.approx(history[1]["val_nll_base"], abs=1e-6)
+  assert 0.0 <= history[1]["val_retrieval_acc"] <= 1.0
+  # Steps 3-4 are the paper's loss, from the moved networks: the answer NLL moves off the base model.
+  assert history[2]["val_nll"] != pytest.approx(history[2]["val_nll_base"], abs=1e-6)
+  assert history[0]["val_nll"] == pytest.approx(results["mac"]["history"][0]["val_nll"], abs=1e-6)

@@ -91,6 +91,12 @@ def mac_config() -> ml_collections.ConfigDict:
       # the training bank by the first aggregation block's attention logits (`bank_retrieval`, InfoNCE). The
       # trained default's attention put 0.126 of its mass on the own document of 8 (uniform: 0.125).
       retrieve=0.0,
+      # Steps of the retrieval term alone, before the rest (not in the paper; 0 = none; counted in `steps`),
+      # with an Adam of their own at `retrieve_lr`. No answer loss pulls the attention toward an average, and
+      # the prefix cannot move: its zero-initialised output gets no gradient from the attention logits, so the
+      # base model stays exact however large the lr.
+      retrieve_steps=0,
+      retrieve_lr=1e-3,  # Adam lr of those steps, > 0
       lr=1e-4,  # Adam lr, > 0
       grad_clip=1.0,  # global-norm clip, > 0
       steps=200,  # training steps, >= 0 (0 = only validate the initial networks)
@@ -120,6 +126,8 @@ RULES = {
     "contrast": checks.non_negative,
     "contrast_margin": checks.positive,
     "retrieve": checks.non_negative,
+    "retrieve_steps": checks.count_or_zero,
+    "retrieve_lr": checks.positive,
     "lr": checks.positive,
     "grad_clip": checks.positive,
     "steps": checks.count_or_zero,
@@ -415,11 +423,10 @@ def bank_hinge(graphdef, params, base_graphdef, base_params, tokens_NxS, mask_Nx
   return mean(jax.nn.relu(margin - gap_R)), mean(gap_R)
 
 
-def bank_retrieval(graphdef, params, tokens_NxS, mask_NxS, loss_mask_NxS, bank_KxTxD, valid_K, own_N):
-  """(InfoNCE loss, accuracy) of picking each question row's own document (bank row own_N) among the bank's
+def retrieval_rows(graphdef, params, tokens_NxS, mask_NxS, loss_mask_NxS, bank_KxTxD, valid_K, own_N):
+  """Per question row: (InfoNCE loss, hit) of picking its own document (bank row own_N) among the bank's
   valid ones, by its score: the first aggregation block's attention logits of the question's tokens over the
-  document's T tokens, logsumexp over those tokens, mean over heads and question tokens. Rows without an
-  answer (padding) count for nothing."""
+  document's T tokens, logsumexp over those tokens, mean over heads and question tokens."""
   model = nnx.merge(graphdef, params)
   q_mask_NxS = question_mask(mask_NxS, loss_mask_NxS).astype(jnp.int32)
   q_NxTxD = model.amortize(tokens_NxS, q_mask_NxS)
@@ -429,7 +436,13 @@ def bank_retrieval(graphdef, params, tokens_NxS, mask_NxS, loss_mask_NxS, bank_K
   by_doc_NxK = jax.nn.logsumexp(scores_NxHxTxS.reshape(n, h, t, k, t), axis=-1).mean(axis=(1, 2))
   by_doc_NxK = jnp.where(jnp.asarray(valid_K, bool)[None], by_doc_NxK, _MASKED)
   nll_N = -jnp.take_along_axis(jax.nn.log_softmax(by_doc_NxK, -1), own_N[:, None], 1)[:, 0]
-  hit_N = (jnp.argmax(by_doc_NxK, -1) == own_N).astype(jnp.float32)
+  return nll_N, (jnp.argmax(by_doc_NxK, -1) == own_N).astype(jnp.float32)
+
+
+def bank_retrieval(graphdef, params, tokens_NxS, mask_NxS, loss_mask_NxS, bank_KxTxD, valid_K, own_N):
+  """(InfoNCE loss, accuracy) of `retrieval_rows`, over the question rows with an answer (padding rows count
+  for nothing)."""
+  nll_N, hit_N = retrieval_rows(graphdef, params, tokens_NxS, mask_NxS, loss_mask_NxS, bank_KxTxD, valid_K, own_N)
   answered_N = loss_mask_NxS.any(-1)
   mean = lambda x_N: jnp.where(answered_N, x_N, 0.0).sum() / jnp.maximum(answered_N.sum(), 1)
   return mean(nll_N), mean(hit_N)
@@ -468,11 +481,30 @@ def train_step(params, opt_state, base_params, batch, rng, *, graphdef, base_gra
   return optax.apply_updates(params, updates), opt_state, {"loss": value, "grad_norm": optax.tree.norm(grads)} | metrics
 
 
+def retrieval_loss(params, batch, rng, *, graphdef, scfg: StepConfig):
+  """(`bank_retrieval`'s InfoNCE, metrics) of sampled questions against the batch's bank: the loss of the
+  `retrieve_steps` (no base-model pass, so a step costs about the amortization of the bank)."""
+  bank_rng, q_rng = jax.random.split(rng)
+  bank_KxTxD, valid_K, position_B = _bank_of(graphdef, params, batch, bank_rng, scfg.backprop_docs)
+  tokens, mask, loss_mask, doc_N = _sampled_questions(batch, q_rng, scfg.questions)
+  nll, hits = bank_retrieval(graphdef, params, tokens, mask, loss_mask, bank_KxTxD, valid_K, position_B[doc_N])
+  return nll, {"retrieval_nll": nll, "retrieval_acc": hits}
+
+
+def retrieval_step(params, opt_state, batch, rng, *, graphdef, scfg: StepConfig,
+                   optimizer: optax.GradientTransformation):
+  """One Adam step on `retrieval_loss` alone."""
+  (value, metrics), grads = jax.value_and_grad(retrieval_loss, has_aux=True)(params, batch, rng,
+                                                                            graphdef=graphdef, scfg=scfg)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, {"loss": value, "grad_norm": optax.tree.norm(grads)} | metrics
+
+
 def eval_rows(params, base_params, batch, bank_KxTxD, other_bank_KxTxD, other_valid_K, *, graphdef, base_graphdef,
               window: int):
   """For each question row of a batch (B x Q rows; a padding row has no tokens): its summed answer NLL given
   its own documents' bank, given another bank (whose documents do not hold its answers), and with no prefix
-  (the base model), and its answer tokens."""
+  (the base model), its answer tokens, and whether `retrieval_rows` picks its own document out of its bank."""
   shape = batch["qa_tokens_BxQxS"].shape
   rows = lambda k: batch[k].reshape(shape[0] * shape[1], shape[2])
   tokens, mask = rows("qa_tokens_BxQxS"), rows("qa_mask_BxQxS")
@@ -483,8 +515,10 @@ def eval_rows(params, base_params, batch, bank_KxTxD, other_bank_KxTxD, other_va
     pfx = prefix(graphdef, params, tokens, mask, loss_mask, bank, valid, window)
     return loss.answer_nll_rows(transformer.apply(*base, tokens, mask, pfx), tokens, loss_mask)[0]
   base_R, count_R = loss.answer_nll_rows(transformer.apply(*base, tokens, mask), tokens, loss_mask)
+  _, hit_R = retrieval_rows(graphdef, params, tokens, mask, loss_mask, bank_KxTxD, batch["doc_valid_B"],
+                            jnp.arange(tokens.shape[0]) // shape[1])
   return {"nll": nll(bank_KxTxD, batch["doc_valid_B"]), "nll_other_bank": nll(other_bank_KxTxD, other_valid_K),
-          "nll_base": base_R, "tokens": count_R}
+          "nll_base": base_R, "tokens": count_R, "retrieval_hit": hit_R}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -630,8 +664,8 @@ def prefix_lowered(graphdef, params, batch, bank: Bank, capacity: int, window: i
 # Training.
 
 
-def make_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  return optax.chain(optax.clip_by_global_norm(c.grad_clip), optax.adam(c.lr))
+def make_optimizer(c: ml_collections.ConfigDict, lr: float | None = None) -> optax.GradientTransformation:
+  return optax.chain(optax.clip_by_global_norm(c.grad_clip), optax.adam(c.lr if lr is None else lr))
 
 
 def bank_loader(docs, spec: pipeline.Spec, pad_id: int, bank_docs: int, seed: int) -> pipeline.Loader:
@@ -663,8 +697,10 @@ class Trainable(NamedTuple):
   """What `init` builds: MAC's graph, the state the loop trains and checkpoints, its optimizer."""
 
   graphdef: nnx.GraphDef
-  state: dict  # {"params": MAC's networks, "opt": the optimizer's state}
+  # {"params": MAC's networks, "opt": the optimizer's state, and "opt_retrieve" with mac.retrieve_steps}
+  state: dict
   optimizer: optax.GradientTransformation
+  retrieval_optimizer: optax.GradientTransformation | None = None  # of the `retrieve_steps`
 
 
 def init(config: ml_collections.ConfigDict, base: loading.Loaded, mesh) -> Trainable:
@@ -673,8 +709,12 @@ def init(config: ml_collections.ConfigDict, base: loading.Loaded, mesh) -> Train
   graphdef, params = build(config.mac, base)
   optimizer = make_optimizer(config.mac)
   params = sharding.place_params(params, mesh)
-  return Trainable(graphdef, {"params": params, "opt": sharding.place_params(optimizer.init(params), mesh)},
-                   optimizer)
+  state = {"params": params, "opt": sharding.place_params(optimizer.init(params), mesh)}
+  if not config.mac.retrieve_steps:
+    return Trainable(graphdef, state, optimizer)
+  retrieval_optimizer = make_optimizer(config.mac, config.mac.retrieve_lr)
+  state["opt_retrieve"] = sharding.place_params(retrieval_optimizer.init(params), mesh)
+  return Trainable(graphdef, state, optimizer, retrieval_optimizer)
 
 
 def _validation(graphdef, eval_fn, base_params, vals):
@@ -697,15 +737,19 @@ def _validation(graphdef, eval_fn, base_params, vals):
     return {k: v[rows["tokens"] > 0] for k, v in rows.items()}
 
   def validate(params):
-    sums = {k: float(v.sum()) for k, v in question_rows(params).items()}
+    rows = question_rows(params)
+    sums = {k: float(v.sum()) for k, v in rows.items()}
     n = max(sums["tokens"], 1.0)
     return {"val_nll": sums["nll"] / n, "val_nll_other_bank": sums["nll_other_bank"] / n,
-            "val_nll_base": sums["nll_base"] / n, "val_tokens": int(sums["tokens"])}
+            "val_nll_base": sums["nll_base"] / n, "val_tokens": int(sums["tokens"]),
+            # Questions whose own document the first aggregation block ranks first in their bank.
+            "val_retrieval_acc": float(rows["retrieval_hit"].mean())}
 
   def by_question(params):
     r = question_rows(params)
     mean = {k: r[k] / r["tokens"] for k in ("nll", "nll_other_bank", "nll_base")}  # each question's mean
     return {"questions": len(r["tokens"]), "nll": float(mean["nll"].mean()),
+            "retrieval_acc": float(r["retrieval_hit"].mean()),
             "nll_other_bank": float(mean["nll_other_bank"].mean()), "nll_base": float(mean["nll_base"].mean()),
             "own_minus_other_bank": stats.paired_bootstrap_ci(mean["nll"], mean["nll_other_bank"]),
             "own_minus_base": stats.paired_bootstrap_ci(mean["nll"], mean["nll_base"])}
@@ -743,10 +787,16 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   validate, by_question = _validation(t.graphdef, jax.jit(functools.partial(eval_rows, window=c.window, **kw)),
                                       base_params, val_batches(val_docs, spec, pad, c.bank_docs))
 
+  if c.retrieve_steps:
+    retrieve_fn = jax.jit(functools.partial(retrieval_step, graphdef=t.graphdef, scfg=step_config(c),
+                                            optimizer=t.retrieval_optimizer), donate_argnums=(0, 1))
+
   def step_fn(state, carry, step, rng):
-    del step
+    if step < c.retrieve_steps:
+      params, opt_state, m = retrieve_fn(state["params"], state["opt_retrieve"], next(loader), rng)
+      return state | {"params": params, "opt_retrieve": opt_state}, carry, m
     params, opt_state, m = train_fn(state["params"], state["opt"], base_params, next(loader), rng)
-    return {"params": params, "opt": opt_state}, carry, m
+    return state | {"params": params, "opt": opt_state}, carry, m
 
   r = loop.run(loop.LoopConfig(JOB, c.steps, c.val_every, BEST_METRIC), t.state, step_fn,
                lambda state: validate(state["params"]), workdir=workdir, writer=writer, rng=jax.random.key(c.seed),

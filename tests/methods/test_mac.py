@@ -391,3 +391,27 @@ def test_the_retrieval_term_picks_each_questions_own_document_by_the_first_block
     updates, state = opt.update(g, state, p)
     p = jax.tree.map(lambda a, u: a + u, p, updates)
   assert float(loss(p)) < 0.5 * float(loss(params))
+
+
+def test_retrieval_steps_teach_retrieval_and_leave_the_base_model_exact():
+  # mac.retrieve_steps: Adam on the retrieval term alone, at an lr (3e-2) that would wreck the answer path.
+  base = _base()
+  c = _config(window=4, questions=12, backprop_fraction=1.0)
+  graphdef, params = mac.build(c, base)
+  batch, scfg = _batch(k=4, q=3), mac.step_config(c)
+  optimizer = mac.make_optimizer(c, 3e-2)
+  step = jax.jit(functools.partial(mac.retrieval_step, graphdef=graphdef, scfg=scfg, optimizer=optimizer))
+  p, state, first = params, optimizer.init(params), None
+  for i in range(40):
+    p, state, m = step(p, state, batch, jax.random.key(i))
+    first = float(m["retrieval_nll"]) if first is None else first
+  last, _ = mac.retrieval_loss(p, batch, jax.random.key(99), graphdef=graphdef, scfg=scfg)
+  assert first == pytest.approx(np.log(4), abs=0.3) and float(last) < 0.5 * first, (first, float(last))
+  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, p)
+  assert sum(jax.tree.leaves(moved)) > 0
+  # The attention logits do not reach the prefix's zero-initialised values: the base model is still exact.
+  qa = _qa(3)
+  bank = mac.amortize(graphdef, p, *_docs(4))
+  pfx = _prefix(graphdef, p, qa, bank, jnp.ones(4, bool), window=4)
+  np.testing.assert_array_equal(transformer.apply(base.graphdef, base.params, qa[0], qa[1], pfx),
+                                transformer.apply(base.graphdef, base.params, qa[0], qa[1]))
