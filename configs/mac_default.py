@@ -24,7 +24,11 @@ question below, -0.005 [-0.025, +0.010]). Met: MAC's answer NLL below CaMeLS's (
 Tried on 2026-12-05, neither making MAC read its bank (README, "MAC"): --config.mac.contrast=1 (meta-val own /
 other bank 2.759 / 2.764 at step 150; the own document worth 1e-5 nats per answer token on the training banks)
 and --config.mac.retrieve=1 (InfoNCE at ln 8, chance, after 100 steps at lr 1e-4; at lr 1e-3 the prefix broke
-the base model, 5.47 against 3.11).
+the base model, 5.47 against 3.11). Tried later that day (README, "MAC"): --config.mac.retrieve_steps=200
+--config.mac.retrieve_lr=3e-4 (the retrieval term alone first: InfoNCE at ln 8 throughout, meta-val retrieval
+accuracy 0.147, 30 of 204; at 1e-3 it sat at ln 8 from step 30) and --config.mac.bank_docs=1 (banks of the
+questions' own document only, nothing to select: own / other bank equal to 4 decimals at every validation,
+2.7869 / 2.7869 at step 250): the amortized tokens do not carry their document.
 """
 
 from camels_jax import config_files
