@@ -28,8 +28,8 @@ the base model, 5.47 against 3.11). Tried later that day (README, "MAC"): --conf
 --config.mac.retrieve_lr=3e-4 (the retrieval term alone first: InfoNCE at ln 8 throughout, meta-val retrieval
 accuracy 0.147, 30 of 204; at 1e-3 it sat at ln 8 from step 30) and --config.mac.bank_docs=1 (banks of the
 questions' own document only, nothing to select: own / other bank equal to 4 decimals at every validation,
-2.7869 / 2.7869 at step 250, 2.6655 / 2.6655 at 550 of 600; with --config.mac.base_layers=6 as well, own - other +0.0002 [-0.0002, +0.0006] per
-question at step 200): the amortized tokens do not carry their document.
+2.7869 / 2.7869 at step 250, 2.6655 / 2.6655 at 550 of 600; with --config.mac.base_layers=6 as well, own -
+other +0.0002 [-0.0002, +0.0006] per question at step 200): the amortized tokens do not carry their document.
 """
 
 from camels_jax import config_files
