@@ -448,12 +448,19 @@ def bank_retrieval(graphdef, params, tokens_NxS, mask_NxS, loss_mask_NxS, bank_K
   return mean(nll_N), mean(hit_N)
 
 
-def train_loss(params, base_params, batch, rng, *, graphdef, base_graphdef, scfg: StepConfig):
-  """(loss, metrics): the mean answer NLL of sampled questions given the prefix aggregated over the batch's
-  bank, plus `scfg.contrast` times `bank_hinge` and `scfg.retrieve` times `bank_retrieval`."""
+def _bank_and_questions(graphdef, params, batch, rng, scfg: StepConfig):
+  """A training step's bank (`_bank_of`) and sampled questions (`_sampled_questions`), each question's document
+  given as its row in the bank: (bank_KxTxD, valid_K, (tokens, mask, loss mask), own_N)."""
   bank_rng, q_rng = jax.random.split(rng)
   bank_KxTxD, valid_K, position_B = _bank_of(graphdef, params, batch, bank_rng, scfg.backprop_docs)
   tokens, mask, loss_mask, doc_N = _sampled_questions(batch, q_rng, scfg.questions)
+  return bank_KxTxD, valid_K, (tokens, mask, loss_mask), position_B[doc_N]
+
+
+def train_loss(params, base_params, batch, rng, *, graphdef, base_graphdef, scfg: StepConfig):
+  """(loss, metrics): the mean answer NLL of sampled questions given the prefix aggregated over the batch's
+  bank, plus `scfg.contrast` times `bank_hinge` and `scfg.retrieve` times `bank_retrieval`."""
+  bank_KxTxD, valid_K, (tokens, mask, loss_mask), own_N = _bank_and_questions(graphdef, params, batch, rng, scfg)
   args = (graphdef, params, base_graphdef, base_params, tokens, mask, loss_mask, bank_KxTxD, valid_K, scfg.window)
   if not scfg.contrast:
     total, count = answer_nll(*args)
@@ -462,11 +469,10 @@ def train_loss(params, base_params, batch, rng, *, graphdef, base_graphdef, scfg
   else:
     own_rows = answer_nll_rows(*args)  # the whole bank's pass serves the NLL and the hinge
     nll = own_rows[0].sum() / jnp.maximum(own_rows[1].sum(), 1.0)
-    hinge, gap = bank_hinge(*args[:-1], position_B[doc_N], scfg.window, scfg.contrast_margin, own_rows=own_rows)
+    hinge, gap = bank_hinge(*args[:-1], own_N, scfg.window, scfg.contrast_margin, own_rows=own_rows)
     value, metrics = nll + scfg.contrast * hinge, {"nll": nll, "hinge": hinge, "bank_gap": gap}
   if scfg.retrieve:
-    retrieval_nll, hits = bank_retrieval(graphdef, params, tokens, mask, loss_mask, bank_KxTxD, valid_K,
-                                         position_B[doc_N])
+    retrieval_nll, hits = bank_retrieval(graphdef, params, tokens, mask, loss_mask, bank_KxTxD, valid_K, own_N)
     value, metrics = value + scfg.retrieve * retrieval_nll, metrics | {"retrieval_nll": retrieval_nll,
                                                                        "retrieval_acc": hits}
   return value, metrics
@@ -475,8 +481,14 @@ def train_loss(params, base_params, batch, rng, *, graphdef, base_graphdef, scfg
 def train_step(params, opt_state, base_params, batch, rng, *, graphdef, base_graphdef, scfg: StepConfig,
                optimizer: optax.GradientTransformation):
   """One Adam step on MAC's parameters; the base model is an input only, never differentiated."""
-  (value, metrics), grads = jax.value_and_grad(train_loss, has_aux=True)(
-      params, base_params, batch, rng, graphdef=graphdef, base_graphdef=base_graphdef, scfg=scfg)
+  loss_fn = functools.partial(train_loss, base_params=base_params, batch=batch, rng=rng, graphdef=graphdef,
+                              base_graphdef=base_graphdef, scfg=scfg)
+  return _optimizer_step(loss_fn, params, opt_state, optimizer)
+
+
+def _optimizer_step(loss_fn, params, opt_state, optimizer: optax.GradientTransformation):
+  """params -> (loss, metrics) `loss_fn` stepped once: (params, opt_state, metrics with "loss", "grad_norm")."""
+  (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, {"loss": value, "grad_norm": optax.tree.norm(grads)} | metrics
 
@@ -484,20 +496,16 @@ def train_step(params, opt_state, base_params, batch, rng, *, graphdef, base_gra
 def retrieval_loss(params, batch, rng, *, graphdef, scfg: StepConfig):
   """(`bank_retrieval`'s InfoNCE, metrics) of sampled questions against the batch's bank: the loss of the
   `retrieve_steps` (no base-model pass, so a step costs about the amortization of the bank)."""
-  bank_rng, q_rng = jax.random.split(rng)
-  bank_KxTxD, valid_K, position_B = _bank_of(graphdef, params, batch, bank_rng, scfg.backprop_docs)
-  tokens, mask, loss_mask, doc_N = _sampled_questions(batch, q_rng, scfg.questions)
-  nll, hits = bank_retrieval(graphdef, params, tokens, mask, loss_mask, bank_KxTxD, valid_K, position_B[doc_N])
+  bank_KxTxD, valid_K, questions, own_N = _bank_and_questions(graphdef, params, batch, rng, scfg)
+  nll, hits = bank_retrieval(graphdef, params, *questions, bank_KxTxD, valid_K, own_N)
   return nll, {"retrieval_nll": nll, "retrieval_acc": hits}
 
 
 def retrieval_step(params, opt_state, batch, rng, *, graphdef, scfg: StepConfig,
                    optimizer: optax.GradientTransformation):
   """One Adam step on `retrieval_loss` alone."""
-  (value, metrics), grads = jax.value_and_grad(retrieval_loss, has_aux=True)(params, batch, rng,
-                                                                            graphdef=graphdef, scfg=scfg)
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state, {"loss": value, "grad_norm": optax.tree.norm(grads)} | metrics
+  loss_fn = functools.partial(retrieval_loss, batch=batch, rng=rng, graphdef=graphdef, scfg=scfg)
+  return _optimizer_step(loss_fn, params, opt_state, optimizer)
 
 
 def eval_rows(params, base_params, batch, bank_KxTxD, other_bank_KxTxD, other_valid_K, *, graphdef, base_graphdef,
