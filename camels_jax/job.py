@@ -51,7 +51,8 @@ SAFE_ON_RESUME = ("camels.steps", "camels.val_every", "camels.val_batches", "cam
 # whose config.json lacks one resumes (and evaluates) when the config keeps that value.
 INTRODUCED = {"camels.precond_docs": 0, "camels.precond_eps": 1e-8, "mac.train_docs": 0, "fwl.fast_weights": True,
               "mac.contrast": 0.0, "mac.contrast_margin": 0.5,
-              "mac.retrieve": 0.0, "mac.val_docs": 0, "mac.retrieve_steps": 0, "mac.retrieve_lr": 1e-3}
+              "mac.retrieve": 0.0, "mac.val_docs": 0, "mac.retrieve_steps": 0, "mac.retrieve_lr": 1e-3,
+              "mac.reconstruct": 0.0}
 
 
 def jobs_of(config: ml_collections.ConfigDict) -> list[str]:

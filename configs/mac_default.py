@@ -30,6 +30,13 @@ accuracy 0.147, 30 of 204; at 1e-3 it sat at ln 8 from step 30) and --config.mac
 questions' own document only, nothing to select: own / other bank equal to 4 decimals at every validation,
 2.7869 / 2.7869 at step 250, 2.6655 / 2.6655 at 550 of 600; with --config.mac.base_layers=6 as well, own -
 other +0.0002 [-0.0002, +0.0006] per question at step 200): the amortized tokens do not carry their document.
+And --config.mac.reconstruct=1 with bank_docs=1 (each document's own NLL given a prefix of its tokens alone:
+3.253 -> 1.390 per token, and 1.390 with another document's tokens, -0.00003 [-0.00007, +0.00002]; own - other
+bank +0.0001 [+0.0000, +0.0002] per question), and reconstruct=10 with backprop_fraction=1 (-0.0011 [-0.0023,
+-0.0002]): the reconstruction is met by the documents' shared template too. `python -m bench.mac_stages` shows
+the documents' differences shrinking with training at every stage after the encoder.
+The meta-val interval above paired 60 of its 204 questions with a bank of another size (fixed since:
+`mac.other_bank_of`); the test stream's control is and was the same size.
 """
 
 from camels_jax import config_files

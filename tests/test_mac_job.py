@@ -115,3 +115,21 @@ def test_retrieval_steps_come_first_and_leave_the_base_model_exact(trained, tmp_
   # Steps 3-4 are the paper's loss, from the moved networks: the answer NLL moves off the base model.
   assert history[2]["val_nll"] != pytest.approx(history[2]["val_nll_base"], abs=1e-6)
   assert history[0]["val_nll"] == pytest.approx(results["mac"]["history"][0]["val_nll"], abs=1e-6)
+
+
+def test_the_reconstruction_term_enters_the_jobs_loss_and_validation(trained, tmp_path):
+  _, results = trained
+  c = tiny_mac(steps=2)
+  c.mac.reconstruct = 1.0
+  r = train.run(c, str(tmp_path), progress=False)["mac"]
+  got, want = r["history"], results["mac"]["history"]
+  assert got[0]["val_nll"] == pytest.approx(want[0]["val_nll"], abs=1e-6)  # the same untrained networks
+  # Untrained (zero values), a document's own tokens and another's give the same prefix: none.
+  assert got[0]["val_doc_nll"] == pytest.approx(got[0]["val_doc_nll_other"], abs=1e-6)
+  # The loss adds each back-propagated document's NLL per token, about the random model's ln V.
+  assert got[1]["train_loss"] - want[1]["train_loss"] > 0.5 * np.log(c.model.random.vocab_size)
+  # Per meta-val document (each paired with the next bank's document in its slot), own against other.
+  docs = r["val_by_question"]["documents"]
+  assert docs["docs"] == len(_meta_val(str(tmp_path)))
+  assert docs["own_minus_other"]["mean"] == pytest.approx(docs["doc_nll"] - docs["doc_nll_other"])
+  assert "documents" not in results["mac"]["val_by_question"]

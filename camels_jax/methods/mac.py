@@ -97,6 +97,11 @@ def mac_config() -> ml_collections.ConfigDict:
       # base model stays exact however large the lr.
       retrieve_steps=0,
       retrieve_lr=1e-3,  # Adam lr of those steps, > 0
+      # Weight of a reconstruction term (not in the paper; 0 = none): the frozen base model's NLL of each
+      # back-propagated training document given the prefix aggregated from that document's T tokens alone by a
+      # question-free (zero) query (`document_nll`). Only a prefix that carries its own document lowers it,
+      # where the answer loss is met by a prior (banks of one document: own - other bank 0.0000 on meta-val).
+      reconstruct=0.0,
       lr=1e-4,  # Adam lr, > 0
       grad_clip=1.0,  # global-norm clip, > 0
       steps=200,  # training steps, >= 0 (0 = only validate the initial networks)
@@ -128,6 +133,7 @@ RULES = {
     "retrieve": checks.non_negative,
     "retrieve_steps": checks.count_or_zero,
     "retrieve_lr": checks.positive,
+    "reconstruct": checks.non_negative,
     "lr": checks.positive,
     "grad_clip": checks.positive,
     "steps": checks.count_or_zero,
@@ -367,15 +373,18 @@ class StepConfig(NamedTuple):
   contrast: float = 0.0  # weight of `bank_hinge` (0: the paper's loss alone)
   contrast_margin: float = 0.5
   retrieve: float = 0.0  # weight of `bank_retrieval`
+  reconstruct: float = 0.0  # weight of `document_nll`
 
 
 def step_config(c: ml_collections.ConfigDict) -> StepConfig:
   return StepConfig(c.window, c.questions, max(1, math.ceil(c.backprop_fraction * c.bank_docs)),
-                    float(c.contrast), float(c.contrast_margin), float(c.retrieve))
+                    float(c.contrast), float(c.contrast_margin), float(c.retrieve), float(c.reconstruct))
 
 
 def _bank_of(graphdef, params, batch, rng, backprop_docs: int):
-  """The batch's documents amortized into a bank; only `backprop_docs` random ones carry a gradient."""
+  """The batch's documents amortized into a bank; only `backprop_docs` random ones carry a gradient: (bank_KxTxD,
+  valid_K, each batch document's row in the bank, (tokens_NxL, mask_NxL) of the ones with a gradient, which
+  are the bank's first N rows)."""
   order_K = jax.random.permutation(rng, batch["doc_tokens_BxL"].shape[0])
   tokens_KxL, mask_KxL = batch["doc_tokens_BxL"][order_K], batch["doc_mask_BxL"][order_K]
   n = backprop_docs
@@ -385,7 +394,8 @@ def _bank_of(graphdef, params, batch, rng, backprop_docs: int):
   bank_KxTxD = jnp.concatenate([with_grad_NxTxD, frozen_RxTxD], axis=0)  # the aggregation is order-free
   # Where each of the batch's documents sits in the bank.
   position_B = jnp.argsort(order_K)
-  return bank_KxTxD, batch["doc_valid_B"][order_K], position_B
+  # A padding document has no tokens (mask 0), so nothing of it is reconstructed.
+  return bank_KxTxD, batch["doc_valid_B"][order_K], position_B, (tokens_KxL[:n], mask_KxL[:n])
 
 
 def _sampled_questions(batch, rng, n: int):
@@ -448,19 +458,38 @@ def bank_retrieval(graphdef, params, tokens_NxS, mask_NxS, loss_mask_NxS, bank_K
   return mean(nll_N), mean(hit_N)
 
 
+def document_nll(graphdef, params, base_graphdef, base_params, tokens_NxL, mask_NxL, m_NxTxD, window: int):
+  """(summed NLL of each document's tokens by the frozen base model, its predicted tokens), given the prefix
+  aggregated from that document's modulation tokens m_NxTxD alone (a bank of one) by a zero query: what the
+  amortization carries of its document, with no question to lean on.
+
+  The query is zero, not a question's tokens, because the aggregation adds its result to its query: the
+  document's content has to pass through the attention over the bank, the path a question reads it by.
+  """
+  model = nnx.merge(graphdef, params)
+  n = m_NxTxD.shape[0]
+  a_NxTxD = _levels(model, jnp.zeros_like(m_NxTxD), m_NxTxD[:, None], jnp.ones((n, 1), bool), window)
+  logits_NxLxV = transformer.apply(base_graphdef, base_params, tokens_NxL, mask_NxL, model.prefix(a_NxTxD))
+  target_NxL = loss.target_mask(mask_NxL)
+  return (loss.token_nll(logits_NxLxV, tokens_NxL) * target_NxL).sum(-1), target_NxL.sum(-1)
+
+
 def _bank_and_questions(graphdef, params, batch, rng, scfg: StepConfig):
   """A training step's bank (`_bank_of`) and sampled questions (`_sampled_questions`), each question's document
-  given as its row in the bank: (bank_KxTxD, valid_K, (tokens, mask, loss mask), own_N)."""
+  given as its row in the bank: (bank_KxTxD, valid_K, (tokens, mask, loss mask), own_N, the back-propagated
+  documents (tokens_NxL, mask_NxL): the bank's first N rows)."""
   bank_rng, q_rng = jax.random.split(rng)
-  bank_KxTxD, valid_K, position_B = _bank_of(graphdef, params, batch, bank_rng, scfg.backprop_docs)
+  bank_KxTxD, valid_K, position_B, grad_docs = _bank_of(graphdef, params, batch, bank_rng, scfg.backprop_docs)
   tokens, mask, loss_mask, doc_N = _sampled_questions(batch, q_rng, scfg.questions)
-  return bank_KxTxD, valid_K, (tokens, mask, loss_mask), position_B[doc_N]
+  return bank_KxTxD, valid_K, (tokens, mask, loss_mask), position_B[doc_N], grad_docs
 
 
 def train_loss(params, base_params, batch, rng, *, graphdef, base_graphdef, scfg: StepConfig):
   """(loss, metrics): the mean answer NLL of sampled questions given the prefix aggregated over the batch's
-  bank, plus `scfg.contrast` times `bank_hinge` and `scfg.retrieve` times `bank_retrieval`."""
-  bank_KxTxD, valid_K, (tokens, mask, loss_mask), own_N = _bank_and_questions(graphdef, params, batch, rng, scfg)
+  bank, plus `scfg.contrast` times `bank_hinge`, `scfg.retrieve` times `bank_retrieval` and `scfg.reconstruct`
+  times `document_nll` per token of the back-propagated documents."""
+  bank_KxTxD, valid_K, (tokens, mask, loss_mask), own_N, grad_docs = _bank_and_questions(graphdef, params, batch,
+                                                                                         rng, scfg)
   args = (graphdef, params, base_graphdef, base_params, tokens, mask, loss_mask, bank_KxTxD, valid_K, scfg.window)
   if not scfg.contrast:
     total, count = answer_nll(*args)
@@ -475,6 +504,12 @@ def train_loss(params, base_params, batch, rng, *, graphdef, base_graphdef, scfg
     retrieval_nll, hits = bank_retrieval(graphdef, params, tokens, mask, loss_mask, bank_KxTxD, valid_K, own_N)
     value, metrics = value + scfg.retrieve * retrieval_nll, metrics | {"retrieval_nll": retrieval_nll,
                                                                        "retrieval_acc": hits}
+  if scfg.reconstruct:
+    doc_tokens_NxL, doc_mask_NxL = grad_docs
+    total_N, count_N = document_nll(graphdef, params, base_graphdef, base_params, doc_tokens_NxL, doc_mask_NxL,
+                                    bank_KxTxD[:doc_tokens_NxL.shape[0]], scfg.window)
+    doc_nll = total_N.sum() / jnp.maximum(count_N.sum(), 1.0)
+    value, metrics = value + scfg.reconstruct * doc_nll, metrics | {"doc_nll": doc_nll}
   return value, metrics
 
 
@@ -496,7 +531,7 @@ def _optimizer_step(loss_fn, params, opt_state, optimizer: optax.GradientTransfo
 def retrieval_loss(params, batch, rng, *, graphdef, scfg: StepConfig):
   """(`bank_retrieval`'s InfoNCE, metrics) of sampled questions against the batch's bank: the loss of the
   `retrieve_steps` (no base-model pass, so a step costs about the amortization of the bank)."""
-  bank_KxTxD, valid_K, questions, own_N = _bank_and_questions(graphdef, params, batch, rng, scfg)
+  bank_KxTxD, valid_K, questions, own_N, _ = _bank_and_questions(graphdef, params, batch, rng, scfg)
   nll, hits = bank_retrieval(graphdef, params, *questions, bank_KxTxD, valid_K, own_N)
   return nll, {"retrieval_nll": nll, "retrieval_acc": hits}
 
@@ -527,6 +562,17 @@ def eval_rows(params, base_params, batch, bank_KxTxD, other_bank_KxTxD, other_va
                             jnp.arange(tokens.shape[0]) // shape[1])
   return {"nll": nll(bank_KxTxD, batch["doc_valid_B"]), "nll_other_bank": nll(other_bank_KxTxD, other_valid_K),
           "nll_base": base_R, "tokens": count_R, "retrieval_hit": hit_R}
+
+
+def doc_rows(params, base_params, batch, bank_KxTxD, other_bank_KxTxD, other_valid_K, *, graphdef, base_graphdef,
+             window: int):
+  """For each document slot of a batch: `document_nll` given its own modulation tokens and given those of the
+  other bank's document in the same slot, and its predicted tokens (0 where either slot is padding)."""
+  tokens, mask = batch["doc_tokens_BxL"], batch["doc_mask_BxL"]
+  both_K = jnp.asarray(batch["doc_valid_B"], bool) & jnp.asarray(other_valid_K, bool)
+  nll = lambda m: document_nll(graphdef, params, base_graphdef, base_params, tokens, mask, m, window)
+  own_K, count_K = nll(bank_KxTxD)
+  return {"doc_nll": own_K, "doc_nll_other": nll(other_bank_KxTxD)[0], "doc_tokens": jnp.where(both_K, count_K, 0.0)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -725,42 +771,64 @@ def init(config: ml_collections.ConfigDict, base: loading.Loaded, mesh) -> Train
   return Trainable(graphdef, state, optimizer, retrieval_optimizer)
 
 
-def _validation(graphdef, eval_fn, base_params, vals):
-  """(params -> meta-val answer NLL with each batch's own bank, another batch's bank, and no bank;
-  params -> the same per question, with paired intervals: `by_question`)."""
+def other_bank_of(counts: list[int], i: int) -> int | None:
+  """The meta-val batch whose documents are batch i's other bank: the first one after i (cyclically) with at
+  least as many documents as i, cut to i's number (its documents come first), so that the control differs from
+  the own bank in which documents it holds, not in how many: the prefix depends on a bank's size (one
+  aggregation pass up to `window` documents, hierarchical levels above). None (an empty bank) when no other
+  batch has enough."""
+  n = len(counts)
+  return next((j % n for j in range(i + 1, i + n) if counts[j % n] >= counts[i]), None)
 
-  def question_rows(params):
-    """`eval_rows` of every meta-val question row, concatenated (padding rows dropped)."""
+
+def _validation(graphdef, eval_fn, base_params, vals, doc_fn=None):
+  """(params -> meta-val answer NLL with each batch's own bank, another batch's bank, and no bank;
+  params -> the same per question, with paired intervals: `by_question`). With `doc_fn` (`doc_rows`), each
+  also gives the meta-val documents' own NLL given their own modulation tokens and another document's."""
+
+  def rows_of(params, fn, count):
+    """`fn`'s rows over every meta-val batch, concatenated (rows with no `count` tokens dropped)."""
     banks = [amortize_jit(graphdef, params, b["doc_tokens_BxL"], b["doc_mask_BxL"]) for b in vals]
     out = []
+    counts = [int(np.sum(b["doc_valid_B"])) for b in vals]
     for i, batch in enumerate(vals):
-      # The other bank: the next batch's documents, which do not hold this batch's answers (an empty bank
-      # when meta-val fills one batch only).
-      j = (i + 1) % len(vals)
-      other = (banks[j], vals[j]["doc_valid_B"]) if j != i else (banks[i], np.zeros_like(batch["doc_valid_B"]))
-      batch_rows = eval_fn(params, base_params, batch, banks[i], *other)
+      j = other_bank_of(counts, i)
+      other = ((banks[j], np.arange(len(batch["doc_valid_B"])) < counts[i]) if j is not None
+               else (banks[i], np.zeros_like(batch["doc_valid_B"])))
+      batch_rows = fn(params, base_params, batch, banks[i], *other)
       # Per-row outputs may be split over the devices of several processes (the FSDP axis): gathered whole.
       out.append({k: sharding.to_host(v).astype(np.float64) for k, v in batch_rows.items()})
     rows = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
-    return {k: v[rows["tokens"] > 0] for k, v in rows.items()}
+    return {k: v[rows[count] > 0] for k, v in rows.items()}
 
   def validate(params):
-    rows = question_rows(params)
+    rows = rows_of(params, eval_fn, "tokens")
     sums = {k: float(v.sum()) for k, v in rows.items()}
     n = max(sums["tokens"], 1.0)
-    return {"val_nll": sums["nll"] / n, "val_nll_other_bank": sums["nll_other_bank"] / n,
-            "val_nll_base": sums["nll_base"] / n, "val_tokens": int(sums["tokens"]),
-            # Questions whose own document the first aggregation block ranks first in their bank.
-            "val_retrieval_acc": float(rows["retrieval_hit"].mean())}
+    out = {"val_nll": sums["nll"] / n, "val_nll_other_bank": sums["nll_other_bank"] / n,
+           "val_nll_base": sums["nll_base"] / n, "val_tokens": int(sums["tokens"]),
+           # Questions whose own document the first aggregation block ranks first in their bank.
+           "val_retrieval_acc": float(rows["retrieval_hit"].mean())}
+    docs = {k: float(v.sum()) for k, v in rows_of(params, doc_fn, "doc_tokens").items()} if doc_fn else {}
+    if docs.get("doc_tokens"):  # none when meta-val fills one batch: no other bank
+      out |= {"val_doc_nll": docs["doc_nll"] / docs["doc_tokens"],
+              "val_doc_nll_other": docs["doc_nll_other"] / docs["doc_tokens"]}
+    return out
 
   def by_question(params):
-    r = question_rows(params)
+    r = rows_of(params, eval_fn, "tokens")
     mean = {k: r[k] / r["tokens"] for k in ("nll", "nll_other_bank", "nll_base")}  # each question's mean
-    return {"questions": len(r["tokens"]), "nll": float(mean["nll"].mean()),
-            "retrieval_acc": float(r["retrieval_hit"].mean()),
-            "nll_other_bank": float(mean["nll_other_bank"].mean()), "nll_base": float(mean["nll_base"].mean()),
-            "own_minus_other_bank": stats.paired_bootstrap_ci(mean["nll"], mean["nll_other_bank"]),
-            "own_minus_base": stats.paired_bootstrap_ci(mean["nll"], mean["nll_base"])}
+    out = {"questions": len(r["tokens"]), "nll": float(mean["nll"].mean()),
+           "retrieval_acc": float(r["retrieval_hit"].mean()),
+           "nll_other_bank": float(mean["nll_other_bank"].mean()), "nll_base": float(mean["nll_base"].mean()),
+           "own_minus_other_bank": stats.paired_bootstrap_ci(mean["nll"], mean["nll_other_bank"]),
+           "own_minus_base": stats.paired_bootstrap_ci(mean["nll"], mean["nll_base"])}
+    d = rows_of(params, doc_fn, "doc_tokens") if doc_fn else {"doc_tokens": []}
+    if len(d["doc_tokens"]):
+      own, other = d["doc_nll"] / d["doc_tokens"], d["doc_nll_other"] / d["doc_tokens"]  # per token, each document
+      out["documents"] = {"docs": len(own), "doc_nll": float(own.mean()), "doc_nll_other": float(other.mean()),
+                          "own_minus_other": stats.paired_bootstrap_ci(own, other)}
+    return out
   return validate, by_question
 
 
@@ -792,8 +860,10 @@ def fit(config: ml_collections.ConfigDict, base: loading.Loaded, base_params, da
   train_fn = jax.jit(functools.partial(train_step, scfg=step_config(c), optimizer=t.optimizer, **kw),
                      donate_argnums=(0, 1))
   val_docs = data.splits["meta_val"][:c.val_docs or None]
+  # With the reconstruction term, validation also says whether a document's tokens carry that document.
+  doc_fn = jax.jit(functools.partial(doc_rows, window=c.window, **kw)) if c.reconstruct else None
   validate, by_question = _validation(t.graphdef, jax.jit(functools.partial(eval_rows, window=c.window, **kw)),
-                                      base_params, val_batches(val_docs, spec, pad, c.bank_docs))
+                                      base_params, val_batches(val_docs, spec, pad, c.bank_docs), doc_fn)
 
   if c.retrieve_steps:
     retrieve_fn = jax.jit(functools.partial(retrieval_step, graphdef=t.graphdef, scfg=step_config(c),

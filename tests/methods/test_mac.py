@@ -15,6 +15,7 @@ from flax import nnx
 
 from camels_jax import checks
 from camels_jax.methods import mac
+from camels_jax.adapt import loss
 from camels_jax.models import loading, transformer
 from camels_jax.models.config import ModelConfig
 
@@ -415,3 +416,61 @@ def test_retrieval_steps_teach_retrieval_and_leave_the_base_model_exact():
   pfx = _prefix(graphdef, p, qa, bank, jnp.ones(4, bool), window=4)
   np.testing.assert_array_equal(transformer.apply(base.graphdef, base.params, qa[0], qa[1], pfx),
                                 transformer.apply(base.graphdef, base.params, qa[0], qa[1]))
+
+
+def test_the_reconstruction_term_is_each_documents_nll_given_a_prefix_of_its_own_tokens_alone():
+  base = _base()
+  c = _config(window=4, backprop_fraction=1.0, reconstruct=1.0)
+  graphdef, params = mac.build(c, base)
+  tokens, mask = _docs(4)
+  doc_nll = jax.jit(mac.document_nll, static_argnums=(0, 2, 7))
+  nll_of = lambda p, m: doc_nll(graphdef, p, base.graphdef, base.params, tokens, mask, m, 4)
+  # Untrained (zero values), the prefix is no prefix: the base model's NLL of each document.
+  total, count = nll_of(params, mac.amortize(graphdef, params, tokens, mask))
+  base_nll = loss.token_nll(transformer.apply(base.graphdef, base.params, tokens, mask), tokens)
+  np.testing.assert_allclose(total, (base_nll * loss.target_mask(mask)).sum(-1), rtol=1e-5)
+  np.testing.assert_array_equal(count, mask.sum(-1) - 1)
+  # In the training loss it is weighted per token of the back-propagated documents, beside the answer loss.
+  p, batch, rng = _randomized(params), _batch(), jax.random.key(3)
+  loss_of = lambda w: mac.train_loss(p, base.params, batch, rng, graphdef=graphdef, base_graphdef=base.graphdef,
+                                     scfg=mac.step_config(_config(window=4, backprop_fraction=1.0, reconstruct=w)))
+  (with_term, m), (without, m0) = loss_of(2.0), loss_of(0.0)
+  assert "doc_nll" in m and "doc_nll" not in m0
+  np.testing.assert_allclose(with_term, without + 2.0 * m["doc_nll"], rtol=1e-6)
+  # Trained on it, each document's prefix carries that document: its own tokens' NLL is lower with it than
+  # with another document's prefix (what the answer loss alone never taught on the generated documents).
+  optimizer = mac.make_optimizer(c, 1e-2)
+  step = jax.jit(functools.partial(mac.train_step, graphdef=graphdef, base_graphdef=base.graphdef,
+                                   scfg=mac.step_config(c), optimizer=optimizer))
+  p, state = params, optimizer.init(params)
+  for i in range(60):
+    p, state, m = step(p, state, base.params, batch, jax.random.key(i))
+  m_KxTxD = mac.amortize(graphdef, p, tokens, mask)
+  own = nll_of(p, m_KxTxD)[0] / count
+  other = nll_of(p, jnp.roll(m_KxTxD, 1, axis=0))[0] / count
+  assert float((own - other).max()) < -0.5, (own, other)
+
+
+def test_the_validation_control_is_another_bank_of_the_same_size():
+  # Meta-val of 7 documents in banks of 3: [3, 3, 1]. Each batch's other bank holds as many documents as its
+  # own (a bank's size changes the prefix: one pass up to `window` documents, hierarchical levels above), none
+  # of its own; the 3-document batches never get the 1-document one.
+  assert [mac.other_bank_of([3, 3, 1], i) for i in range(3)] == [1, 0, 0]
+  assert [mac.other_bank_of([8, 8, 8, 8, 2], i) for i in range(5)] == [1, 2, 3, 0, 0]
+  assert mac.other_bank_of([5], 0) is None and mac.other_bank_of([2, 8], 1) is None
+  base = _base()
+  graphdef, params = mac.build(_config(), base)
+  tokens, mask = _docs(9)
+  vals = [{"doc_tokens_BxL": tokens[3 * b:3 * b + 3], "doc_mask_BxL": mask[3 * b:3 * b + 3],
+           "doc_valid_B": np.arange(3) < n} for b, n in enumerate((3, 3, 1))]
+  seen = []
+
+  def eval_fn(params, base_params, batch, bank, other_bank, other_valid):
+    own = next(b for b, v in enumerate(vals) if v is batch)
+    banks = [mac.amortize(graphdef, params, v["doc_tokens_BxL"], v["doc_mask_BxL"]) for v in vals]
+    other = next(b for b in range(3) if np.allclose(other_bank, banks[b], atol=1e-5))
+    seen.append((own, other, int(np.sum(batch["doc_valid_B"])), int(np.sum(other_valid))))
+    return {k: np.ones(1) for k in ("nll", "nll_other_bank", "nll_base", "tokens", "retrieval_hit")}
+  validate, _ = mac._validation(graphdef, eval_fn, None, vals)
+  validate(params)
+  assert seen == [(0, 1, 3, 3), (1, 0, 3, 3), (2, 0, 1, 1)]
