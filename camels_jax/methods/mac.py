@@ -786,45 +786,51 @@ def _validation(graphdef, eval_fn, base_params, vals, doc_fn=None):
   params -> the same per question, with paired intervals: `by_question`). With `doc_fn` (`doc_rows`), each
   also gives the meta-val documents' own NLL given their own modulation tokens and another document's."""
 
-  def rows_of(params, fn, count):
-    """`fn`'s rows over every meta-val batch, concatenated (rows with no `count` tokens dropped)."""
+  counts = [int(np.sum(b["doc_valid_B"])) for b in vals]
+  fns = {"tokens": eval_fn} | ({"doc_tokens": doc_fn} if doc_fn is not None else {})
+
+  def rows_of(params):
+    """{count key: its function's rows over every meta-val batch, concatenated, rows with no such tokens
+    dropped}: `eval_fn`'s under "tokens", `doc_fn`'s under "doc_tokens". Each bank is amortized once."""
     banks = [amortize_jit(graphdef, params, b["doc_tokens_BxL"], b["doc_mask_BxL"]) for b in vals]
-    out = []
-    counts = [int(np.sum(b["doc_valid_B"])) for b in vals]
+    out = {count: [] for count in fns}
     for i, batch in enumerate(vals):
       j = other_bank_of(counts, i)
       other = ((banks[j], np.arange(len(batch["doc_valid_B"])) < counts[i]) if j is not None
                else (banks[i], np.zeros_like(batch["doc_valid_B"])))
-      batch_rows = fn(params, base_params, batch, banks[i], *other)
-      # Per-row outputs may be split over the devices of several processes (the FSDP axis): gathered whole.
-      out.append({k: sharding.to_host(v).astype(np.float64) for k, v in batch_rows.items()})
-    rows = {k: np.concatenate([o[k] for o in out]) for k in out[0]}
-    return {k: v[rows[count] > 0] for k, v in rows.items()}
+      for count, fn in fns.items():
+        # Per-row outputs may be split over the devices of several processes (the FSDP axis): gathered whole.
+        out[count].append({k: sharding.to_host(v).astype(np.float64)
+                           for k, v in fn(params, base_params, batch, banks[i], *other).items()})
+    joined = {count: {k: np.concatenate([o[k] for o in outs]) for k in outs[0]} for count, outs in out.items()}
+    return {count: {k: v[rows[count] > 0] for k, v in rows.items()} for count, rows in joined.items()}
 
   def validate(params):
-    rows = rows_of(params, eval_fn, "tokens")
+    all_rows = rows_of(params)
+    rows = all_rows["tokens"]
     sums = {k: float(v.sum()) for k, v in rows.items()}
     n = max(sums["tokens"], 1.0)
     out = {"val_nll": sums["nll"] / n, "val_nll_other_bank": sums["nll_other_bank"] / n,
            "val_nll_base": sums["nll_base"] / n, "val_tokens": int(sums["tokens"]),
            # Questions whose own document the first aggregation block ranks first in their bank.
            "val_retrieval_acc": float(rows["retrieval_hit"].mean())}
-    docs = {k: float(v.sum()) for k, v in rows_of(params, doc_fn, "doc_tokens").items()} if doc_fn else {}
+    docs = {k: float(v.sum()) for k, v in all_rows.get("doc_tokens", {}).items()}
     if docs.get("doc_tokens"):  # none when meta-val fills one batch: no other bank
       out |= {"val_doc_nll": docs["doc_nll"] / docs["doc_tokens"],
               "val_doc_nll_other": docs["doc_nll_other"] / docs["doc_tokens"]}
     return out
 
   def by_question(params):
-    r = rows_of(params, eval_fn, "tokens")
+    all_rows = rows_of(params)
+    r = all_rows["tokens"]
     mean = {k: r[k] / r["tokens"] for k in ("nll", "nll_other_bank", "nll_base")}  # each question's mean
     out = {"questions": len(r["tokens"]), "nll": float(mean["nll"].mean()),
            "retrieval_acc": float(r["retrieval_hit"].mean()),
            "nll_other_bank": float(mean["nll_other_bank"].mean()), "nll_base": float(mean["nll_base"].mean()),
            "own_minus_other_bank": stats.paired_bootstrap_ci(mean["nll"], mean["nll_other_bank"]),
            "own_minus_base": stats.paired_bootstrap_ci(mean["nll"], mean["nll_base"])}
-    d = rows_of(params, doc_fn, "doc_tokens") if doc_fn else {"doc_tokens": []}
-    if len(d["doc_tokens"]):
+    d = all_rows.get("doc_tokens")
+    if d is not None and len(d["doc_tokens"]):
       own, other = d["doc_nll"] / d["doc_tokens"], d["doc_nll_other"] / d["doc_tokens"]  # per token, each document
       out["documents"] = {"docs": len(own), "doc_nll": float(own.mean()), "doc_nll_other": float(other.mean()),
                           "own_minus_other": stats.paired_bootstrap_ci(own, other)}
