@@ -32,12 +32,10 @@ def run(config, workdir: str, progress: bool = True, distributed: bool | None = 
   model = loading.load(config.model, sharding.job_mesh(config))
   job.check_model_fits(config, model.cfg)
   data = data_lib.load(config.data, model.tokenizer, workdir)
-  writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)
-  params, _ = qa_tune.tuned_params(config, model, data, workdir, writer, progress=progress, say=say)
-  ctx = evaluation.Context(config, model, params, data, workdir, progress, say)
-  results = evaluation.run(ctx, writer)
-  writer.close()
-  return results
+  with metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0) as writer:
+    params, _ = qa_tune.tuned_params(config, model, data, workdir, writer, progress=progress, say=say)
+    ctx = evaluation.Context(config, model, params, data, workdir, progress, say)
+    return evaluation.run(ctx, writer)
 
 
 def main(argv):

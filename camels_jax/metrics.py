@@ -12,7 +12,12 @@ from absl import logging
 
 
 class MetricWriter:
-  """Writes scalars and texts to TensorBoard under `logdir` (only on process 0)."""
+  """Writes scalars and texts to TensorBoard under `logdir` (only on process 0).
+
+  Use it as a context manager: tensorboardX keeps a writer thread and a multiprocessing queue per
+  writer, and a job that ends in an error or Ctrl-C must not leave them running in the process
+  (a test session runs hundreds of jobs in two processes).
+  """
 
   def __init__(self, logdir: str, enabled: bool = True):
     self._tb = None
@@ -41,3 +46,10 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb:
       self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()

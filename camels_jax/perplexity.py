@@ -152,9 +152,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) 
                                      dynamic=config.method == "dynamic", progress=progress)
   result |= {"method": config.method, "source": config.model.source, "text": config.text_file or "generated",
              "manifest": cli.manifest_path(workdir)}
-  writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=first)
-  writer.write_scalars(0, {f"perplexity/{config.method}": result["ppl"], f"nll/{config.method}": result["nll"]})
-  writer.close()
+  with metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=first) as writer:
+    writer.write_scalars(0, {f"perplexity/{config.method}": result["ppl"], f"nll/{config.method}": result["nll"]})
   if first:
     io_utils.write_json(os.path.join(workdir, "perplexity.json"), result)
   return result

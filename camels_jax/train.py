@@ -33,25 +33,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
   progress = progress and jax.process_index() == 0
   say = cli.phase if progress else logging.info
   model, data = _load(config, jobs, workdir, say)
-  writer = metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0)
   results = {"manifest": cli.manifest_path(workdir)}
-  base_params, base_name, history = job.base_params(config, model, data, workdir, writer, progress, say)
-  if history is not None:
-    results["qa_tune"] = {"history": history, "best": min(history, key=lambda h: h["nll"])}
-  base = base_name.replace("_", "-")
-  if "camels" in jobs:
-    say(f"camels: meta-training the weighting model on the {base} base model, {config.camels.steps} steps")
-    _, _, results["camels"] = camels.fit(config, model, base_params, data, workdir, writer, progress)
-    results["camels"]["base_model"] = base_name
-  if "mac" in jobs:
-    c = config.mac
-    say(f"mac: training the amortization and aggregation networks on the {base} base model (frozen), "
-        f"{c.steps} steps of {c.bank_docs}-document banks, {c.questions} questions each")
-    _, _, results["mac"] = mac.fit(config, model, base_params, data, workdir, writer, progress)
-    results["mac"]["base_model"] = base_name
-  if "fwl" in jobs:
-    results["fwl"] = _fit_fwl(config, model, workdir, writer, progress, say)
-  writer.close()
+  with metrics.MetricWriter(os.path.join(workdir, "tb"), enabled=jax.process_index() == 0) as writer:
+    base_params, base_name, history = job.base_params(config, model, data, workdir, writer, progress, say)
+    if history is not None:
+      results["qa_tune"] = {"history": history, "best": min(history, key=lambda h: h["nll"])}
+    base = base_name.replace("_", "-")
+    if "camels" in jobs:
+      say(f"camels: meta-training the weighting model on the {base} base model, {config.camels.steps} steps")
+      _, _, results["camels"] = camels.fit(config, model, base_params, data, workdir, writer, progress)
+      results["camels"]["base_model"] = base_name
+    if "mac" in jobs:
+      c = config.mac
+      say(f"mac: training the amortization and aggregation networks on the {base} base model (frozen), "
+          f"{c.steps} steps of {c.bank_docs}-document banks, {c.questions} questions each")
+      _, _, results["mac"] = mac.fit(config, model, base_params, data, workdir, writer, progress)
+      results["mac"]["base_model"] = base_name
+    if "fwl" in jobs:
+      results["fwl"] = _fit_fwl(config, model, workdir, writer, progress, say)
   if jax.process_index() == 0:
     if "fwl" in results:
       plots.plot_fwl_training(os.path.join(workdir, FWL_PLOT), results["fwl"]["history"])

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from camels_jax import report, train
+from tests import test_metrics
 from tests.tiny_config import REPO, tiny_default
 
 _CHILD = """
@@ -74,8 +75,10 @@ def test_non_finite_meta_loss_aborts_naming_the_step(tmp_path):
   c = tiny_default()
   c.jobs = "camels"
   c.camels.inner_lr = 1e30  # the first inner step overflows
+  before = test_metrics.tensorboard_threads()
   with pytest.raises(FloatingPointError, match=r"step 0: non-finite"):
     train.run(c, str(tmp_path), progress=False)
+  assert test_metrics.tensorboard_threads() == before  # the job's TensorBoard writer closed on the way out
 
 
 @pytest.mark.slow
