@@ -39,7 +39,6 @@ import logging as py_logging
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import traceback
@@ -50,7 +49,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from camels_jax import checks, io_utils
+from camels_jax import checks, interrupts, io_utils
 
 LOG_FILE = "log.txt"
 CONFIG_FILE = io_utils.CONFIG_FILE
@@ -230,29 +229,6 @@ def guard(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   return guarded
 
 
-_interrupt_requested = False  # set by `_on_sigint`: a Ctrl-C reached this process
-
-
-def _on_sigint(signum, frame) -> NoReturn:
-  """Ctrl-C: KeyboardInterrupt, as Python's own handler raises, and remembered for `raise_if_interrupted`.
-
-  Python's own handler is the object `signal.default_int_handler`, and while it is installed asyncio.run
-  (which JAX's array serialisation runs) swaps in one that cancels its task instead of raising: a task that
-  absorbs the cancellation absorbs the Ctrl-C. asyncio leaves any other handler alone.
-  """
-  del signum, frame
-  global _interrupt_requested
-  _interrupt_requested = True
-  raise KeyboardInterrupt
-
-
-def raise_if_interrupted() -> None:
-  """Raises KeyboardInterrupt if a Ctrl-C reached the process (called between steps and documents, so
-  that library code that caught the first one cannot make the job run on)."""
-  if _interrupt_requested:
-    raise KeyboardInterrupt
-
-
 def _exit_now(status: int) -> NoReturn:
   """Exits with `status` without the interpreter's teardown, once the logs are flushed.
 
@@ -269,7 +245,7 @@ def _exit_now(status: int) -> NoReturn:
 
 def run(main: Callable[[list[str]], None]) -> None:
   """`absl.app.run(main)` with the project's flag parsing and error handling (the process's entry)."""
-  signal.signal(signal.SIGINT, _on_sigint)
+  interrupts.install()
   try:
     try:
       app.run(guard(main), flags_parser=parse_flags)

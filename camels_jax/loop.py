@@ -33,7 +33,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from camels_jax import checkpoint, checks, cli
+from camels_jax import checkpoint, checks, interrupts
 
 PyTree = Any
 StepFn = Callable[[PyTree, Any, int, jax.Array], tuple[PyTree, Any, Mapping[str, jax.Array]]]
@@ -225,7 +225,7 @@ def _run(cfg, state, step_fn, validate_fn, ckpts, writer, rng, loader, stop_fn, 
   bar = tqdm.tqdm(total=cfg.steps, initial=step, desc=desc or cfg.job, disable=not progress)
   carry = None
   while step < cfg.steps and not stopped:
-    cli.raise_if_interrupted()
+    interrupts.raise_if_requested()
     rng, step_rng = jax.random.split(rng)
     state, carry, m = step_fn(state, carry, step, step_rng)
     checkpoint.check_finite(step, **{k: m[k] for k in ("loss", "grad_norm") if k in m})

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from camels_jax import checks, cli
+from camels_jax import checks, cli, interrupts
 from tests.tiny_config import REPO
 
 ENTRY_CONFIGS = {"train": "configs/tiny.py", "evaluate": "configs/tiny.py", "perplexity": "configs/ppl_smollm2.py"}
@@ -97,6 +97,12 @@ def test_expected_failures_print_one_line_and_exit_2(tmp_path, name, case, args,
   assert not os.path.exists(tmp_path / "wd" / "qa_tune"), "failed after starting to QA-tune"
 
 
+def _sigint_as_a_terminal_gives_it():
+  """A child's SIGINT at its default: a shell script's background job (a CI runner's, say) starts with SIGINT
+  ignored, which the child would inherit, and Python then leaves it ignored."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 _BAR = re.compile(r"[\w ]*: *\d+%\|[^|\r\n]*\| *\d+/\d+ \[[^\]\r\n]*\]")  # a tqdm bar as drawn
 
 
@@ -110,7 +116,7 @@ def test_interrupt_says_how_to_resume_and_exits_130(tmp_path, after_s):
          "--config.jobs=qa_tune", "--config.qa_tune.max_steps=100000", "--config.qa_tune.patience=100000"]
   # PYTHONFAULTHANDLER: should the job ever hang after the signal, SIGABRT prints where each thread waits.
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+                          env=dict(os.environ, PYTHONFAULTHANDLER="1"), preexec_fn=_sigint_as_a_terminal_gives_it)
   said = [proc.stdout.readline() for _ in range(3)]  # model:, data:, qa_tune: QA-tuning ...
   time.sleep(after_s)
   proc.send_signal(signal.SIGINT)
@@ -134,9 +140,9 @@ def test_interrupt_says_how_to_resume_and_exits_130(tmp_path, after_s):
 _ABSORBING = """
 import asyncio, os, signal, sys
 sys.path.insert(0, {repo!r})
-from camels_jax import cli
+from camels_jax import interrupts
 if {ours}:
-  signal.signal(signal.SIGINT, cli._on_sigint)
+  interrupts.install()
 
 async def absorbing():  # as a library task that treats its cancellation as an ordinary end
   os.kill(os.getpid(), signal.SIGINT)
@@ -148,7 +154,7 @@ async def absorbing():  # as a library task that treats its cancellation as an o
 try:
   print(asyncio.run(absorbing()))
 except KeyboardInterrupt:
-  print("interrupted", cli._interrupt_requested)
+  print("interrupted", interrupts._requested)
 """
 
 
@@ -156,9 +162,23 @@ def test_ctrl_c_inside_asyncio_run_interrupts_with_the_jobs_handler():
   # Python's own handler: asyncio.run cancels its task instead, and a task that absorbs that absorbs the Ctrl-C.
   def run(ours):
     return subprocess.run([sys.executable, "-c", _ABSORBING.format(repo=REPO, ours=ours)], capture_output=True,
-                          text=True, timeout=120, check=True).stdout.strip()
+                          text=True, timeout=120, check=True, preexec_fn=_sigint_as_a_terminal_gives_it
+                          ).stdout.strip()
   assert run(False) == "absorbed"
   assert run(True) == "interrupted True"
+
+
+def test_a_sigint_ignored_at_start_stays_ignored():
+  before = signal.getsignal(signal.SIGINT)
+  try:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    interrupts.install()
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    interrupts.install()
+    assert signal.getsignal(signal.SIGINT) is interrupts._on_sigint
+  finally:
+    signal.signal(signal.SIGINT, before)
 
 
 def test_path_kind_messages():

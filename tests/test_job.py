@@ -62,7 +62,8 @@ def test_imports_run_one_way():
     elif m != "camels_jax.cli":
       assert not deps & UPPER, f"library module {m} imports {deps & UPPER}"
   cli_imports = _internal(_imports(modules["camels_jax.cli"], modules), modules)
-  assert cli_imports <= {"camels_jax.checks", "camels_jax.io_utils", "camels_jax.sharding"}, cli_imports
+  assert cli_imports <= {"camels_jax.checks", "camels_jax.interrupts", "camels_jax.io_utils",
+                        "camels_jax.sharding"}, cli_imports
 
 
 def test_no_two_modules_import_each_other_and_none_shadows_a_package():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from camels_jax import cli, loop
+from camels_jax import interrupts, loop
 
 
 class Writer:
@@ -208,7 +208,7 @@ def test_should_stop_on_a_plateau_after_patience_validations():
 
 
 def test_a_ctrl_c_that_library_code_absorbed_stops_the_loop_before_its_next_step(tmp_path, monkeypatch):
-  # cli's SIGINT handler sets the flag as it raises; should the KeyboardInterrupt be caught below the loop,
+  # The jobs' SIGINT handler (interrupts._on_sigint) sets the flag as it raises; should the KeyboardInterrupt be caught below the loop,
   # the next step raises it again, after the step-3 checkpoint, and a rerun resumes from there.
   steps = []
   loader = Loader()
@@ -217,12 +217,12 @@ def test_a_ctrl_c_that_library_code_absorbed_stops_the_loop_before_its_next_step
   def counting(state, carry, step, rng):
     steps.append(step)
     if step == 4:
-      monkeypatch.setattr(cli, "_interrupt_requested", True)
+      monkeypatch.setattr(interrupts, "_requested", True)
     return job(state, carry, step, rng)
 
   with pytest.raises(KeyboardInterrupt):
     loop.run(loop.LoopConfig("toy", 10, 3, "val_loss"), {"w": jnp.zeros(4)}, counting, _validate,
              workdir=str(tmp_path), writer=Writer(), rng=jax.random.key(0), loader=loader, progress=False)
   assert steps == [0, 1, 2, 3, 4]
-  monkeypatch.setattr(cli, "_interrupt_requested", False)
+  monkeypatch.setattr(interrupts, "_requested", False)
   assert _run(str(tmp_path)).steps_run == 10

@@ -15,7 +15,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from camels_jax import checks, cli
+from camels_jax import checks, interrupts
 from camels_jax.adapt import inner
 from camels_jax.adapt.loss import NORMALIZATIONS
 
@@ -105,7 +105,7 @@ def adapt_stream(graphdef: nnx.GraphDef, params, doc_batches: Sequence[dict[str,
   losses = []
   for i in tqdm.trange(start, len(doc_batches), desc=desc, disable=not progress, initial=start,
                        total=len(doc_batches)):
-    cli.raise_if_interrupted()
+    interrupts.raise_if_requested()
     batch = doc_batches[i]
     w_BxL = weights(i, batch)
     params, opt_state, loss = adapt_step(graphdef, params, opt_state, batch["doc_tokens_BxL"],
