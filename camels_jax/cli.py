@@ -234,8 +234,8 @@ def _exit_now(status: int) -> NoReturn:
 
   A job interrupted while JAX compiles leaves the compilation running on an XLA thread, and the teardown
   frees the client under it: a segfault (exit -11 instead of 130) in 4 of 7 Ctrl-Cs 3-6 s into QA-tuning on
-  2026-12-06 (0 of 10 with this exit). What a run keeps is on disk by then: orbax commits a checkpoint by renaming it, and `session`
-  has written the manifest.
+  2026-12-06, 0 of 14 with this exit. What a run keeps is on disk by then: orbax commits a checkpoint by
+  renaming it, and `session` has written the manifest.
   """
   py_logging.shutdown()
   sys.stdout.flush()

@@ -208,8 +208,8 @@ def test_should_stop_on_a_plateau_after_patience_validations():
 
 
 def test_a_ctrl_c_that_library_code_absorbed_stops_the_loop_before_its_next_step(tmp_path, monkeypatch):
-  # The jobs' SIGINT handler (interrupts._on_sigint) sets the flag as it raises; should the KeyboardInterrupt be caught below the loop,
-  # the next step raises it again, after the step-3 checkpoint, and a rerun resumes from there.
+  # The jobs' SIGINT handler (interrupts._on_sigint) sets the flag as it raises; should the KeyboardInterrupt
+  # be caught below the loop, the next step raises it again (after the step-3 checkpoint: a rerun resumes there).
   steps = []
   loader = Loader()
   job = _job(loader)
