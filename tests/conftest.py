@@ -10,7 +10,12 @@ paths from the `shared_data` fixture, which fails such a test with one clear mes
 (CI always has it): never a silent skip, never a bare FileNotFoundError.
 """
 
+import faulthandler
+import os
 import pathlib
+import resource
+import tempfile
+import threading
 
 import pytest
 
@@ -52,11 +57,74 @@ LONGEST_FIRST = (
 )
 
 
+# A worker that crashes in CI. Two CI runs (stops 39 and 40) lost an xdist worker to a segfault ~400 tests in,
+# and CI shows only the tail of the output: pytest's own faulthandler dump, printed mid-run to the worker's
+# stderr, was cut off both times. So each worker sends its dump (every thread's Python stack) to a file, and
+# logs its resources after every test; the controller prints both in its summary, where the tail shows them.
+_FAULT_DIR = "CAMELS_JAX_TEST_FAULT_DIR"
+_fault_file = None
+
+
+def _resources() -> str:
+  """Memory maps, threads and peak RSS of this process: what a long-lived worker could run out of."""
+  with open("/proc/self/maps", "rb") as f:
+    maps = sum(1 for _ in f)
+  threads = len(os.listdir("/proc/self/task"))
+  rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+  return f"maps={maps} threads={threads} python_threads={threading.active_count()} peak_rss_mb={rss_mb}"
+
+
+_fault_dir_key = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's faulthandler plugin has pointed the dump at stderr
 def pytest_configure(config):
+  global _fault_file
   # pytest-xdist (3.8 here) hands files out largest test count first unless told not to, which put the longest
   # file, test_multiprocess.py (7 tests), last: it ran alone for its final ~25 minutes.
   if hasattr(config.option, "loadscopereorder"):
     config.option.loadscopereorder = False
+  worker = os.environ.get("PYTEST_XDIST_WORKER")
+  if worker is None:  # the controller (or a run without xdist): the workers it starts inherit the folder
+    os.environ.setdefault(_FAULT_DIR, tempfile.mkdtemp(prefix="camels_jax_test_faults_"))
+    config.stash[_fault_dir_key] = os.environ[_FAULT_DIR]
+    return
+  _fault_file = open(pathlib.Path(os.environ[_FAULT_DIR]) / f"{worker}.fault", "w")
+  faulthandler.enable(file=_fault_file, all_threads=True)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+  del location
+  worker = os.environ.get("PYTEST_XDIST_WORKER")
+  if worker is not None and _FAULT_DIR in os.environ:
+    with open(pathlib.Path(os.environ[_FAULT_DIR]) / f"{worker}.resources", "a") as f:
+      f.write(f"{nodeid} {_resources()}\n")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+  del exitstatus
+  folder = config.stash.get(_fault_dir_key, None)
+  if folder is None or os.environ.get("PYTEST_XDIST_WORKER") is not None:
+    return
+  for log in sorted(pathlib.Path(folder).glob("*.resources")):
+    lines = log.read_text().splitlines()
+    if lines:
+      terminalreporter.write_line(f"{log.stem} after its last test: {lines[-1]}")
+  for dump in sorted(pathlib.Path(folder).glob("*.fault")):
+    text = dump.read_text()
+    if text.strip():
+      terminalreporter.section(f"{dump.stem} crashed: its faulthandler dump ({dump})", sep="=")
+      res = pathlib.Path(folder) / f"{dump.stem}.resources"
+      for line in (res.read_text().splitlines()[-3:] if res.exists() else []):
+        terminalreporter.write_line(f"finished before it: {line}")
+      # The crashing thread first: the tail that CI shows may hold little more.
+      # pytest's own frames (pluggy, xdist, execnet) and the list of extension modules are left out.
+      blocks = [block for block in text.split("\n\n") if not block.startswith("Extension modules")]
+      blocks.sort(key=lambda block: not block.lstrip().startswith(("Fatal", "Current thread")))
+      runner = ("/pluggy/", "/_pytest/", "/xdist/", "/execnet/", "File \"<string>\"")
+      for block in blocks:
+        kept = [line for line in block.splitlines() if not any(part in line for part in runner)]
+        terminalreporter.write_line("\n".join(kept) + "\n")
 
 
 def pytest_collection_modifyitems(config, items):
