@@ -11,9 +11,11 @@ paths from the `shared_data` fixture, which fails such a test with one clear mes
 """
 
 import faulthandler
+import gc
 import os
 import pathlib
 import resource
+import sys
 import tempfile
 import threading
 
@@ -62,6 +64,7 @@ LONGEST_FIRST = (
 # stderr, was cut off both times. So each worker sends its dump (every thread's Python stack) to a file, and
 # logs its resources after every test; the controller prints both in its summary, where the tail shows them.
 _FAULT_DIR = "CAMELS_JAX_TEST_FAULT_DIR"
+_MAX_MAP_COUNT = pathlib.Path("/proc/sys/vm/max_map_count").read_text().strip()
 _fault_file = None
 
 
@@ -71,7 +74,7 @@ def _resources() -> str:
     maps = sum(1 for _ in f)
   threads = len(os.listdir("/proc/self/task"))
   rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-  return f"maps={maps} threads={threads} python_threads={threading.active_count()} peak_rss_mb={rss_mb}"
+  return f"maps={maps}/{_MAX_MAP_COUNT} threads={threads} python_threads={threading.active_count()} peak_rss_mb={rss_mb}"
 
 
 _fault_dir_key = pytest.StashKey[str]()
@@ -91,6 +94,27 @@ def pytest_configure(config):
     return
   _fault_file = open(pathlib.Path(os.environ[_FAULT_DIR]) / f"{worker}.fault", "w")
   faulthandler.enable(file=_fault_file, all_threads=True)
+
+
+def free_compiled_executables():
+  """Drops every cached XLA executable of this process (a no-op before JAX is imported).
+
+  Each compiled executable holds ~6 memory maps (its code and data) for as long as a jit cache keeps it, and a
+  Linux process may hold vm.max_map_count of them (65,530 here). A worker that runs a few hundred compile-heavy
+  tests passes 20,000 maps within its first 45 tests; when mmap fails past the limit, XLA's code allocator does
+  not check and the worker segfaults.
+  """
+  jax = sys.modules.get("jax")
+  if jax is not None:
+    jax.clear_caches()
+    gc.collect()  # an executable leaves when the last reference to it does
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_file_s_executables_at_a_time():
+  # A file's tests share their compiled functions (loadfile keeps a file on one worker); the next file rarely does.
+  yield
+  free_compiled_executables()
 
 
 def pytest_runtest_logfinish(nodeid, location):
