@@ -15,6 +15,7 @@ import gc
 import os
 import pathlib
 import resource
+import shutil
 import sys
 import tempfile
 import threading
@@ -149,6 +150,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
       for block in blocks:
         kept = [line for line in block.splitlines() if not any(part in line for part in runner)]
         terminalreporter.write_line("\n".join(kept) + "\n")
+
+
+def pytest_unconfigure(config):
+  folder = config.stash.get(_fault_dir_key, None)
+  if folder is not None and not any(p.stat().st_size for p in pathlib.Path(folder).glob("*.fault")):
+    shutil.rmtree(folder, ignore_errors=True)  # kept, with its path in the summary, only after a crash
 
 
 def pytest_collection_modifyitems(config, items):
