@@ -134,7 +134,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
   for log in sorted(pathlib.Path(folder).glob("*.resources")):
     lines = log.read_text().splitlines()
     if lines:
+      peak = max(lines, key=lambda line: int(line.split(" maps=")[1].split("/")[0]))
       terminalreporter.write_line(f"{log.stem} after its last test: {lines[-1]}")
+      terminalreporter.write_line(f"{log.stem} at its most memory maps: {peak}")
   for dump in sorted(pathlib.Path(folder).glob("*.fault")):
     text = dump.read_text()
     if text.strip():

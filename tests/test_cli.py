@@ -97,10 +97,12 @@ def test_expected_failures_print_one_line_and_exit_2(tmp_path, name, case, args,
   assert not os.path.exists(tmp_path / "wd" / "qa_tune"), "failed after starting to QA-tune"
 
 
-def _sigint_as_a_terminal_gives_it():
-  """A child's SIGINT at its default: a shell script's background job (a CI runner's, say) starts with SIGINT
-  ignored, which the child would inherit, and Python then leaves it ignored."""
-  signal.signal(signal.SIGINT, signal.SIG_DFL)
+# A child's SIGINT at its default, as a terminal gives it: a shell script's background job (a CI runner's, say)
+# starts with SIGINT ignored, which the child would inherit, and Python then leaves it ignored. Reset in a
+# launcher that execs the real command (a default handler survives exec), not in `preexec_fn`: that runs Python
+# in a fork of this multithreaded process, which can deadlock.
+_SIGINT_AT_DEFAULT = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"]
 
 
 _BAR = re.compile(r"[\w ]*: *\d+%\|[^|\r\n]*\| *\d+/\d+ \[[^\]\r\n]*\]")  # a tqdm bar as drawn
@@ -112,11 +114,11 @@ def test_interrupt_says_how_to_resume_and_exits_130(tmp_path, after_s):
   signal lands): one line, exit 130, the run marked interrupted. 3 s in, JAX compiles the train step on an
   XLA thread: an exit through the interpreter's teardown segfaulted there (4 of 7 tries)."""
   workdir = tmp_path / "wd"
-  cmd = [sys.executable, "-m", "camels_jax.train", f"--config={ENTRY_CONFIGS['train']}", f"--workdir={workdir}",
+  cmd = _SIGINT_AT_DEFAULT + ["-m", "camels_jax.train", f"--config={ENTRY_CONFIGS['train']}", f"--workdir={workdir}",
          "--config.jobs=qa_tune", "--config.qa_tune.max_steps=100000", "--config.qa_tune.patience=100000"]
   # PYTHONFAULTHANDLER: should the job ever hang after the signal, SIGABRT prints where each thread waits.
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=dict(os.environ, PYTHONFAULTHANDLER="1"), preexec_fn=_sigint_as_a_terminal_gives_it)
+                          env=dict(os.environ, PYTHONFAULTHANDLER="1"))
   said = [proc.stdout.readline() for _ in range(3)]  # model:, data:, qa_tune: QA-tuning ...
   time.sleep(after_s)
   proc.send_signal(signal.SIGINT)
@@ -161,9 +163,8 @@ except KeyboardInterrupt:
 def test_ctrl_c_inside_asyncio_run_interrupts_with_the_jobs_handler():
   # Python's own handler: asyncio.run cancels its task instead, and a task that absorbs that absorbs the Ctrl-C.
   def run(ours):
-    return subprocess.run([sys.executable, "-c", _ABSORBING.format(repo=REPO, ours=ours)], capture_output=True,
-                          text=True, timeout=120, check=True, preexec_fn=_sigint_as_a_terminal_gives_it
-                          ).stdout.strip()
+    return subprocess.run(_SIGINT_AT_DEFAULT + ["-c", _ABSORBING.format(repo=REPO, ours=ours)],
+                          capture_output=True, text=True, timeout=120, check=True).stdout.strip()
   assert run(False) == "absorbed"
   assert run(True) == "interrupted True"
 
