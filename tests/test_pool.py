@@ -136,3 +136,20 @@ def test_the_kept_squad_scores_load_and_pair_every_method_on_the_same_questions(
   # Three article splits (data.split_seed 0, 1, 2): no question is in two of them.
   ids = [set(pool.load_split(p)["methods"]["no_adaptation"]["ids"]) for p in kept]
   assert len(kept) == 3 and sum(map(len, ids)) == len(set.union(*ids))
+
+
+def test_the_kept_full_length_validation_scores_are_on_the_same_test_questions_as_their_split():
+  # configs/expected/squad_cpu_v24_scores: the same splits run with eval.val_docs=24 (a validation stream as
+  # long as the test stream); only the validation stream changed, so each holds its split's test questions.
+  kept = sorted(glob.glob(os.path.join(REPO, "configs", "expected", "squad_cpu_v24_scores", "split*.json")))
+  assert kept  # README's tables with val_docs=24 are pooled from these
+  for path in kept:
+    split = pool.load_split(path)
+    ids = split["methods"]["no_adaptation"]["ids"]
+    assert {"uniform", "ssm", "tfidf", "camels", "oracle", "uniform+qa_lt"} <= set(split["methods"])
+    assert all(m["ids"] == ids and len(m["f1"]) == len(m["nll"]) == len(ids) for m in split["methods"].values())
+    same_split = pool.load_split(path.replace("squad_cpu_v24_scores", "squad_cpu_scores"))
+    assert ids == same_split["methods"]["no_adaptation"]["ids"]
+    # The QA-tuning does not read the validation stream: no adaptation scores the same model, bit for bit.
+    for metric in ("f1", "nll"):
+      assert list(split["methods"]["no_adaptation"][metric]) == list(same_split["methods"]["no_adaptation"][metric])
