@@ -43,6 +43,12 @@ meta-objective 5.4 min, the open book 1.1 min. 111 test questions. F1 / answer N
 CaMeLS - uniform F1 -0.000 [-0.009, +0.008]. Meta-val: learned - uniform +0.429 [+0.210, +0.658] at the learned
 step, below SSM's +0.506; the meta-objective on the first 8 test paragraphs: learned - uniform +0.542 [+0.361,
 +0.728], SSM - uniform +0.097 [-0.207, +0.410]. Per-question scores: configs/expected/squad_cpu_scores/.
+Split_seed 1 again with --config.eval.val_docs=24 (2026-12-06, alone: train 16 min, evaluate 36 min): uniform and
+SSM keep their lrs, TF-IDF and CaMeLS move to 1.5625e-6; NLL - no adaptation (question means): uniform -0.011,
+SSM -0.037 [-0.061, -0.013], TF-IDF -0.019, CaMeLS -0.023 [-0.038, -0.007], oracle -0.085; CaMeLS - uniform NLL
+-0.011 [-0.018, -0.004], F1 -0.001 [-0.007, +0.005]. Splits 0 and 1 with val_docs=24 pooled (223 questions):
+CaMeLS - uniform NLL -0.019 [-0.037, -0.003], F1 +0.004 [-0.001, +0.010]; CaMeLS - no adaptation -0.006 [-0.037,
++0.024]. Scores: configs/expected/squad_cpu_v24_scores/.
 
 Split_seed 2 (2026-12-04, the same code: train 25 min, evaluate 34 min). 110 questions:
   no adaptation 0.047 / 2.756    uniform (0: no adaptation won) 0.047 / 2.756    SSM (1e-4) 0.023 / 2.925 (+0.540)
