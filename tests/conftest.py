@@ -65,17 +65,22 @@ LONGEST_FIRST = (
 # stderr, was cut off both times. So each worker sends its dump (every thread's Python stack) to a file, and
 # logs its resources after every test; the controller prints both in its summary, where the tail shows them.
 _FAULT_DIR = "CAMELS_JAX_TEST_FAULT_DIR"
-_MAX_MAP_COUNT = pathlib.Path("/proc/sys/vm/max_map_count").read_text().strip()
 _fault_file = None
 
 
-def _resources() -> str:
-  """Memory maps, threads and peak RSS of this process: what a long-lived worker could run out of."""
-  with open("/proc/self/maps", "rb") as f:
-    maps = sum(1 for _ in f)
-  threads = len(os.listdir("/proc/self/task"))
+def _resources() -> str | None:
+  """Memory maps, threads and peak RSS of this process: what a long-lived worker could run out of (Linux only:
+  None where there is no /proc)."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      maps = sum(1 for _ in f)
+    threads = len(os.listdir("/proc/self/task"))
+    limit = pathlib.Path("/proc/sys/vm/max_map_count").read_text().strip()
+  except OSError:
+    return None
   rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-  return f"maps={maps}/{_MAX_MAP_COUNT} threads={threads} python_threads={threading.active_count()} peak_rss_mb={rss_mb}"
+  return (f"maps={maps}/{limit} threads={threads} python_threads={threading.active_count()} "
+          f"peak_rss_mb={rss_mb}")
 
 
 _fault_dir_key = pytest.StashKey[str]()
@@ -121,9 +126,10 @@ def _one_file_s_executables_at_a_time():
 def pytest_runtest_logfinish(nodeid, location):
   del location
   worker = os.environ.get("PYTEST_XDIST_WORKER")
-  if worker is not None and _FAULT_DIR in os.environ:
+  used = _resources() if worker is not None and _FAULT_DIR in os.environ else None
+  if used is not None:
     with open(pathlib.Path(os.environ[_FAULT_DIR]) / f"{worker}.resources", "a") as f:
-      f.write(f"{nodeid} {_resources()}\n")
+      f.write(f"{nodeid} {used}\n")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

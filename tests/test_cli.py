@@ -114,8 +114,9 @@ def test_interrupt_says_how_to_resume_and_exits_130(tmp_path, after_s):
   signal lands): one line, exit 130, the run marked interrupted. 3 s in, JAX compiles the train step on an
   XLA thread: an exit through the interpreter's teardown segfaulted there (4 of 7 tries)."""
   workdir = tmp_path / "wd"
-  cmd = _SIGINT_AT_DEFAULT + ["-m", "camels_jax.train", f"--config={ENTRY_CONFIGS['train']}", f"--workdir={workdir}",
-         "--config.jobs=qa_tune", "--config.qa_tune.max_steps=100000", "--config.qa_tune.patience=100000"]
+  cmd = _SIGINT_AT_DEFAULT + ["-m", "camels_jax.train", f"--config={ENTRY_CONFIGS['train']}",
+                              f"--workdir={workdir}", "--config.jobs=qa_tune", "--config.qa_tune.max_steps=100000",
+                              "--config.qa_tune.patience=100000"]
   # PYTHONFAULTHANDLER: should the job ever hang after the signal, SIGABRT prints where each thread waits.
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=dict(os.environ, PYTHONFAULTHANDLER="1"))
