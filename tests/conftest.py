@@ -68,12 +68,17 @@ _FAULT_DIR = "CAMELS_JAX_TEST_FAULT_DIR"
 _fault_file = None
 
 
+def memory_maps() -> int:
+  """How many memory maps this process holds (Linux: OSError where there is no /proc)."""
+  with open("/proc/self/maps", "rb") as f:
+    return sum(1 for _ in f)
+
+
 def _resources() -> str | None:
   """Memory maps, threads and peak RSS of this process: what a long-lived worker could run out of (Linux only:
   None where there is no /proc)."""
   try:
-    with open("/proc/self/maps", "rb") as f:
-      maps = sum(1 for _ in f)
+    maps = memory_maps()
     threads = len(os.listdir("/proc/self/task"))
     limit = pathlib.Path("/proc/sys/vm/max_map_count").read_text().strip()
   except OSError:
@@ -134,8 +139,8 @@ def pytest_runtest_logfinish(nodeid, location):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
   del exitstatus
-  folder = config.stash.get(_fault_dir_key, None)
-  if folder is None or os.environ.get("PYTEST_XDIST_WORKER") is not None:
+  folder = config.stash.get(_fault_dir_key, None)  # set in the controller only
+  if folder is None:
     return
   for log in sorted(pathlib.Path(folder).glob("*.resources")):
     lines = log.read_text().splitlines()
