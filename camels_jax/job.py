@@ -44,13 +44,13 @@ RULES = {
 # Fields a rerun in the same workdir may change (fnmatch patterns): more meta-training steps, how often
 # and on what it validates, and anything evaluation-only. The rest would mix two experiments in one workdir.
 SAFE_ON_RESUME = ("camels.steps", "camels.val_every", "camels.val_batches", "camels.compare", "camels.compare_octaves",
-                  "camels.compare_batches", "camels.remat", "qa_tune.log_every", "model.remat", "mesh.fsdp",
-                  "model.remat_policy", "eval.*", "fwl.steps", "fwl.val_every", "fwl.patience", "mac.steps", "mac.val_every",
-                  "mac.val_docs")
+                  "camels.compare_batches", "camels.compare_docs", "camels.remat", "qa_tune.log_every", "model.remat",
+                  "mesh.fsdp", "model.remat_policy", "eval.*", "fwl.steps", "fwl.val_every", "fwl.patience",
+                  "mac.steps", "mac.val_every", "mac.val_docs")
 # Fields added after workdirs were trained, with the value that behaves as the code before them: a workdir
 # whose config.json lacks one resumes (and evaluates) when the config keeps that value.
-INTRODUCED = {"camels.precond_docs": 0, "camels.precond_eps": 1e-8, "mac.train_docs": 0, "fwl.fast_weights": True,
-              "mac.contrast": 0.0, "mac.contrast_margin": 0.5,
+INTRODUCED = {"camels.precond_docs": 0, "camels.precond_eps": 1e-8, "camels.compare_docs": 0, "mac.train_docs": 0,
+              "fwl.fast_weights": True, "mac.contrast": 0.0, "mac.contrast_margin": 0.5,
               "mac.retrieve": 0.0, "mac.val_docs": 0, "mac.retrieve_steps": 0, "mac.retrieve_lr": 1e-3,
               "mac.reconstruct": 0.0}
 

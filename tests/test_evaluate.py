@@ -301,6 +301,60 @@ def test_meta_objective_scores_each_documents_own_questions_after_its_own_step(t
 
 
 @pytest.mark.slow
+def test_finer_stream_buckets_pad_less_and_adapt_the_same(trained, monkeypatch):
+  from camels_jax.evaluation import methods  # pylint: disable=g-import-not-at-top
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  config.eval.online.extra_buckets = ()  # the data's alone: (256,)
+  ctx = _context(config, workdir)
+  docs = list(ctx.data.stream().docs)[:3]
+  lengths = []
+  step = online.adapt_step
+  monkeypatch.setattr(online, "adapt_step", lambda *a, **kw: lengths.append(a[3].shape[1]) or step(*a, **kw))
+  # A weight per position, the same at any padded length.
+  front = lambda d, n: np.where(np.arange(n) < len(d.tokens), 1.0 + 0.5 * np.cos(np.arange(n)), 0.0).astype(np.float32)
+  want = methods.adapt(ctx, docs, front, 1e-3)
+  assert lengths == [256] * 3  # data.doc_buckets=(256,)
+  config.eval.online.extra_buckets = (64, 128, 192, 512)  # 512: past the data's longest, unused
+  ctx = dataclasses.replace(ctx, config=config)
+  got = methods.adapt(ctx, docs, front, 1e-3)
+  assert methods.stream_spec(ctx).doc_buckets == (64, 128, 192, 256)
+  assert lengths[3:] == [methods.pipeline.bucket(len(d.tokens), (64, 128, 192, 256)) for d in docs]
+  assert sum(lengths[3:]) < 3 * 256
+  # Padding is masked and the "padded" loss divides by the largest bucket either way: the same update.
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+  assert any(not np.array_equal(np.asarray(a), np.asarray(p))
+             for a, p in zip(jax.tree.leaves(want), jax.tree.leaves(ctx.params)))  # it did adapt
+  w = methods.doc_weights(ctx, front, docs[0])
+  np.testing.assert_array_equal(w, front(docs[0], lengths[3])[:len(docs[0].tokens)])
+
+
+@pytest.mark.slow
+def test_the_meta_val_comparison_after_training_is_the_meta_objective_on_meta_val_documents(trained):
+  # camels.compare_docs=1 (configs/default.py's, which tiny keeps): the train job's weightings against the
+  # step on meta-val are each document's own step from the QA-tuned model, the protocol of the test
+  # documents' meta-objective, so the two tables differ only in their documents.
+  config, workdir = trained
+  config = config.copy_and_resolve_references()
+  assert config.camels.compare_docs == 1
+  with open(os.path.join(workdir, "train_results.json")) as f:
+    want = json.load(f)["camels"]["compare_by_step"]
+  config.eval.meta_objective = config.camels.compare
+  config.eval.meta_objective_octaves = config.camels.compare_octaves
+  ctx = _context(config, workdir)
+  got = evaluation.meta_objective(ctx, ctx.data.splits["meta_val"][:config.camels.compare_batches])
+  assert set(got) == set(want) == {"0.5", "1", "2"}
+  for scale, rows in want.items():
+    assert set(got[scale]) == set(rows) == {"learned", "uniform", "ssm", "tfidf", "oracle"}  # JSON sorts keys
+    for name, m in rows.items():
+      assert got[scale][name]["question_uptake"]["n"] == m["question_uptake"]["n"] == 36
+      assert got[scale][name]["question_uptake"]["mean"] == pytest.approx(m["question_uptake"]["mean"], rel=1e-5,
+                                                                          abs=1e-7), (scale, name)
+  assert "kl" in want["1"]["learned"] and "kl" not in want["2"]["learned"]
+
+
+@pytest.mark.slow
 def test_the_preconditioned_meta_objective_uses_the_root_mean_square_of_meta_train_gradients(trained):
   from camels_jax.adapt import inner  # pylint: disable=g-import-not-at-top
   from camels_jax.methods import camels  # pylint: disable=g-import-not-at-top

@@ -30,6 +30,10 @@ def online_config() -> ml_collections.ConfigDict:
       grad_clip=750.0,  # global-norm gradient clip, > 0 (reference: 750)
       normalization="padded",  # per-document loss / (padded_len - 1) ("padded", reference) or / real tokens ("tokens")
       padded_len=0,  # length "padded" divides by, >= the longest document bucket; 0 = that bucket (ref.: 1024)
+      # More lengths the stream pads a document to, besides data.doc_buckets (the next one up is taken). Padding
+      # is masked and "padded" divides by the data's longest bucket, so they change only the time (a document
+      # of 190 tokens costs 192 positions, not 256), at a compilation each; those past the data's are unused.
+      extra_buckets=(),
   ))
 
 
@@ -39,6 +43,8 @@ RULES = {
     "grad_clip": checks.positive,
     "normalization": checks.one_of(*NORMALIZATIONS),
     "padded_len": checks.count_or_zero,  # against the document buckets: the job's check (it has the data section)
+    "extra_buckets": checks.either(checks.increasing(checks.count),
+                                   checks.Rule(lambda x: isinstance(x, (tuple, list)) and not x, "() (none)")),
 }
 
 
@@ -63,6 +69,12 @@ def direction_of(optimizer: str, grad_clip: float) -> optax.GradientTransformati
 
 def inner_config(c: ml_collections.ConfigDict, doc_buckets: Sequence[int]) -> inner.InnerConfig:
   return inner.InnerConfig(normalization=c.normalization, padded_len=c.padded_len or max(doc_buckets))
+
+
+def stream_buckets(c: ml_collections.ConfigDict, doc_buckets: Sequence[int]) -> tuple[int, ...]:
+  """The lengths a stream pads its documents to: the data's `doc_buckets` and `c.extra_buckets` below their
+  largest (documents are cut there)."""
+  return tuple(sorted(set(doc_buckets) | {b for b in c.extra_buckets if b < max(doc_buckets)}))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "direction", "icfg"), donate_argnums=(1, 2))

@@ -38,11 +38,17 @@ def cached_weights(fn: WeightFn) -> WeightFn:
   return cached
 
 
+def stream_spec(ctx: Context) -> pipeline.Spec:
+  """The data's `Spec` with the stream's document buckets (`online.stream_buckets`)."""
+  return dataclasses.replace(ctx.data.spec,
+                             doc_buckets=online.stream_buckets(ctx.ec.online, ctx.data.spec.doc_buckets))
+
+
 def doc_weights(ctx: Context, weights: WeightFn, d) -> np.ndarray:
   """w_N of document `d`'s tokens, computed at its bucket length as the adaptation does (so CaMeLS's
   jitted weighting compiles once per bucket and the cache of `cached_weights` is hit)."""
   n = len(d.tokens)
-  return np.asarray(weights(d, pipeline.bucket(n, ctx.data.spec.doc_buckets)))[:n]
+  return np.asarray(weights(d, pipeline.bucket(n, stream_spec(ctx).doc_buckets)))[:n]
 
 
 def baseline(name: str, **eval_options: str) -> Callable[[Context], WeightFn]:
@@ -84,7 +90,8 @@ def adapt(ctx: Context, docs, weights: WeightFn, lr: float, on_doc: OnDoc | None
   oc = ctx.ec.online.copy_and_resolve_references()
   oc.lr = lr
   icfg = online.inner_config(oc, ctx.data.spec.doc_buckets)
-  batches = [pipeline.doc_batch([d], ctx.data.spec, ctx.data.pad_id) for d in docs]
+  spec = stream_spec(ctx)
+  batches = [pipeline.doc_batch([d], spec, ctx.data.pad_id) for d in docs]
   weight_fn = lambda i, b: weights(docs[i], b["doc_tokens_BxL"].shape[1])[None]
   params, _ = online.adapt_stream(ctx.model.graphdef, ctx.params, batches, weight_fn, oc, icfg,
                                   on_doc=on_doc, progress=ctx.progress, desc=desc, **resume)
