@@ -58,6 +58,15 @@ The three splits pooled (333 questions; per-question scores in configs/expected/
 CaMeLS - uniform F1 +0.007 [-0.010, +0.025], CaMeLS - no adaptation answer NLL +0.249 [+0.132, +0.368] per
 question (split 0's +0.860 outweighs the others' -0.040 and -0.081); TF-IDF - uniform -0.187 [-0.239, -0.136];
 only uniform + light-tune ends below no adaptation (-0.036 [-0.073, -0.001]). README has the whole table.
+Split_seed 2 again with --config.eval.val_docs=24 (2026-12-06: train 16 min alone, evaluate 35 min beside a niced
+test run): uniform and its light-tune stay unadapted (every lr raises uniform's validation NLL); NLL - no
+adaptation (question means): SSM (2.5e-5) -0.140 [-0.275, +0.004], TF-IDF (3.9e-7) -0.007, CaMeLS (1.5625e-6)
+-0.030 [-0.045, -0.016], oracle (2.5e-5) -0.209; CaMeLS - uniform F1 +0.008 [+0.000, +0.020].
+
+The three splits with val_docs=24 pooled (333 questions; configs/expected/squad_cpu_v24_scores/): CaMeLS -
+uniform F1 +0.005 [+0.000, +0.011] and answer NLL -0.023 [-0.036, -0.010]; CaMeLS - no adaptation -0.014 [-0.035,
++0.007] (splits 0 / 1 / 2: +0.010, -0.023, -0.030); SSM - uniform F1 +0.013 [-0.002, +0.028]; oracle - no
+adaptation -0.079 [-0.125, -0.035]. One split takes 51-52 min on 2 cores (train 16, evaluate 35-36).
 """
 
 import ml_collections
