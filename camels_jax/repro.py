@@ -42,7 +42,7 @@ class Suite:
 SUITES = {
     "tiny": Suite("configs/tiny.py", about="every stage on a tiny random model; about 2 minutes on 2 CPU cores"),
     "default": Suite("configs/default.py",
-                     about="README's main job (SmolLM2, generated documents); 38 min to 2 h 20 min on 2 CPU cores"),
+                     about="README's main job (SmolLM2, generated documents); 23 min to 2 h 20 min on 2 CPU cores"),
     "squad_cpu": Suite("configs/camels_squad_cpu.py",
                        about="CaMeLS and the baselines on real SQuAD paragraphs, CPU-sized; ~1.5 h on CPU"),
 }

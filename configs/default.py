@@ -4,27 +4,29 @@ method, on the generated dataset (fictional people, organisations and towns; no 
   python -m camels_jax.train --config configs/default.py
   python -m camels_jax.evaluate --config configs/default.py
 
-Measured on 2 CPU cores on 2026-12-05, one fresh run of the two commands above: train 17 min (QA-tuning 2,
-meta-training 16 steps in 11, the weightings against the step 4; about 5 min of tests ran beside it) and evaluate
-21 min (meta-objective 5.8, oracle 5.8, uniform / SSM / TF-IDF / CaMeLS 1.4-1.6 each, open book 1.3, light-tune
-1.1, no adaptation 0.7): 38 min, against a 30-min target. This machine takes 2.1 s per clipped Adam step; the run
-of 2026-12-04 took 4.4-5 s and 2 h 20 min. Train: QA-tuning's answer NLL on QA-val 7.44 -> 3.11; meta-val (the
-first 6 of the 34 meta-val documents, 36 questions), one inner step per 2-document batch from the QA-tuned model:
+Measured on 2 CPU cores on 2026-12-06, one fresh run of the two commands above: train 8 min (QA-tuning 1.3,
+meta-training 16 steps in 4.3, the weightings against the step 1.8) and evaluate 15 min (meta-objective 3.6,
+oracle 4.4, uniform / SSM / TF-IDF / CaMeLS 1.0-1.2 each, open book 1.1, light-tune 0.9, no adaptation 0.6):
+23 min, against a 30-min target. The code before that day's cuts (the locality KL of the step comparisons at the
+learned step only, each meta-val document's own step, finer stream buckets) took 26 min on the same machine,
+38 min on the machine of 2026-12-05 (2.1 s per clipped Adam step; 1.5 s here). Train: QA-tuning's answer NLL on
+QA-val 7.44 -> 3.11; meta-val (the first 6 of the 34 meta-val documents, 36 questions), one inner step per
+2-document batch from the QA-tuned model:
 
   step  uptake learned  uptake uniform (same mean weight)  facts/filler
   0     +0.014          +0.014                              1.00
-  8     +0.151          +0.014                              1.82
   16    +0.280          +0.014                              6.36
 
-After training, every weighting at the learned weights' mean, at 1/2, 1 and 2 times the learned step
-(mean per-question uptake in nats; learned - uniform per question, paired 95% bootstrap interval):
+(the run before the cuts also validated at step 8, on the same training: +0.151, facts/filler 1.82). After
+training, every weighting at the learned weights' mean, each document's own step at 1/2, 1 and 2 times the
+learned step (mean per-question uptake in nats; learned - uniform per question, paired 95% bootstrap interval):
 
   step   learned  uniform  SSM     TF-IDF  oracle   learned - uniform
-  x 1/2  +0.194   -0.017   +0.050  +0.019  +0.112   +0.211 [+0.118, +0.313]
-  x 1    +0.268   -0.026   +0.070  +0.011  +0.185   +0.294 [+0.081, +0.491]
-  x 2    +0.198   -0.005   +0.071  +0.031  +0.214   +0.202 [-0.125, +0.530]
+  x 1/2  +0.187   +0.002   +0.068  +0.042  +0.127   +0.184 [+0.100, +0.275]
+  x 1    +0.243   -0.015   +0.123  +0.066  +0.237   +0.259 [+0.021, +0.477]
+  x 2    +0.311   -0.167   +0.154  +0.039  +0.278   +0.478 [+0.105, +0.849]
 
-  learned - SSM at x 1: +0.197 [+0.018, +0.361]; facts/filler 6.36 (SSM 4.32, TF-IDF 2.59).
+  learned - SSM at x 1: +0.121 [-0.091, +0.295]; facts/filler 6.36 (SSM 4.32, TF-IDF 2.59).
 
 Evaluate: the meta-objective on the first 12 test documents (72 questions), each document's own step from the
 reset QA-tuned model (uptake at x 1/2, 1, 2; learned - uniform at x 1 +0.337 [+0.204, +0.484], learned - SSM
@@ -60,7 +62,8 @@ What differs from the reference's settings (configs/camels_squad.py keeps them),
   6); one 256-token bucket; QA-tuning 20 steps at lr 1e-4 (reference 2.5e-5 until early stopping).
 - Meta-validation adapts a freshly reset base model on every batch (so "before" and "after" are the same
   questions on the same model) and, after training, compares the learned weights with uniform, SSM, TF-IDF
-  and an answer-token oracle at the same step on all 12 meta-val documents.
+  and an answer-token oracle at the same steps on its first 6 documents, each document's own step (the
+  meta-objective's protocol on the test documents; `camels.compare_docs`).
 - Evaluation: the reference's Adam lrs, picked by validation answer NLL (validation F1 sits at 0 on
   fictional documents) on 34 meta-val documents, whose answers are not decoded. The lrs are tried upward
   from the smallest and the sweep stops at the first that scores worse than the one below it
