@@ -267,7 +267,10 @@ def uptake_eval(meta_params, base_params, batch, w_BxL, *, graphdef, mcfg: MetaC
 
 
 def _uptake(graphdef, adapted, batch, before, total, qa, kl, per_question):
-  out = {"loss": total, "qa_before": before["qa_before"], "qa": qa, "uptake": before["qa_before"] - qa, "kl": kl}
+  """The metrics of `uptake_eval`; without "loss" and "kl" when `kl` is None (not computed)."""
+  out = {"qa_before": before["qa_before"], "qa": qa, "uptake": before["qa_before"] - qa}
+  if kl is not None:
+    out |= {"loss": total, "kl": kl}
   if per_question:
     out["uptake_BxQ"] = before["nll_BxQ"] - question_nll(graphdef, adapted, batch)
   return out
@@ -292,11 +295,10 @@ def uptake_at_step(meta_params, base_params, grads, scale, batch, before, *, gra
   which costs more than the questions' (256 tokens against 6 x 32 in the default)."""
   lr = inner_lr(meta_params, mcfg) * scale
   adapted = jax.tree.map(lambda p, g: p - (lr * g).astype(p.dtype), base_params, grads)
-  if not with_kl:
-    qa = answer_loss(graphdef, adapted, batch)
-    out = _uptake(graphdef, adapted, batch, before, 0.0, qa, 0.0, True)
-    return {k: v for k, v in out.items() if k not in ("loss", "kl")}
-  total, (qa, kl) = outer_loss(graphdef, adapted, before["base_logits"], batch, mcfg)
+  if with_kl:
+    total, (qa, kl) = outer_loss(graphdef, adapted, before["base_logits"], batch, mcfg)
+  else:
+    total, qa, kl = None, answer_loss(graphdef, adapted, batch), None
   return _uptake(graphdef, adapted, batch, before, total, qa, kl, True)
 
 
